@@ -1,0 +1,1 @@
+"""The Telegram bot: aiogram handlers, per-user memory in a database, the generation engine."""

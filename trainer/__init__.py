@@ -1,0 +1,1 @@
+"""Fine-tuning and evaluation of the chat model on the splits written by dataset_tools."""
