@@ -75,7 +75,8 @@ def render_segments(
     Each reply segment holds only the reply's own words; the tag before it belongs to the
     preceding non-reply segment, so a loss restricted to reply segments teaches the model what to
     say, not where turns start. With ``add_eos`` the EOS text is part of the last segment (a
-    reply, when the dialogue ends on one), so the model also learns to stop.
+    reply, when the dialogue ends on one), so the model also learns to stop. The trainer instead
+    appends its tokenizer's own EOS id, since not every model spells EOS as ``<|endoftext|>``.
 
     ``open_reply`` ends the text with the bot's tag, the prompt the bot hands to the model; it
     requires the last turn to be the user's.
@@ -114,14 +115,17 @@ def render_prompt(turns: Sequence[str], persona: str | None = None) -> str:
     return "".join(s.text for s in render_segments(turns, persona, open_reply=True))
 
 
-def parse_reply(continuation: str) -> str:
+def parse_reply(continuation: str, eos_token: str | None = None) -> str:
     """Cut a generated continuation back into one clean reply.
 
-    The reply ends at the first speaker tag (or a half-written one), or the EOS text; what remains
-    is passed through the same sanitizer as user text so a stored reply can never carry a tag.
+    The reply ends at the first speaker tag (or a half-written one), the EOS text, or the model's
+    own ``eos_token`` when it spells EOS differently (RuGPT-3 uses ``</s>``); what remains is
+    passed through the same sanitizer as user text so a stored reply can never carry a tag.
     An empty string means the model produced nothing usable: the caller chooses a fallback.
     """
     match = _REPLY_END.search(continuation)
     if match:
         continuation = continuation[: match.start()]
+    if eos_token and eos_token in continuation:
+        continuation = continuation[: continuation.index(eos_token)]
     return sanitize_utterance(continuation)

@@ -73,3 +73,7 @@ def test_reply_segments_hold_only_reply_words_and_the_eos():
 )
 def test_parse_reply_cuts_at_next_speaker_or_eos(continuation, reply):
     assert parse_reply(continuation) == reply
+
+
+def test_parse_reply_honours_a_models_own_eos_spelling():
+    assert parse_reply(" Пока.</s> лишнее", eos_token="</s>") == "Пока."

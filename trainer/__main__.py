@@ -1,0 +1,168 @@
+"""Command line: ``python -m trainer finetune|evaluate|bench``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+from dotenv import load_dotenv
+
+from trainer.profiles import DEFAULT_PROFILE, PROFILES, get_profile
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m trainer", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    ft = commands.add_parser("finetune", help="train a chat model on the prepared splits")
+    ft.add_argument(
+        "--profile",
+        default=os.environ.get("PROFILE") or DEFAULT_PROFILE,
+        choices=sorted(PROFILES),
+        help="recipe defaults (default %(default)s)",
+    )
+    ft.add_argument(
+        "--base-model",
+        default=os.environ.get("BASE_MODEL") or None,
+        help="hub id or local directory of the base model (env BASE_MODEL)",
+    )
+    ft.add_argument("--data-dir", type=Path, default=Path("data/processed"))
+    ft.add_argument("--checkpoints-dir", type=Path, default=Path("checkpoints"))
+    ft.add_argument("--run-name", help="directory name under checkpoints/ (default: profile-time)")
+    ft.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the named run (or the newest one) from its last checkpoint",
+    )
+    ft.add_argument("--epochs", type=float)
+    ft.add_argument("--max-steps", type=int, help="stop after this many optimizer steps")
+    ft.add_argument("--learning-rate", type=float)
+    ft.add_argument("--batch-size", type=int)
+    ft.add_argument("--grad-accum", type=int, help="gradient accumulation steps")
+    ft.add_argument("--block-size", type=int, help="tokens per packed training sequence")
+    ft.add_argument("--max-length", type=int, help="longest dialogue, cut on a turn boundary")
+    ft.add_argument("--eval-steps", type=int, help="evaluate and save every N steps")
+    ft.add_argument("--loss-on", choices=["replies", "all"], help="which tokens carry the loss")
+    ft.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=None)
+    ft.add_argument("--seed", type=int, default=42)
+    ft.add_argument("--limit-train", type=int, help="use only the first N train dialogues")
+    ft.add_argument("--limit-val", type=int, help="use only the first N val dialogues")
+    ft.add_argument(
+        "--n-generate",
+        type=int,
+        default=50,
+        help="held-out replies generated for BLEU/chrF (default %(default)s)",
+    )
+    ft.add_argument("--no-progress", action="store_true")
+
+    ev = commands.add_parser("evaluate", help="perplexity and reply metrics of a model on a split")
+    ev.add_argument("--model", type=Path, required=True, help="a Hugging Face model directory")
+    ev.add_argument("--data", type=Path, required=True, help="a split parquet with 'turns'")
+    ev.add_argument("--max-length", type=int, default=512)
+    ev.add_argument("--n-generate", type=int, default=50)
+    ev.add_argument("--limit", type=int, help="use only the first N dialogues")
+    ev.add_argument("--json", type=Path, help="also write the metrics to this file")
+    return parser
+
+
+def _finetune(args: argparse.Namespace) -> int:
+    from trainer.finetune import FinetuneOptions, finetune
+
+    profile = get_profile(args.profile).override(
+        base_model=args.base_model,
+        epochs=args.epochs,
+        max_steps=args.max_steps,
+        learning_rate=args.learning_rate,
+        batch_size=args.batch_size,
+        grad_accum=args.grad_accum,
+        block_size=args.block_size,
+        max_length=args.max_length,
+        eval_steps=args.eval_steps,
+        loss_on=args.loss_on,
+        gradient_checkpointing=args.gradient_checkpointing,
+    )
+    metrics = finetune(
+        FinetuneOptions(
+            profile=profile,
+            data_dir=args.data_dir,
+            checkpoints_dir=args.checkpoints_dir,
+            run_name=args.run_name,
+            resume=args.resume,
+            seed=args.seed,
+            limit_train=args.limit_train,
+            limit_val=args.limit_val,
+            n_generate=args.n_generate,
+            progress=not args.no_progress,
+        )
+    )
+    keys = (
+        "run",
+        "parameters",
+        "train_time_s",
+        "tokens_per_s",
+        "eval_loss",
+        "perplexity_before_training",
+        "perplexity",
+        "perplexity_all",
+        "bleu",
+        "chrf",
+        "distinct_1",
+        "distinct_2",
+    )
+    for key in keys:
+        print(f"{key:28} {metrics.get(key)}")
+    print(
+        f"model saved in {args.checkpoints_dir / metrics['run']} (checkpoints/latest points here)"
+    )
+    return 0
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from trainer.data import read_dialogues
+    from trainer.evaluation import evaluate_model
+
+    if not args.model.is_dir():
+        raise FileNotFoundError(f"{args.model}: model directory not found")
+    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    model = AutoModelForCausalLM.from_pretrained(args.model)
+    dialogues = read_dialogues(args.data, args.limit)
+    metrics = evaluate_model(
+        model, tokenizer, dialogues, max_length=args.max_length, n_generate=args.n_generate
+    )
+    for sample in metrics.pop("samples", []):
+        print("контекст:", " | ".join(sample["context"]))
+        print("эталон:  ", sample["reference"])
+        print("модель:  ", sample["generated"])
+        print()
+    for key, value in metrics.items():
+        print(f"{key:20} {value}")
+    if args.json:
+        args.json.write_text(json.dumps(metrics, ensure_ascii=False, indent=2), encoding="utf-8")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run a command; an operator's mistake is one line on stderr and exit code 2."""
+    load_dotenv()
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    args = _parser().parse_args(argv)
+    from trainer.finetune import ResumeError
+    from trainer.modeling import BaseModelError
+
+    try:
+        if args.command == "finetune":
+            return _finetune(args)
+        return _evaluate(args)
+    except (BaseModelError, ResumeError, FileNotFoundError, ValueError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

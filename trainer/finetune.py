@@ -1,0 +1,249 @@
+"""The fine-tuning recipe, top to bottom as `run_clm.py` reads.
+
+Set up → load splits → load (or build) model and tokenizer → tokenize with the reply mask → pack
+→ HF ``Trainer`` (CPU or GPU, periodic eval, best checkpoint, resumable) → save a standard model
+directory → evaluate → metrics.json, loss.png, experiments table, ``checkpoints/latest``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import asdict, dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import (
+    AutoTokenizer,
+    GenerationConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+    Trainer,
+    TrainerCallback,
+    TrainingArguments,
+    set_seed,
+)
+from transformers.trainer_utils import get_last_checkpoint
+
+from dataset_tools.dialogue_format import USER_TAG, render_dialogue
+from trainer import data as training_data
+from trainer.evaluation import evaluate_model, perplexity
+from trainer.experiments import append_experiment, plot_loss, point_latest, write_metrics
+from trainer.modeling import (
+    build_scratch_model,
+    count_parameters,
+    load_pretrained,
+    train_scratch_tokenizer,
+)
+from trainer.profiles import Profile
+
+logger = logging.getLogger(__name__)
+
+#: Sampling defaults written into generation_config.json; the bot reads them as its defaults.
+REPLY_DEFAULTS = {
+    "do_sample": True,
+    "temperature": 0.8,
+    "top_p": 0.9,
+    "top_k": 50,
+    "repetition_penalty": 1.15,
+    "max_new_tokens": 64,
+}
+
+
+class ResumeError(Exception):
+    """``--resume`` was asked for but there is nothing to resume."""
+
+
+@dataclass(frozen=True)
+class FinetuneOptions:
+    """Where the data is and where the run goes; the recipe itself is in the profile."""
+
+    profile: Profile
+    data_dir: Path = Path("data/processed")
+    checkpoints_dir: Path = Path("checkpoints")
+    run_name: str | None = None
+    resume: bool = False
+    seed: int = 42
+    limit_train: int | None = None
+    limit_val: int | None = None
+    n_generate: int = 50
+    logging_steps: int = 10
+    progress: bool = True
+
+
+class ThroughputCallback(TrainerCallback):
+    """Adds real (non-padding) tokens per second to every log line the progress bar prints."""
+
+    def __init__(self) -> None:
+        self.started = 0.0
+        self.tokens_at_start = 0
+
+    def on_train_begin(self, args, state, control, **kwargs):  # type: ignore[no-untyped-def]
+        self.started = time.perf_counter()
+        self.tokens_at_start = state.num_input_tokens_seen
+
+    def on_log(self, args, state, control, logs=None, **kwargs):  # type: ignore[no-untyped-def]
+        elapsed = time.perf_counter() - self.started
+        if logs is not None and elapsed > 0 and "loss" in logs:
+            logs["tokens_per_s"] = round(
+                (state.num_input_tokens_seen - self.tokens_at_start) / elapsed, 1
+            )
+
+
+def _find_run_to_resume(options: FinetuneOptions) -> Path:
+    if options.run_name:
+        run_dir = options.checkpoints_dir / options.run_name
+        if not run_dir.is_dir() or get_last_checkpoint(str(run_dir)) is None:
+            raise ResumeError(f"{run_dir}: no saved checkpoint to resume from")
+        return run_dir
+    candidates = (
+        [
+            d
+            for d in options.checkpoints_dir.iterdir()
+            if d.is_dir() and not d.is_symlink() and get_last_checkpoint(str(d)) is not None
+        ]
+        if options.checkpoints_dir.is_dir()
+        else []
+    )
+    if not candidates:
+        raise ResumeError(f"no run with a saved checkpoint under {options.checkpoints_dir}")
+    return max(candidates, key=lambda d: d.stat().st_mtime)
+
+
+def _model_and_tokenizer(
+    profile: Profile, run_dir: Path, train: list[list[str]], resume: bool
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    if profile.base_model is not None:
+        return load_pretrained(profile.base_model)
+    if resume and (run_dir / "tokenizer.json").exists():
+        tokenizer = AutoTokenizer.from_pretrained(
+            run_dir
+        )  # the one the checkpoint was trained with
+    else:
+        tokenizer = train_scratch_tokenizer((render_dialogue(t) for t in train), profile.vocab_size)
+        tokenizer.save_pretrained(run_dir)
+    return build_scratch_model(tokenizer, profile.scratch_config), tokenizer
+
+
+def _precision() -> dict[str, bool]:
+    """bf16 where the GPU has it, else fp16 on a GPU; float32 on a CPU (no fast bf16 there)."""
+    if not torch.cuda.is_available():
+        return {}
+    return {"bf16": True} if torch.cuda.is_bf16_supported() else {"fp16": True}
+
+
+def finetune(options: FinetuneOptions) -> dict[str, Any]:
+    """Train, save, evaluate; return the metrics written to ``metrics.json``."""
+    profile = options.profile
+    set_seed(options.seed)
+    if options.resume:
+        run_dir = _find_run_to_resume(options)
+    else:
+        name = options.run_name or f"{profile.name}-{datetime.now():%Y%m%d-%H%M%S}"
+        run_dir = options.checkpoints_dir / name
+        run_dir.mkdir(parents=True, exist_ok=True)
+
+    train = training_data.read_dialogues(options.data_dir / "train.parquet", options.limit_train)
+    val = training_data.read_dialogues(options.data_dir / "val.parquet", options.limit_val)
+    if not val:  # e.g. a 100/0/0 split: evaluate on a slice of train rather than not at all
+        logger.warning("val split is empty: evaluating on the first 5%% of train")
+        val = train[: max(1, len(train) // 20)]
+    model, tokenizer = _model_and_tokenizer(profile, run_dir, train, options.resume)
+    model.generation_config = GenerationConfig(
+        **REPLY_DEFAULTS,
+        eos_token_id=[tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids(USER_TAG)],
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    logger.info("model: %s parameters", f"{count_parameters(model):,}")
+
+    def blocks(dialogues: list[list[str]]) -> training_data.BlockDataset:
+        tokenized = training_data.tokenize_all(
+            dialogues, tokenizer, loss_on=profile.loss_on, max_length=profile.max_length
+        )
+        return training_data.BlockDataset(training_data.pack(list(tokenized), profile.block_size))
+
+    train_set, val_set = blocks(train), blocks(val)
+    before = perplexity(model, tokenizer, val, max_length=profile.max_length)
+
+    args = TrainingArguments(
+        output_dir=str(run_dir),
+        num_train_epochs=profile.epochs,
+        max_steps=profile.max_steps,
+        per_device_train_batch_size=profile.batch_size,
+        per_device_eval_batch_size=profile.batch_size,
+        gradient_accumulation_steps=profile.grad_accum,
+        learning_rate=profile.learning_rate,
+        weight_decay=profile.weight_decay,
+        warmup_steps=profile.warmup_steps,
+        lr_scheduler_type="cosine",
+        activation_checkpointing=profile.gradient_checkpointing,
+        dataloader_pin_memory=torch.cuda.is_available(),
+        eval_strategy="steps",
+        eval_steps=profile.eval_steps,
+        save_strategy="steps",
+        save_steps=profile.eval_steps,
+        save_total_limit=2,
+        load_best_model_at_end=True,
+        metric_for_best_model="eval_loss",
+        logging_steps=options.logging_steps,
+        include_num_input_tokens_seen="non_padding",
+        seed=options.seed,
+        data_seed=options.seed,
+        report_to="none",
+        disable_tqdm=not options.progress,
+        remove_unused_columns=False,
+        dataloader_num_workers=0,
+        **_precision(),
+    )
+    throughput = ThroughputCallback()
+    trainer = Trainer(
+        model=model,
+        args=args,
+        train_dataset=train_set,
+        eval_dataset=val_set,
+        data_collator=training_data.PadCollator(tokenizer.pad_token_id),
+        processing_class=tokenizer,
+        callbacks=[throughput],
+    )
+    started = time.perf_counter()
+    result = trainer.train(resume_from_checkpoint=True if options.resume else None)
+    train_time = time.perf_counter() - started
+
+    trainer.save_model(str(run_dir))  # the best checkpoint's weights (load_best_model_at_end)
+    tokenizer.save_pretrained(run_dir)
+    model.generation_config.save_pretrained(run_dir)
+
+    eval_metrics = evaluate_model(
+        trainer.model, tokenizer, val, max_length=profile.max_length, n_generate=options.n_generate
+    )
+    tokens_this_run = trainer.state.num_input_tokens_seen - throughput.tokens_at_start
+    metrics: dict[str, Any] = {
+        "run": run_dir.name,
+        "profile": profile.name,
+        "base_model": profile.base_model or "scratch",
+        "parameters": count_parameters(trainer.model),
+        "device": str(trainer.args.device),
+        "train_dialogues": len(train),
+        "train_tokens": train_set.n_tokens,
+        "val_dialogues": len(val),
+        "epochs": round(trainer.state.epoch or 0.0, 3),
+        "global_step": trainer.state.global_step,
+        "train_time_s": round(train_time, 1),
+        "tokens_per_s": round(tokens_this_run / max(train_time, 1e-9), 1),
+        "train_loss": result.training_loss,
+        "best_checkpoint": trainer.state.best_model_checkpoint,
+        "eval_loss": min(
+            (e["eval_loss"] for e in trainer.state.log_history if "eval_loss" in e), default=None
+        ),
+        "perplexity_before_training": before.replies,
+        "perplexity": eval_metrics["perplexity_replies"],
+        **{k: v for k, v in eval_metrics.items() if k != "perplexity_replies"},
+        "profile_settings": {k: v for k, v in asdict(profile).items() if k != "name"},
+    }
+    write_metrics(run_dir, metrics)
+    plot_loss(trainer.state.log_history, run_dir / "loss.png", f"{run_dir.name} ({profile.name})")
+    append_experiment(options.checkpoints_dir, metrics)
+    point_latest(options.checkpoints_dir, run_dir)
+    return metrics

@@ -1,0 +1,116 @@
+"""Getting a model and tokenizer to train: load a pretrained base, or build a tiny one from scratch.
+
+Either way the speaker tags of :mod:`dataset_tools.dialogue_format` become single tokens: the
+model then sees a turn boundary as one symbol (cheap to learn, impossible to half-generate), and
+the bot can stop generation on the tag's token id.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from pathlib import Path
+
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from transformers import (
+    AddedToken,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    GPT2Config,
+    GPT2LMHeadModel,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+    PreTrainedTokenizerFast,
+)
+
+from dataset_tools.dialogue_format import EOS_TEXT, SPEAKER_TAGS
+
+logger = logging.getLogger(__name__)
+
+
+class BaseModelError(Exception):
+    """The base model cannot be loaded; the message tells the operator what to do."""
+
+
+def train_scratch_tokenizer(texts: Iterable[str], vocab_size: int) -> PreTrainedTokenizerFast:
+    """A byte-level BPE (GPT-2's scheme) trained on the given texts, with the tags as tokens.
+
+    Byte-level means any input, emoji included, is encodable: there is no unknown token.
+    """
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    tokenizer.post_processor = processors.ByteLevel(trim_offsets=False)
+    bpe_trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        min_frequency=2,
+        special_tokens=[EOS_TEXT],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(texts, trainer=bpe_trainer)
+    wrapped = PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer,
+        bos_token=EOS_TEXT,
+        eos_token=EOS_TEXT,
+        unk_token=EOS_TEXT,
+        pad_token=EOS_TEXT,
+    )
+    add_speaker_tokens(wrapped)
+    return wrapped
+
+
+def add_speaker_tokens(tokenizer: PreTrainedTokenizerBase) -> int:
+    """Make each speaker tag one token that also absorbs the space before it.
+
+    ``lstrip`` means " @@ВТОРОЙ@@" is a single token, so a prompt ends exactly on the bot's tag
+    and a reply ends on one token (the user's tag) that generation can stop on.
+    """
+    missing = [tag for tag in SPEAKER_TAGS if tag not in tokenizer.get_vocab()]
+    return tokenizer.add_tokens([AddedToken(tag, lstrip=True, normalized=False) for tag in missing])
+
+
+def build_scratch_model(
+    tokenizer: PreTrainedTokenizerFast, config_values: dict[str, int]
+) -> GPT2LMHeadModel:
+    """A randomly initialised GPT-2 sized by ``config_values`` for this tokenizer."""
+    config = GPT2Config(
+        vocab_size=len(tokenizer),
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        **config_values,
+    )
+    return GPT2LMHeadModel(config)
+
+
+def load_pretrained(base_model: str) -> tuple[PreTrainedModel, PreTrainedTokenizerFast]:
+    """Load a hub id or a local directory; add the speaker tags; make sure padding is possible.
+
+    Any failure becomes one :class:`BaseModelError` line that says how to use a local copy,
+    because the usual cause is a machine without access to the Hugging Face hub.
+    """
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(base_model)
+        model = AutoModelForCausalLM.from_pretrained(base_model)
+    except (OSError, ValueError) as error:
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        where = "directory" if Path(base_model).exists() else "hub id or directory"
+        raise BaseModelError(
+            f"cannot load base model {base_model!r} ({where}): {reason}. "
+            "Without internet access, download it where you have access "
+            f"(`hf download {base_model} --local-dir DIR`), copy DIR here and pass "
+            "--base-model DIR (or set BASE_MODEL=DIR)."
+        ) from None
+    added = add_speaker_tokens(tokenizer)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if added or model.get_input_embeddings().num_embeddings < len(tokenizer):
+        model.resize_token_embeddings(len(tokenizer))
+    model.config.pad_token_id = tokenizer.pad_token_id
+    model.config.eos_token_id = tokenizer.eos_token_id
+    return model, tokenizer
+
+
+def count_parameters(model: PreTrainedModel) -> int:
+    return sum(p.numel() for p in model.parameters())
