@@ -10,8 +10,12 @@ INPUT ?= data/russian_dialogues.parquet
 SAMPLE := data/sample/russian_dialogues_sample.parquet
 DATA_DIR ?= data/processed
 SPLIT ?= 90/5/5
+PROFILE ?= rugpt3-medium
+MODEL ?= checkpoints/latest
+SHAPE ?= small
+ARGS ?=
 
-.PHONY: install test lint dataset sample finetune run chat bench migrate clean
+.PHONY: install test lint dataset sample finetune evaluate bench run chat migrate demo clean
 
 install: $(STAMP)
 
@@ -38,8 +42,37 @@ dataset: install
 sample: install
 	$(PY) -m dataset_tools make-sample --output $(SAMPLE)
 
-finetune run chat bench migrate:
-	@echo "'make $@' is not built yet (see the open issues)"; exit 1
+# Fine-tune PROFILE (rugpt3-medium, rugpt3-small, tiny-scratch) on DATA_DIR; extra options in ARGS.
+finetune: install
+	@test -f $(DATA_DIR)/train.parquet || $(MAKE) --no-print-directory dataset
+	$(PY) -m trainer finetune --profile $(PROFILE) --data-dir $(DATA_DIR) $(ARGS)
+
+# Perplexity, BLEU/chrF and distinct-n of MODEL on the test split.
+evaluate: install
+	$(PY) -m trainer evaluate --model $(MODEL) --data $(DATA_DIR)/test.parquet $(ARGS)
+
+# Training throughput: packed data path vs the naive recipe (SHAPE=tiny|small|medium).
+bench: install
+	$(PY) -m trainer.bench --shape $(SHAPE) $(ARGS)
+
+# Bring the bot's database to the newest schema (the bot also does this at start).
+migrate: install
+	$(PY) -m alembic upgrade head
+
+# The Telegram bot (long polling); settings from .env (see .env.example).
+run: install
+	$(PY) -m bot
+
+# Talk to MODEL_PATH (default checkpoints/latest) in the terminal, with the bot's memory.
+chat: install
+	$(PY) -m bot chat
+
+# One command from a fresh clone: install, prepare the sample, train tiny-scratch once, chat.
+demo: install
+	@test -f $(DATA_DIR)/train.parquet || $(MAKE) --no-print-directory dataset
+	@if [ -e checkpoints/latest/config.json ]; then echo "using the trained model in checkpoints/latest"; \
+	else $(PY) -m trainer finetune --profile tiny-scratch --data-dir $(DATA_DIR) --no-progress; fi
+	MODEL_PATH=$${MODEL_PATH:-checkpoints/latest} $(PY) -m bot chat
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -1,0 +1,70 @@
+"""Settings, read once from the environment and `.env` (documented in `.env.example`).
+
+The token is a ``SecretStr``: it never appears in ``repr``, logs or tracebacks.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEFAULT_PERSONA = (
+    "Я дружелюбный собеседник. Отвечаю коротко, по-русски и по делу, с уважением к собеседнику."
+)
+
+
+class Settings(BaseSettings):
+    """Everything the bot can be told. Names are the environment variables, case-insensitive."""
+
+    model_config = SettingsConfigDict(env_file=".env", env_file_encoding="utf-8", extra="ignore")
+
+    telegram_bot_token: SecretStr | None = None
+    telegram_api_url: str | None = Field(
+        None, description="Bot API server base URL, e.g. http://127.0.0.1:8081 (local server)"
+    )
+    database_url: str = "sqlite+aiosqlite:///data/bot.db"
+    model_path: str = "checkpoints/latest"
+    model_device: str = "auto"  # auto | cpu | cuda | cuda:1 ...
+    model_dtype: str = "float32"  # float32 | bfloat16 | float16 (the last two for GPUs)
+    context_tokens: int | None = Field(None, ge=32, description="default: the model's window")
+    reply_tokens: int = Field(64, ge=1, le=1024)
+    temperature: float = Field(0.8, ge=0.1, le=2.0)
+    temperature_min: float = Field(0.1, gt=0.0)
+    temperature_max: float = Field(2.0, le=5.0)
+    top_p: float = Field(0.9, gt=0.0, le=1.0)
+    top_k: int = Field(50, ge=0)
+    repetition_penalty: float = Field(1.15, ge=1.0, le=3.0)
+    system_prompt: str = DEFAULT_PERSONA
+    history_messages: int = Field(60, ge=2, description="messages read from the DB per prompt")
+    queue_size: int = Field(32, ge=1)
+    request_timeout_s: float = Field(60.0, gt=0)
+    polling_concurrency: int = Field(64, ge=1)
+    log_level: str = "INFO"
+    console_user_id: int = Field(0, description="the user id `python -m bot chat` talks as")
+
+    @field_validator("model_dtype")
+    @classmethod
+    def _known_dtype(cls, value: str) -> str:
+        if value not in ("float32", "bfloat16", "float16"):
+            raise ValueError("MODEL_DTYPE must be float32, bfloat16 or float16")
+        return value
+
+    @field_validator("telegram_api_url")
+    @classmethod
+    def _strip_slash(cls, value: str | None) -> str | None:
+        return value.rstrip("/") if value else None
+
+    @model_validator(mode="after")
+    def _temperature_range(self) -> Settings:
+        if not self.temperature_min <= self.temperature <= self.temperature_max:
+            raise ValueError(
+                f"TEMPERATURE {self.temperature} is outside "
+                f"[{self.temperature_min}, {self.temperature_max}]"
+            )
+        return self
+
+    @property
+    def model_dir(self) -> Path:
+        return Path(self.model_path)

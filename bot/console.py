@@ -1,0 +1,80 @@
+"""`python -m bot chat`: talk to the model in a terminal, through the very same services.
+
+History lives in the same database as the Telegram users', under the local user
+``CONSOLE_USER_ID`` (0 by default, never a real Telegram id), so a second session remembers the
+first one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+
+from bot import texts
+from bot.config import Settings
+from bot.dialogue import (
+    DialogueService,
+    TemperatureError,
+    UserRef,
+    clean_user_text,
+    parse_temperature,
+)
+from bot.engine import EngineBusy, EngineTimeout
+
+PROMPT = "вы> "
+HINT = "Консольный чат. Команды: /reset, /temp [значение], /help, /exit (или Ctrl-D)."
+
+
+async def _handle(line: str, user: UserRef, dialogue: DialogueService, settings: Settings) -> str:
+    low, high = settings.temperature_min, settings.temperature_max
+    if line == "/help":
+        return texts.HELP.format(low=low, high=high)
+    if line == "/reset":
+        await dialogue.reset(user)
+        return texts.RESET_DONE
+    if line.startswith("/temp"):
+        argument = line[len("/temp") :].strip()
+        if not argument:
+            value = await dialogue.get_temperature(user)
+            return texts.TEMP_SHOW.format(value=value, low=low, high=high)
+        try:
+            value = parse_temperature(argument, low, high)
+        except TemperatureError as error:
+            return str(error)
+        await dialogue.set_temperature(user, value)
+        return texts.TEMP_SET.format(value=value)
+    text = clean_user_text(line)
+    if not text:
+        return texts.NOT_TEXT
+    message_id = await dialogue.remember_user_message(user, text)
+    try:
+        reply = await dialogue.make_reply(user, message_id)
+    except EngineBusy:
+        return texts.BUSY
+    except EngineTimeout:
+        return texts.TIMEOUT
+    await dialogue.store_reply(user, reply)
+    return reply
+
+
+async def run_console(settings: Settings) -> None:
+    from bot.app import open_services
+
+    db_engine, dialogue = await open_services(settings)
+    user = UserRef(settings.console_user_id, "console")
+    print(HINT, flush=True)
+    try:
+        while True:
+            try:
+                line = (await asyncio.to_thread(input, PROMPT)).strip()
+            except EOFError:
+                print()
+                break
+            if line in ("/exit", "/quit"):
+                break
+            if line:
+                print("бот>", await _handle(line, user, dialogue, settings), flush=True)
+    finally:
+        await asyncio.to_thread(dialogue.engine.close)
+        await db_engine.dispose()
+    sys.stdout.flush()

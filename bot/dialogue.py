@@ -1,0 +1,163 @@
+"""The dialogue service: one user's message in, the bot's reply out, memory kept in the database.
+
+Order of work, chosen so that a crash loses nothing the user wrote:
+store the user's message (committed) → read recent history → build the prompt within the token
+budget → generate → the caller sends the reply → :meth:`DialogueService.store_reply`.
+
+Messages of one user are answered strictly in the order they arrived: each user has a lock, and
+asyncio locks wake waiters first-come-first-served.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import OrderedDict
+from dataclasses import dataclass
+
+from sqlalchemy.ext.asyncio import async_sessionmaker
+
+from bot import texts
+from bot.config import Settings
+from bot.db import repository
+from bot.engine import GenerationEngine, SamplingParams
+from bot.memory import build_prompt_turns
+from dataset_tools.dialogue_format import sanitize_utterance
+
+logger = logging.getLogger(__name__)
+
+TELEGRAM_LIMIT = 4096
+
+
+def split_message(text: str, limit: int = TELEGRAM_LIMIT) -> list[str]:
+    """Cut text into Telegram-sized pieces, preferring paragraph, line, then word boundaries."""
+    pieces: list[str] = []
+    while len(text) > limit:
+        cut = max(text.rfind(sep, 0, limit + 1) for sep in ("\n\n", "\n", " "))
+        if cut <= 0:
+            cut = limit
+        pieces.append(text[:cut].rstrip())
+        text = text[cut:].lstrip()
+    if text:
+        pieces.append(text)
+    return pieces
+
+
+@dataclass(frozen=True)
+class UserRef:
+    """Who is talking: the Telegram id (or the console's) and a display name."""
+
+    telegram_id: int
+    name: str | None
+
+
+class _UserLocks:
+    """One lock per user, forgetting idle users so the map does not grow forever."""
+
+    def __init__(self, keep: int = 10_000) -> None:
+        self._locks: OrderedDict[int, asyncio.Lock] = OrderedDict()
+        self._keep = keep
+
+    def get(self, user_id: int) -> asyncio.Lock:
+        lock = self._locks.pop(user_id, None) or asyncio.Lock()
+        self._locks[user_id] = lock
+        while len(self._locks) > self._keep:
+            oldest_id, oldest = next(iter(self._locks.items()))
+            if oldest.locked():
+                break
+            del self._locks[oldest_id]
+        return lock
+
+
+class DialogueService:
+    """Memory + prompt + engine, shared by the Telegram handlers and the console chat."""
+
+    def __init__(
+        self, sessions: async_sessionmaker, engine: GenerationEngine, settings: Settings
+    ) -> None:
+        self.sessions = sessions
+        self.engine = engine
+        self.settings = settings
+        self._locks = _UserLocks()
+
+    def lock_for(self, user: UserRef) -> asyncio.Lock:
+        return self._locks.get(user.telegram_id)
+
+    async def remember_user_message(self, user: UserRef, text: str) -> int:
+        """Store the message before anything else, so a crash mid-reply loses no input.
+
+        Called as soon as the message arrives, before waiting for this user's earlier messages
+        to be answered; returns the message id that :meth:`make_reply` answers up to.
+        """
+        async with self.sessions.begin() as session:
+            row = await repository.get_or_create_user(session, user.telegram_id, user.name)
+            return (await repository.add_message(session, row, repository.USER_ROLE, text)).id
+
+    async def make_reply(self, user: UserRef, message_id: int | None = None) -> str:
+        """Generate the reply to the history up to ``message_id`` (may raise EngineBusy/Timeout).
+
+        Bounding the history by the message id means a reply answers exactly the messages sent
+        before it, even when the user has already written more while waiting.
+        """
+        async with self.sessions() as session:
+            row = await repository.get_or_create_user(session, user.telegram_id, user.name)
+            history = await repository.recent_turns(
+                session, row, self.settings.history_messages, up_to_id=message_id
+            )
+            temperature = row.temperature or self.settings.temperature
+        turns = build_prompt_turns(
+            history, self.engine.count_tokens, self.engine.prompt_budget, self.engine.persona
+        )
+        params = SamplingParams(
+            temperature=temperature,
+            top_p=self.settings.top_p,
+            top_k=self.settings.top_k,
+            repetition_penalty=self.settings.repetition_penalty,
+            max_new_tokens=self.settings.reply_tokens,
+        )
+        reply = await self.engine.generate(turns, params)
+        return reply or texts.FALLBACK_REPLY
+
+    async def store_reply(self, user: UserRef, reply: str) -> None:
+        async with self.sessions.begin() as session:
+            row = await repository.get_or_create_user(session, user.telegram_id, user.name)
+            await repository.add_message(session, row, repository.BOT_ROLE, reply)
+
+    async def reset(self, user: UserRef) -> int:
+        async with self.sessions.begin() as session:
+            row = await repository.get_or_create_user(session, user.telegram_id, user.name)
+            return await repository.clear_history(session, row)
+
+    async def get_temperature(self, user: UserRef) -> float:
+        async with self.sessions() as session:
+            row = await repository.get_or_create_user(session, user.telegram_id, user.name)
+            return row.temperature or self.settings.temperature
+
+    async def set_temperature(self, user: UserRef, value: float) -> None:
+        async with self.sessions.begin() as session:
+            row = await repository.get_or_create_user(session, user.telegram_id, user.name)
+            await repository.set_temperature(session, row, value)
+
+
+def clean_user_text(text: str) -> str:
+    """What of a user's text reaches memory: no control characters, no speaker tags."""
+    printable = "".join(ch for ch in text if ch.isprintable() or ch in "\n\t")
+    return sanitize_utterance(printable)
+
+
+class TemperatureError(ValueError):
+    """A /temp argument that cannot be used; the message is the Russian reply."""
+
+
+def parse_temperature(raw: str, low: float, high: float) -> float:
+    """``"0.7"`` or ``"0,7"`` → 0.7 within [low, high]; anything else → TemperatureError."""
+    cleaned = raw.strip().replace(",", ".")
+    try:
+        value = float(cleaned)
+    except ValueError:
+        raise TemperatureError(texts.TEMP_NOT_NUMBER.format(raw=raw.strip()[:50])) from None
+    if value != value or not low <= value <= high:  # NaN, inf and out of range
+        raise TemperatureError(
+            texts.TEMP_OUT_OF_RANGE.format(low=low, high=high, value=raw.strip()[:50])
+        )
+    return round(value, 3)

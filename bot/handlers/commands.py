@@ -1,0 +1,61 @@
+"""/start, /help, /reset, /temp."""
+
+from __future__ import annotations
+
+from aiogram import Router
+from aiogram.filters import Command, CommandObject, CommandStart
+from aiogram.types import Message
+
+from bot import texts
+from bot.config import Settings
+from bot.dialogue import DialogueService, TemperatureError, UserRef, parse_temperature
+
+router = Router(name="commands")
+
+
+def user_ref(message: Message) -> UserRef:
+    sender = message.from_user
+    if sender is None:  # channel posts and the like: key memory by chat
+        return UserRef(message.chat.id, message.chat.title)
+    return UserRef(sender.id, sender.full_name)
+
+
+@router.message(CommandStart())
+async def start(message: Message, dialogue: DialogueService) -> None:
+    user = user_ref(message)
+    await dialogue.get_temperature(user)  # registers the user
+    await message.answer(texts.START.format(name=user.name or "друг"))
+
+
+@router.message(Command("help"))
+async def help_(message: Message, settings: Settings) -> None:
+    await message.answer(
+        texts.HELP.format(low=settings.temperature_min, high=settings.temperature_max)
+    )
+
+
+@router.message(Command("reset"))
+async def reset(message: Message, dialogue: DialogueService) -> None:
+    user = user_ref(message)
+    async with dialogue.lock_for(user):  # not in the middle of this user's reply
+        await dialogue.reset(user)
+    await message.answer(texts.RESET_DONE)
+
+
+@router.message(Command("temp"))
+async def temp(
+    message: Message, command: CommandObject, dialogue: DialogueService, settings: Settings
+) -> None:
+    user = user_ref(message)
+    low, high = settings.temperature_min, settings.temperature_max
+    if not command.args:
+        value = await dialogue.get_temperature(user)
+        await message.answer(texts.TEMP_SHOW.format(value=value, low=low, high=high))
+        return
+    try:
+        value = parse_temperature(command.args, low, high)
+    except TemperatureError as error:
+        await message.answer(str(error))
+        return
+    await dialogue.set_temperature(user, value)
+    await message.answer(texts.TEMP_SET.format(value=value))

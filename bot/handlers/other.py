@@ -1,0 +1,15 @@
+"""Anything that is not text (stickers, photos, voice...): a short polite reply."""
+
+from __future__ import annotations
+
+from aiogram import Router
+from aiogram.types import Message
+
+from bot import texts
+
+router = Router(name="other")
+
+
+@router.message()
+async def not_text(message: Message) -> None:
+    await message.answer(texts.NOT_TEXT)

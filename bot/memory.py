@@ -1,0 +1,65 @@
+"""Which part of a user's history goes into the prompt.
+
+The prompt is the persona exchange + as many of the latest turns as fit the model's context window
+minus the reply budget, counted in **tokens**, dropping whole turns from the oldest first. The
+current message is always kept; if it alone is too long, it keeps its beginning. This is what
+makes "maximum context length" errors impossible however long a dialogue grows.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+from bot.db.repository import USER_ROLE, Turn
+from dataset_tools.dialogue_format import render_prompt
+
+
+def alternate(turns: Sequence[Turn]) -> list[str]:
+    """Turn stored messages into the strictly alternating user/bot list the format needs.
+
+    A user message without a reply (the bot crashed, or the reply failed to send) is merged with
+    the next user message, so nothing the user said is lost and the roles still alternate. The
+    list starts with a user turn.
+    """
+    merged: list[Turn] = []
+    for turn in turns:
+        if merged and merged[-1].role == turn.role:
+            merged[-1] = Turn(turn.role, f"{merged[-1].text} {turn.text}")
+        else:
+            merged.append(turn)
+    while merged and merged[0].role != USER_ROLE:
+        merged.pop(0)
+    return [t.text for t in merged]
+
+
+def build_prompt_turns(
+    history: Sequence[Turn],
+    count_tokens: Callable[[str], int],
+    budget: int,
+    persona: str | None,
+) -> list[str]:
+    """The turns to render, ending with the current user message, within ``budget`` tokens.
+
+    ``history`` ends with the current user message (it is stored before generation starts).
+    Older turns are dropped two at a time (an exchange), so the prompt still starts with a user
+    turn; the current message is cut to fit if even it alone is too long.
+    """
+    turns = alternate(history)
+    if not turns or len(turns) % 2 == 0:
+        raise ValueError("history must end with the user's message")
+    start = 0
+    while start < len(turns) - 1 and count_tokens(render_prompt(turns[start:], persona)) > budget:
+        start += 2
+    kept = turns[start:]
+    if count_tokens(render_prompt(kept, persona)) <= budget:
+        return kept
+    # Only the current message is left and it is still too long: keep its beginning.
+    message = kept[-1]
+    low, high = 0, len(message)
+    while low < high:  # longest prefix that fits, by binary search on characters
+        middle = (low + high + 1) // 2
+        if count_tokens(render_prompt([message[:middle]], persona)) <= budget:
+            low = middle
+        else:
+            high = middle - 1
+    return [message[:low]]
