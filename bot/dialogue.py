@@ -141,8 +141,7 @@ class DialogueService:
 
 def clean_user_text(text: str) -> str:
     """What of a user's text reaches memory: no control characters, no speaker tags."""
-    printable = "".join(ch for ch in text if ch.isprintable() or ch in "\n\t")
-    return sanitize_utterance(printable)
+    return sanitize_utterance(text)
 
 
 class TemperatureError(ValueError):

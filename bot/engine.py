@@ -170,6 +170,7 @@ class GenerationEngine:
         if self._closed:
             raise EngineClosed
         prompt = render_prompt(turns, self.persona)
+        logger.debug("prompt: %s", prompt)  # message texts are logged only at DEBUG
         ids = self.tokenizer(prompt, add_special_tokens=False)["input_ids"][-self.prompt_budget :]
         loop = asyncio.get_running_loop()
         request = _Request(ids, params, loop, loop.create_future())

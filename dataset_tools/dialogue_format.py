@@ -39,6 +39,11 @@ PERSONA_QUESTION = "Расскажи о себе."
 _AT_RUN = re.compile(r"@{2,}")
 _EOS_LIKE = re.compile(re.escape(EOS_TEXT), re.IGNORECASE)
 _WHITESPACE = re.compile(r"\s+")
+# Control and format characters (and U+FFFD, what a half-decoded byte sequence becomes) carry no
+# meaning in a chat turn and can break terminals and logs.
+_UNPRINTABLE = re.compile(
+    r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\u200b\u200c\u200e\u200f\u2028-\u202e\u2060-\u2064\ufeff\ufffd]"
+)
 # Where a generated continuation ends: the next tag, a partial tag the model began, or EOS.
 _REPLY_END = re.compile(r"@@|<\|endoftext\|>|<\|endoftext", re.IGNORECASE)
 
@@ -55,11 +60,13 @@ def sanitize_utterance(text: str) -> str:
     """Make user-supplied text safe to place between tags.
 
     Speaker tags and the EOS marker are removed so that a user cannot end their own turn and
-    speak for the bot (tag injection); whitespace, including newlines, becomes single spaces,
-    because the format has no meaning for line breaks and the tags are space-separated.
+    speak for the bot (tag injection); control characters go; whitespace, including newlines,
+    becomes single spaces, because the format has no meaning for line breaks and the tags are
+    space-separated. Model replies pass through here too.
     """
     text = _EOS_LIKE.sub(" ", text)
     text = _AT_RUN.sub("@", text)
+    text = _UNPRINTABLE.sub(" ", text)
     return _WHITESPACE.sub(" ", text).strip()
 
 

@@ -1,0 +1,175 @@
+"""A fake Telegram Bot API server on 127.0.0.1, for running the real bot process in tests.
+
+It speaks the HTTP shape aiogram uses (``POST /bot<token>/<method>`` with form fields) and keeps
+what the bot sent, so tests can assert on it as a user would see it. getUpdates implements long
+polling with offset semantics: updates below the offset are confirmed and dropped, and a call with
+nothing pending waits up to its ``timeout`` for the next update.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiohttp import web
+
+BOT_USER = {"id": 42, "is_bot": True, "first_name": "Тестбот", "username": "test_bot"}
+
+
+@dataclass
+class Call:
+    method: str
+    params: dict[str, Any]
+    at: float = field(default_factory=time.monotonic)
+
+
+class FakeTelegram:
+    def __init__(self, token: str) -> None:
+        self.token = token
+        self.calls: list[Call] = []
+        self.pending: list[dict[str, Any]] = []
+        self._update_ids = itertools.count(1)
+        self._message_ids = itertools.count(1000)
+        self._new_update = asyncio.Event()
+        self._runner: web.AppRunner | None = None
+        self.base_url = ""
+
+    async def start(self) -> str:
+        app = web.Application()
+        app.router.add_route("*", "/bot{token}/{method}", self._handle)
+        self._runner = web.AppRunner(app)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, "127.0.0.1", 0)
+        await site.start()
+        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        self.base_url = f"http://127.0.0.1:{port}"
+        return self.base_url
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+
+    # --- what a user does -------------------------------------------------------------------
+
+    def _message(self, user_id: int, **content: Any) -> int:
+        update_id = next(self._update_ids)
+        self.pending.append(
+            {
+                "update_id": update_id,
+                "message": {
+                    "message_id": next(self._message_ids),
+                    "date": int(time.time()),
+                    "chat": {"id": user_id, "type": "private", "first_name": f"User{user_id}"},
+                    "from": {"id": user_id, "is_bot": False, "first_name": f"User{user_id}"},
+                    **content,
+                },
+            }
+        )
+        self._new_update.set()
+        return update_id
+
+    def send_text(self, user_id: int, text: str) -> int:
+        entities = []
+        if text.startswith("/"):
+            entities = [{"type": "bot_command", "offset": 0, "length": len(text.split()[0])}]
+        return self._message(user_id, text=text, entities=entities)
+
+    def send_sticker(self, user_id: int) -> int:
+        sticker = {
+            "file_id": "s1",
+            "file_unique_id": "u1",
+            "type": "regular",
+            "width": 512,
+            "height": 512,
+            "is_animated": False,
+            "is_video": False,
+        }
+        return self._message(user_id, sticker=sticker)
+
+    # --- what the bot did ---------------------------------------------------------------------
+
+    def sent_to(self, chat_id: int) -> list[str]:
+        return [
+            c.params["text"]
+            for c in self.calls
+            if c.method == "sendMessage" and int(c.params["chat_id"]) == chat_id
+        ]
+
+    def count(self, method: str) -> int:
+        return sum(1 for c in self.calls if c.method == method)
+
+    async def wait_for(self, predicate, timeout: float = 60.0) -> None:  # type: ignore[no-untyped-def]
+        deadline = time.monotonic() + timeout
+        while not predicate():
+            if time.monotonic() > deadline:
+                raise AssertionError(f"timed out; calls so far: {[c.method for c in self.calls]}")
+            await asyncio.sleep(0.05)
+
+    async def wait_replies(self, chat_id: int, count: int, timeout: float = 60.0) -> list[str]:
+        await self.wait_for(lambda: len(self.sent_to(chat_id)) >= count, timeout)
+        return self.sent_to(chat_id)
+
+    # --- the API ------------------------------------------------------------------------------
+
+    async def _handle(self, request: web.Request) -> web.Response:
+        if request.match_info["token"] != self.token:
+            return web.json_response(
+                {"ok": False, "error_code": 401, "description": "Unauthorized"}, status=401
+            )
+        method = request.match_info["method"]
+        params: dict[str, Any] = dict(await request.post()) if request.can_read_body else {}
+        params.update(request.query)
+        if request.content_type == "application/json":
+            params.update(await request.json())
+        self.calls.append(Call(method, params))
+        handler = getattr(self, f"_api_{method}", None)
+        if handler is None:
+            return web.json_response(
+                {"ok": False, "error_code": 404, "description": f"Not Found: {method}"}, status=404
+            )
+        return web.json_response({"ok": True, "result": await handler(params)})
+
+    async def _api_getMe(self, params: dict[str, Any]) -> Any:
+        return BOT_USER
+
+    async def _api_getUpdates(self, params: dict[str, Any]) -> Any:
+        offset = int(params.get("offset") or 0)
+        self.pending = [u for u in self.pending if u["update_id"] >= offset]
+        if not self.pending:
+            self._new_update.clear()
+            try:
+                await asyncio.wait_for(self._new_update.wait(), float(params.get("timeout") or 0))
+            except TimeoutError:
+                return []
+        return [u for u in self.pending if u["update_id"] >= offset][
+            : int(params.get("limit") or 100)
+        ]
+
+    async def _api_sendMessage(self, params: dict[str, Any]) -> Any:
+        chat_id = int(params["chat_id"])
+        return {
+            "message_id": next(self._message_ids),
+            "date": int(time.time()),
+            "chat": {"id": chat_id, "type": "private"},
+            "from": BOT_USER,
+            "text": params["text"],
+        }
+
+    async def _api_sendChatAction(self, params: dict[str, Any]) -> Any:
+        return True
+
+    async def _api_setMyCommands(self, params: dict[str, Any]) -> Any:
+        commands = params.get("commands")
+        if isinstance(commands, str):
+            params["commands"] = json.loads(commands)
+        return True
+
+    async def _api_deleteWebhook(self, params: dict[str, Any]) -> Any:
+        return True
+
+    async def _api_close(self, params: dict[str, Any]) -> Any:
+        return True

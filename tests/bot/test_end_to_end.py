@@ -1,0 +1,176 @@
+"""The real `python -m bot` process against a fake Bot API server on 127.0.0.1.
+
+Only TELEGRAM_BOT_TOKEN, TELEGRAM_API_URL, DATABASE_URL and MODEL_PATH are set (plus LOG_LEVEL to
+read the prompt the model was given), exactly as an operator's acceptance check would run it.
+"""
+
+import asyncio
+import os
+import signal
+import sqlite3
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from bot import texts
+from tests.bot.fake_telegram import FakeTelegram
+
+ROOT = Path(__file__).resolve().parents[2]
+TOKEN = "123456:TEST-token-never-logged"
+ALICE, BOB = 1001, 1002
+
+
+class BotProcess:
+    def __init__(self, env: dict[str, str], log: Path) -> None:
+        self.env, self.log = env, log
+        self.process: asyncio.subprocess.Process | None = None
+
+    async def start(self, fake: FakeTelegram) -> None:
+        polls = fake.count("getUpdates")
+        handle = self.log.open("ab")
+        self.process = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "bot",
+            cwd=ROOT,
+            env=self.env,
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=handle,
+            stderr=handle,
+        )
+        await fake.wait_for(lambda: fake.count("getUpdates") > polls, timeout=90)
+
+    async def stop(self) -> float:
+        assert self.process is not None
+        started = time.monotonic()
+        self.process.send_signal(signal.SIGTERM)
+        code = await asyncio.wait_for(self.process.wait(), 30)
+        assert code == 0, self.log.read_text(errors="replace")[-3000:]
+        return time.monotonic() - started
+
+    def kill(self) -> None:
+        if self.process and self.process.returncode is None:
+            self.process.kill()
+
+
+def _messages(db: Path, telegram_id: int) -> list[tuple[str, str]]:
+    with sqlite3.connect(db) as connection:
+        return connection.execute(
+            "SELECT m.role, m.text FROM messages m JOIN users u ON u.id = m.user_id "
+            "WHERE u.telegram_id = ? ORDER BY m.id",
+            (telegram_id,),
+        ).fetchall()
+
+
+@pytest.fixture
+async def fake():
+    server = FakeTelegram(TOKEN)
+    await server.start()
+    yield server
+    await server.stop()
+
+
+@pytest.fixture
+def bot_env(tmp_path, tiny_model_dir, fake):
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("TELEGRAM_", "DATABASE_"))}
+    env.update(
+        {
+            "TELEGRAM_BOT_TOKEN": TOKEN,
+            "TELEGRAM_API_URL": fake.base_url,
+            "DATABASE_URL": f"sqlite+aiosqlite:///{tmp_path / 'bot.db'}",
+            "MODEL_PATH": str(tiny_model_dir),
+            "LOG_LEVEL": "DEBUG",
+            "PYTHONUNBUFFERED": "1",
+        }
+    )
+    return env
+
+
+async def test_the_bot_as_users_see_it(fake, bot_env, tmp_path):
+    db, log = tmp_path / "bot.db", tmp_path / "bot.log"
+    bot = BotProcess(bot_env, log)
+    try:
+        await bot.start(fake)
+        assert fake.count("setMyCommands") == 1
+        commands = next(c for c in fake.calls if c.method == "setMyCommands").params["commands"]
+        assert {c["command"] for c in commands} == {"start", "help", "reset", "temp"}
+
+        fake.send_text(ALICE, "/start")
+        assert "Привет" in (await fake.wait_replies(ALICE, 1))[0]
+
+        fake.send_text(ALICE, "Как дела?")
+        await fake.wait_replies(ALICE, 2)
+        await asyncio.sleep(0.5)
+        assert len(fake.sent_to(ALICE)) == 2  # exactly one reply to one message
+        assert fake.count("sendChatAction") >= 1
+        assert [r for r, _ in _messages(db, ALICE)] == ["user", "bot"]
+
+        for command in ("/temp", "/temp 0,5", "/temp abc", "/temp 7", "/temp"):
+            fake.send_text(ALICE, command)
+            await fake.wait_replies(ALICE, len(fake.sent_to(ALICE)) + 1)
+        shown, set_, bad, out_of_range, shown_again = fake.sent_to(ALICE)[-5:]
+        assert "0.8" in shown and "0.5" in set_
+        assert "abc" in bad and "0.1" in out_of_range and "2.0" in out_of_range
+        assert "0.5" in shown_again  # the bad values changed nothing
+
+        fake.send_sticker(ALICE)
+        assert (await fake.wait_replies(ALICE, 8))[-1] == texts.NOT_TEXT
+
+        # two users at once: each gets their own single reply
+        fake.send_text(ALICE, "Что посоветуешь почитать?")
+        fake.send_text(BOB, "Привет, я Боб!")
+        await fake.wait_replies(ALICE, 9)
+        await fake.wait_replies(BOB, 1)
+        await asyncio.sleep(0.5)
+        assert len(fake.sent_to(ALICE)) == 9 and len(fake.sent_to(BOB)) == 1
+        assert [t for r, t in _messages(db, BOB) if r == "user"] == ["Привет, я Боб!"]
+
+        # restart: the history is still there and goes into the next prompt
+        took = await bot.stop()
+        assert took < 10
+        await bot.start(fake)
+        fake.send_text(ALICE, "А ты помнишь меня?")
+        await fake.wait_replies(ALICE, 10)
+        prompts = [
+            line for line in log.read_text(errors="replace").splitlines() if "prompt:" in line
+        ]
+        assert "Как дела?" in prompts[-1] and "Что посоветуешь почитать?" in prompts[-1]
+
+        # /reset forgets Alice only
+        fake.send_text(ALICE, "/reset")
+        assert (await fake.wait_replies(ALICE, 11))[-1] == texts.RESET_DONE
+        assert _messages(db, ALICE) == []
+        assert len(_messages(db, BOB)) == 2
+
+        await bot.stop()
+        assert TOKEN not in log.read_text(errors="replace")
+    finally:
+        bot.kill()
+
+
+async def test_missing_token_and_missing_model_are_one_line_errors(bot_env, tmp_path):
+    for drop, expected in (
+        ("TELEGRAM_BOT_TOKEN", "TELEGRAM_BOT_TOKEN is not set"),
+        ("MODEL_PATH", "no model at"),
+    ):
+        env = dict(bot_env)
+        if drop == "MODEL_PATH":
+            env["MODEL_PATH"] = str(tmp_path / "no-model")
+        else:
+            env.pop(drop)
+        process = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "bot",
+            cwd=tmp_path,
+            env={**env, "PYTHONPATH": str(ROOT)},
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        _, err = await asyncio.wait_for(process.communicate(), 120)
+        assert process.returncode == 2
+        lines = err.decode().strip().splitlines()
+        assert lines[-1].startswith("error:") and expected in lines[-1], lines
+        assert "Traceback" not in err.decode()

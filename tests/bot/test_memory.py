@@ -1,0 +1,62 @@
+"""Context trimming by tokens: oldest whole turns go first, the current message always stays."""
+
+import pytest
+
+from bot.db.repository import Turn
+from bot.memory import alternate, build_prompt_turns
+from dataset_tools.dialogue_format import render_prompt
+
+
+def count_words(text: str) -> int:
+    return len(text.split())
+
+
+def _history(*texts: str) -> list[Turn]:
+    return [Turn("user" if i % 2 == 0 else "bot", t) for i, t in enumerate(texts)]
+
+
+def test_everything_fits_nothing_is_dropped():
+    history = _history("привет", "здравствуй", "как дела?")
+    assert build_prompt_turns(history, count_words, 100, None) == [
+        "привет",
+        "здравствуй",
+        "как дела?",
+    ]
+
+
+def test_oldest_whole_exchanges_are_dropped_first():
+    history = _history("один два три", "четыре пять", "шесть", "семь восемь", "девять десять")
+    budget = count_words(render_prompt(["шесть", "семь восемь", "девять десять"], None))
+    kept = build_prompt_turns(history, count_words, budget, None)
+    assert kept == ["шесть", "семь восемь", "девять десять"]
+    assert kept[0] == "шесть"  # still starts with a user turn
+
+
+def test_persona_counts_against_the_budget():
+    history = _history("а б", "в г", "д")
+    persona = "я бот " * 10
+    budget = count_words(render_prompt(["д"], persona))
+    assert build_prompt_turns(history, count_words, budget, persona) == ["д"]
+
+
+def test_a_current_message_too_long_alone_is_cut_to_its_beginning():
+    long_message = " ".join(f"слово{i}" for i in range(100))
+    kept = build_prompt_turns(_history("старое", "ответ", long_message), count_words, 20, None)
+    assert len(kept) == 1 and long_message.startswith(kept[0]) and kept[0]
+    assert count_words(render_prompt(kept, None)) <= 20
+
+
+def test_unanswered_user_messages_are_merged_not_lost():
+    history = [
+        Turn("user", "первое"),
+        Turn("user", "второе"),
+        Turn("bot", "ответ"),
+        Turn("user", "третье"),
+    ]
+    assert alternate(history) == ["первое второе", "ответ", "третье"]
+    assert alternate([Turn("bot", "сирота"), Turn("user", "привет")]) == ["привет"]
+
+
+def test_history_must_end_with_the_user():
+    with pytest.raises(ValueError):
+        build_prompt_turns(_history("привет", "ответ"), count_words, 100, None)

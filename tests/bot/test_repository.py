@@ -1,0 +1,70 @@
+"""Storage on a real SQLite file migrated by Alembic: what the bot remembers, and forgets."""
+
+import sqlite3
+
+import pytest
+
+from bot.db import repository
+from bot.db.engine import create_engine, create_sessionmaker, upgrade_to_head
+
+
+@pytest.fixture
+async def sessions(tmp_path):
+    url = f"sqlite+aiosqlite:///{tmp_path / 'nested' / 'bot.db'}"
+    await upgrade_to_head(url)  # creates the folder and the schema from nothing
+    engine = create_engine(url)
+    yield create_sessionmaker(engine)
+    await engine.dispose()
+
+
+async def test_messages_come_back_oldest_first_limited_to_the_latest(sessions):
+    async with sessions.begin() as session:
+        user = await repository.get_or_create_user(session, 7, "Аня")
+        for i in range(5):
+            await repository.add_message(session, user, "user" if i % 2 == 0 else "bot", f"m{i}")
+    async with sessions() as session:
+        user = await repository.get_or_create_user(session, 7, "Аня")
+        turns = await repository.recent_turns(session, user, 3)
+    assert [t.text for t in turns] == ["m2", "m3", "m4"]
+    assert [t.role for t in turns] == ["user", "bot", "user"]
+
+
+async def test_history_can_be_bounded_by_a_message_id(sessions):
+    async with sessions.begin() as session:
+        user = await repository.get_or_create_user(session, 7, None)
+        first = await repository.add_message(session, user, "user", "раз")
+        await repository.add_message(session, user, "user", "два")
+        turns = await repository.recent_turns(session, user, 10, up_to_id=first.id)
+    assert [t.text for t in turns] == ["раз"]
+
+
+async def test_reset_forgets_only_this_user(sessions):
+    async with sessions.begin() as session:
+        alice = await repository.get_or_create_user(session, 1, "Alice")
+        bob = await repository.get_or_create_user(session, 2, "Bob")
+        await repository.add_message(session, alice, "user", "секрет Алисы")
+        await repository.add_message(session, bob, "user", "секрет Боба")
+    async with sessions.begin() as session:
+        alice = await repository.get_or_create_user(session, 1, "Alice")
+        assert await repository.clear_history(session, alice) == 1
+    async with sessions() as session:
+        alice = await repository.get_or_create_user(session, 1, "Alice")
+        bob = await repository.get_or_create_user(session, 2, "Bob")
+        assert await repository.count_messages(session, alice) == 0
+        assert [t.text for t in await repository.recent_turns(session, bob, 10)] == ["секрет Боба"]
+
+
+async def test_temperature_is_stored_per_user(sessions):
+    async with sessions.begin() as session:
+        user = await repository.get_or_create_user(session, 5, None)
+        await repository.set_temperature(session, user, 0.3)
+    async with sessions() as session:
+        assert (await repository.get_or_create_user(session, 5, None)).temperature == 0.3
+        assert (await repository.get_or_create_user(session, 6, None)).temperature is None
+
+
+async def test_sqlite_runs_in_wal_mode(tmp_path, sessions):
+    async with sessions.begin() as session:
+        await repository.get_or_create_user(session, 1, None)
+    with sqlite3.connect(tmp_path / "nested" / "bot.db") as connection:
+        assert connection.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
