@@ -12,13 +12,7 @@ import sys
 
 from bot import texts
 from bot.config import Settings
-from bot.dialogue import (
-    DialogueService,
-    TemperatureError,
-    UserRef,
-    clean_user_text,
-    parse_temperature,
-)
+from bot.dialogue import DialogueService, UserRef, clean_user_text
 from bot.engine import EngineBusy, EngineTimeout
 
 PROMPT = "вы> "
@@ -26,23 +20,13 @@ HINT = "Консольный чат. Команды: /reset, /temp [значен
 
 
 async def _handle(line: str, user: UserRef, dialogue: DialogueService, settings: Settings) -> str:
-    low, high = settings.temperature_min, settings.temperature_max
     if line == "/help":
-        return texts.HELP.format(low=low, high=high)
+        return texts.HELP.format(low=settings.temperature_min, high=settings.temperature_max)
     if line == "/reset":
         await dialogue.reset(user)
         return texts.RESET_DONE
-    if line.startswith("/temp"):
-        argument = line[len("/temp") :].strip()
-        if not argument:
-            value = await dialogue.get_temperature(user)
-            return texts.TEMP_SHOW.format(value=value, low=low, high=high)
-        try:
-            value = parse_temperature(argument, low, high)
-        except TemperatureError as error:
-            return str(error)
-        await dialogue.set_temperature(user, value)
-        return texts.TEMP_SET.format(value=value)
+    if line == "/temp" or line.startswith("/temp "):
+        return await dialogue.temperature_command(user, line[len("/temp") :])
     text = clean_user_text(line)
     if not text:
         return texts.NOT_TEXT

@@ -138,6 +138,19 @@ class DialogueService:
             row = await repository.get_or_create_user(session, user.telegram_id, user.name)
             await repository.set_temperature(session, row, value)
 
+    async def temperature_command(self, user: UserRef, argument: str | None) -> str:
+        """The answer to ``/temp [value]``: show, set, or explain why not (nothing changes)."""
+        low, high = self.settings.temperature_min, self.settings.temperature_max
+        if not argument or not argument.strip():
+            value = await self.get_temperature(user)
+            return texts.TEMP_SHOW.format(value=value, low=low, high=high)
+        try:
+            value = parse_temperature(argument, low, high)
+        except TemperatureError as error:
+            return str(error)
+        await self.set_temperature(user, value)
+        return texts.TEMP_SET.format(value=value)
+
 
 def clean_user_text(text: str) -> str:
     """What of a user's text reaches memory: no control characters, no speaker tags."""

@@ -8,7 +8,7 @@ from aiogram.types import Message
 
 from bot import texts
 from bot.config import Settings
-from bot.dialogue import DialogueService, TemperatureError, UserRef, parse_temperature
+from bot.dialogue import DialogueService, UserRef
 
 router = Router(name="commands")
 
@@ -43,19 +43,5 @@ async def reset(message: Message, dialogue: DialogueService) -> None:
 
 
 @router.message(Command("temp"))
-async def temp(
-    message: Message, command: CommandObject, dialogue: DialogueService, settings: Settings
-) -> None:
-    user = user_ref(message)
-    low, high = settings.temperature_min, settings.temperature_max
-    if not command.args:
-        value = await dialogue.get_temperature(user)
-        await message.answer(texts.TEMP_SHOW.format(value=value, low=low, high=high))
-        return
-    try:
-        value = parse_temperature(command.args, low, high)
-    except TemperatureError as error:
-        await message.answer(str(error))
-        return
-    await dialogue.set_temperature(user, value)
-    await message.answer(texts.TEMP_SET.format(value=value))
+async def temp(message: Message, command: CommandObject, dialogue: DialogueService) -> None:
+    await message.answer(await dialogue.temperature_command(user_ref(message), command.args))
