@@ -22,7 +22,7 @@ from bot.config import Settings
 from bot.db.engine import create_engine, create_sessionmaker, upgrade_to_head
 from bot.dialogue import DialogueService
 from bot.engine import GenerationEngine, load_model
-from bot.handlers import ROUTERS
+from bot.handlers import make_routers
 
 logger = logging.getLogger(__name__)
 
@@ -119,7 +119,7 @@ def build_dispatcher(
     dialogue: DialogueService, settings: Settings, db_engine: AsyncEngine
 ) -> Dispatcher:
     dp = Dispatcher(dialogue=dialogue, settings=settings)
-    dp.include_routers(*ROUTERS)
+    dp.include_routers(*make_routers())
     dp.errors.register(on_error)
 
     async def on_startup(bot: Bot) -> None:

@@ -1,5 +1,10 @@
-"""aiogram Routers, one per feature; ``ROUTERS`` is the order they are tried in."""
+"""aiogram Routers, one per feature, in the order they are tried."""
+
+from aiogram import Router
 
 from bot.handlers import chat, commands, other
 
-ROUTERS = (commands.router, chat.router, other.router)
+
+def make_routers() -> list[Router]:
+    """Fresh routers for one dispatcher: commands first, then text, then everything else."""
+    return [commands.make_router(), chat.make_router(), other.make_router()]

@@ -14,10 +14,8 @@ from bot.engine import EngineBusy, EngineTimeout
 from bot.handlers.commands import user_ref
 
 logger = logging.getLogger(__name__)
-router = Router(name="chat")
 
 
-@router.message(F.text)
 async def chat(message: Message, bot: Bot, dialogue: DialogueService) -> None:
     text = clean_user_text(message.text or "")
     if not text:
@@ -38,3 +36,9 @@ async def chat(message: Message, bot: Bot, dialogue: DialogueService) -> None:
         for piece in split_message(reply):
             await message.answer(piece)
         await dialogue.store_reply(user, reply)
+
+
+def make_router() -> Router:
+    router = Router(name="chat")
+    router.message.register(chat, F.text)
+    return router

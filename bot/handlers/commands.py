@@ -10,8 +10,6 @@ from bot import texts
 from bot.config import Settings
 from bot.dialogue import DialogueService, UserRef
 
-router = Router(name="commands")
-
 
 def user_ref(message: Message) -> UserRef:
     sender = message.from_user
@@ -20,21 +18,18 @@ def user_ref(message: Message) -> UserRef:
     return UserRef(sender.id, sender.full_name)
 
 
-@router.message(CommandStart())
 async def start(message: Message, dialogue: DialogueService) -> None:
     user = user_ref(message)
     await dialogue.get_temperature(user)  # registers the user
     await message.answer(texts.START.format(name=user.name or "друг"))
 
 
-@router.message(Command("help"))
 async def help_(message: Message, settings: Settings) -> None:
     await message.answer(
         texts.HELP.format(low=settings.temperature_min, high=settings.temperature_max)
     )
 
 
-@router.message(Command("reset"))
 async def reset(message: Message, dialogue: DialogueService) -> None:
     user = user_ref(message)
     async with dialogue.lock_for(user):  # not in the middle of this user's reply
@@ -42,6 +37,15 @@ async def reset(message: Message, dialogue: DialogueService) -> None:
     await message.answer(texts.RESET_DONE)
 
 
-@router.message(Command("temp"))
 async def temp(message: Message, command: CommandObject, dialogue: DialogueService) -> None:
     await message.answer(await dialogue.temperature_command(user_ref(message), command.args))
+
+
+def make_router() -> Router:
+    """A fresh Router (a Router can belong to one dispatcher only)."""
+    router = Router(name="commands")
+    router.message.register(start, CommandStart())
+    router.message.register(help_, Command("help"))
+    router.message.register(reset, Command("reset"))
+    router.message.register(temp, Command("temp"))
+    return router

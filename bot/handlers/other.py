@@ -7,9 +7,12 @@ from aiogram.types import Message
 
 from bot import texts
 
-router = Router(name="other")
 
-
-@router.message()
 async def not_text(message: Message) -> None:
     await message.answer(texts.NOT_TEXT)
+
+
+def make_router() -> Router:
+    router = Router(name="other")
+    router.message.register(not_text)
+    return router

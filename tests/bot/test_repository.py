@@ -1,18 +1,29 @@
 """Storage on a real SQLite file migrated by Alembic: what the bot remembers, and forgets."""
 
+import os
 import sqlite3
 
 import pytest
+from sqlalchemy import text
 
 from bot.db import repository
 from bot.db.engine import create_engine, create_sessionmaker, upgrade_to_head
 
+BACKENDS = ["sqlite"] + (["postgres"] if os.environ.get("TEST_DATABASE_URL") else [])
 
-@pytest.fixture
-async def sessions(tmp_path):
-    url = f"sqlite+aiosqlite:///{tmp_path / 'nested' / 'bot.db'}"
-    await upgrade_to_head(url)  # creates the folder and the schema from nothing
+
+@pytest.fixture(params=BACKENDS)
+async def sessions(request, tmp_path):
+    """A migrated database: a new SQLite file, or TEST_DATABASE_URL (Postgres) when it is set."""
+    if request.param == "sqlite":
+        url = f"sqlite+aiosqlite:///{tmp_path / 'nested' / 'bot.db'}"
+    else:
+        url = os.environ["TEST_DATABASE_URL"]
+    await upgrade_to_head(url)  # creates the folder (SQLite) and the schema from nothing
     engine = create_engine(url)
+    async with engine.begin() as connection:  # a shared server keeps rows between tests
+        await connection.execute(text("DELETE FROM messages"))
+        await connection.execute(text("DELETE FROM users"))
     yield create_sessionmaker(engine)
     await engine.dispose()
 
@@ -63,7 +74,9 @@ async def test_temperature_is_stored_per_user(sessions):
         assert (await repository.get_or_create_user(session, 6, None)).temperature is None
 
 
-async def test_sqlite_runs_in_wal_mode(tmp_path, sessions):
+async def test_sqlite_runs_in_wal_mode(tmp_path, sessions, request):
+    if "postgres" in request.node.name:
+        pytest.skip("SQLite only")
     async with sessions.begin() as session:
         await repository.get_or_create_user(session, 1, None)
     with sqlite3.connect(tmp_path / "nested" / "bot.db") as connection:

@@ -1,0 +1,77 @@
+"""An aiogram session that records what the bot sends instead of calling Telegram.
+
+The pattern of aiogram's own ``tests/mocked_bot.py``: handlers, filters, middlewares and
+injection all run for real (``dp.feed_raw_update``); only the HTTP call is replaced.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncGenerator
+from typing import Any
+
+from aiogram import Bot
+from aiogram.client.session.base import BaseSession
+from aiogram.methods import SendMessage, TelegramMethod
+from aiogram.types import Chat, Message, User
+
+BOT_USER = User(id=42, is_bot=True, first_name="Тестбот", username="test_bot")
+
+
+class RecordingSession(BaseSession):
+    def __init__(self) -> None:
+        super().__init__()
+        self.requests: list[TelegramMethod[Any]] = []
+
+    async def make_request(
+        self, bot: Bot, method: TelegramMethod[Any], timeout: int | None = None
+    ) -> Any:
+        self.requests.append(method)
+        if isinstance(method, SendMessage):
+            return Message(
+                message_id=len(self.requests),
+                date=int(time.time()),
+                chat=Chat(id=int(method.chat_id), type="private"),
+                from_user=BOT_USER,
+                text=method.text,
+            )
+        return True
+
+    async def stream_content(
+        self,
+        url: str,
+        headers: dict[str, Any] | None = None,
+        timeout: int = 30,
+        chunk_size: int = 65536,
+        raise_for_status: bool = True,
+    ) -> AsyncGenerator[bytes, None]:
+        yield b""
+
+    async def close(self) -> None:
+        pass
+
+    def texts_to(self, chat_id: int) -> list[str]:
+        return [
+            m.text
+            for m in self.requests
+            if isinstance(m, SendMessage) and int(m.chat_id) == chat_id
+        ]
+
+
+def text_update(update_id: int, user_id: int, text: str) -> dict[str, Any]:
+    entities = (
+        [{"type": "bot_command", "offset": 0, "length": len(text.split()[0])}]
+        if text.startswith("/")
+        else []
+    )
+    return {
+        "update_id": update_id,
+        "message": {
+            "message_id": update_id,
+            "date": int(time.time()),
+            "chat": {"id": user_id, "type": "private"},
+            "from": {"id": user_id, "is_bot": False, "first_name": "Тест"},
+            "text": text,
+            "entities": entities,
+        },
+    }

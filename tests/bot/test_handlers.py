@@ -1,0 +1,54 @@
+"""Handlers run in-process through the real dispatcher, with a database that can fail."""
+
+import pytest
+from aiogram import Bot
+from sqlalchemy import text
+
+from bot import texts
+from bot.app import build_dispatcher
+from bot.config import Settings
+from bot.db.engine import create_engine, create_sessionmaker, upgrade_to_head
+from bot.dialogue import DialogueService
+from bot.engine import GenerationEngine, load_model
+from tests.bot.recording_session import RecordingSession, text_update
+
+
+@pytest.fixture
+async def wired(tmp_path, tiny_model_dir):
+    url = f"sqlite+aiosqlite:///{tmp_path / 'bot.db'}"
+    await upgrade_to_head(url)
+    db = create_engine(url)
+    model, tokenizer = load_model(str(tiny_model_dir))
+    engine = GenerationEngine(model, tokenizer, persona=None, reply_tokens=8)
+    engine.start()
+    settings = Settings(_env_file=None, database_url=url, model_path=str(tiny_model_dir))
+    dialogue = DialogueService(create_sessionmaker(db), engine, settings)
+    dp = build_dispatcher(dialogue, settings, db)
+    session = RecordingSession()
+    bot = Bot("42:TEST", session=session)
+    yield dp, bot, session, db
+    engine.close()
+    await db.dispose()
+
+
+async def test_a_failing_handler_apologises_and_the_bot_keeps_working(wired):
+    dp, bot, session, db = wired
+    await dp.feed_raw_update(bot, text_update(1, 7, "Привет"))
+    assert len(session.texts_to(7)) == 1
+    async with db.begin() as connection:  # the storage breaks under the bot
+        await connection.execute(text("ALTER TABLE messages RENAME TO messages_gone"))
+    await dp.feed_raw_update(bot, text_update(2, 7, "Как дела?"))
+    assert session.texts_to(7)[-1] == texts.ERROR
+    async with db.begin() as connection:  # and comes back
+        await connection.execute(text("ALTER TABLE messages_gone RENAME TO messages"))
+    await dp.feed_raw_update(bot, text_update(3, 7, "Ты тут?"))
+    assert session.texts_to(7)[-1] != texts.ERROR
+    assert len(session.texts_to(7)) == 3
+
+
+async def test_help_lists_every_command(wired):
+    dp, bot, session, _ = wired
+    await dp.feed_raw_update(bot, text_update(1, 9, "/help"))
+    reply = session.texts_to(9)[0]
+    for command in ("/start", "/help", "/reset", "/temp"):
+        assert command in reply
