@@ -9,7 +9,7 @@ import sys
 from dotenv import load_dotenv
 from pydantic import ValidationError
 
-from bot.app import ConfigError, configure_logging, run_polling
+from bot.app import ConfigError, configure_logging, run_bot
 from bot.config import Settings
 from bot.console import run_console
 from bot.engine import ModelLoadError
@@ -35,7 +35,7 @@ def main(argv: list[str] | None = None) -> int:
     if args == ["chat"]:
         logging.getLogger().setLevel(logging.WARNING)  # keep the terminal for the conversation
     try:
-        asyncio.run(run_console(settings) if args == ["chat"] else run_polling(settings))
+        asyncio.run(run_console(settings) if args == ["chat"] else run_bot(settings))
     except (ConfigError, ModelLoadError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import signal
 
 from aiogram import Bot, Dispatcher
 from aiogram.client.session.aiohttp import AiohttpSession
 from aiogram.client.telegram import TelegramAPIServer
 from aiogram.exceptions import TelegramAPIError
 from aiogram.types import BotCommand, ErrorEvent
+from aiogram.webhook.aiohttp_server import SimpleRequestHandler, setup_application
+from aiohttp import web
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from bot import texts
@@ -23,8 +26,13 @@ from bot.db.engine import create_engine, create_sessionmaker, upgrade_to_head
 from bot.dialogue import DialogueService
 from bot.engine import GenerationEngine, load_model
 from bot.handlers import make_routers
+from bot.metrics import BotMetrics, Health
+from bot.middlewares.access import AllowlistMiddleware, CountUpdatesMiddleware
+from bot.middlewares.retry import RetryMiddleware
 
 logger = logging.getLogger(__name__)
+
+RETENTION_INTERVAL_S = 3600.0
 
 
 class ConfigError(Exception):
@@ -100,52 +108,139 @@ def build_bot(settings: Settings) -> Bot:
         else None
     )
     session = AiohttpSession(api=api) if api else AiohttpSession()
+    session.middleware(RetryMiddleware())
     return Bot(token=settings.telegram_bot_token.get_secret_value(), session=session)
 
 
-async def on_error(event: ErrorEvent) -> bool:
-    """Log the failure (the token is redacted by the logging filter), apologise, keep running."""
-    logger.error("error while handling update %s", event.update.update_id, exc_info=event.exception)
-    message = event.update.message
-    if message is not None:
-        try:
-            await message.answer(texts.ERROR)
-        except TelegramAPIError:
-            logger.warning("could not send the apology for update %s", event.update.update_id)
-    return True
-
-
 def build_dispatcher(
-    dialogue: DialogueService, settings: Settings, db_engine: AsyncEngine
+    dialogue: DialogueService,
+    settings: Settings,
+    db_engine: AsyncEngine,
+    metrics: BotMetrics | None = None,
 ) -> Dispatcher:
-    dp = Dispatcher(dialogue=dialogue, settings=settings)
+    metrics = metrics or BotMetrics()
+    metrics.watch_queue(lambda: dialogue.engine.queue_depth)
+    dp = Dispatcher(dialogue=dialogue, settings=settings, metrics=metrics)
+    dp.update.outer_middleware(CountUpdatesMiddleware(metrics))
+    dp.message.outer_middleware(AllowlistMiddleware(settings.allowed_ids))
     dp.include_routers(*make_routers())
-    dp.errors.register(on_error)
+    background: list[asyncio.Task[None]] = []
+
+    async def on_error(event: ErrorEvent) -> bool:
+        """Log the failure (the token is redacted by the logging filter), apologise, go on."""
+        metrics.errors.inc()
+        logger.error(
+            "error while handling update %s", event.update.update_id, exc_info=event.exception
+        )
+        message = event.update.message
+        if message is not None:
+            try:
+                await message.answer(texts.ERROR)
+            except TelegramAPIError:
+                logger.warning("could not send the apology for update %s", event.update.update_id)
+        return True
+
+    async def prune_forever() -> None:
+        while True:
+            try:
+                removed = await dialogue.prune(settings.retention_days)
+                if removed:
+                    logger.info("retention: pruned %d old messages", removed)
+            except Exception:
+                logger.exception("retention pruning failed")
+            await asyncio.sleep(RETENTION_INTERVAL_S)
 
     async def on_startup(bot: Bot) -> None:
         commands = [BotCommand(command=c, description=d) for c, d in texts.COMMANDS.items()]
         await bot.set_my_commands(commands)
+        if settings.retention_days > 0:
+            background.append(asyncio.create_task(prune_forever()))
 
     async def on_shutdown() -> None:
+        for task in background:
+            task.cancel()
         await asyncio.to_thread(dialogue.engine.close)
         await db_engine.dispose()
         logger.info("stopped: model released, database closed")
 
+    dp.errors.register(on_error)
     dp.startup.register(on_startup)
     dp.shutdown.register(on_shutdown)
     return dp
 
 
-async def run_polling(settings: Settings) -> None:
+def build_web_app(health: Health, metrics: BotMetrics) -> web.Application:
+    """``GET /healthz`` (200 ready / 503 not yet) and ``GET /metrics`` (Prometheus text)."""
+
+    async def healthz(request: web.Request) -> web.Response:
+        state = await health.check()
+        return web.json_response(state, status=200 if all(state.values()) else 503)
+
+    async def metrics_view(request: web.Request) -> web.Response:
+        return web.Response(body=metrics.render(), content_type="text/plain", charset="utf-8")
+
+    app = web.Application()
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/metrics", metrics_view)
+    return app
+
+
+async def _serve(app: web.Application, settings: Settings) -> web.AppRunner:
+    runner = web.AppRunner(app, handle_signals=False)
+    await runner.setup()
+    await web.TCPSite(
+        runner, settings.listen_host, settings.health_port or settings.listen_port
+    ).start()
+    return runner
+
+
+async def run_bot(settings: Settings) -> None:
+    """Start everything; long polling, or a webhook server when WEBHOOK_URL is set."""
     bot = build_bot(settings)  # fail on a missing token before the slow model load
+    health, metrics = Health(), BotMetrics()
+    app = build_web_app(health, metrics)
+    webhook = bool(settings.webhook_url)
+    runner = None
+    if webhook:
+        secret = settings.webhook_secret.get_secret_value() if settings.webhook_secret else None
+        if not secret:
+            raise ConfigError("WEBHOOK_SECRET is not set: webhook mode needs a secret token")
+    elif settings.health_port:
+        runner = await _serve(app, settings)  # answers 503 while the model loads
     db_engine, dialogue = await open_services(settings)
-    dp = build_dispatcher(dialogue, settings, db_engine)
+    health.db, health.model_ready = db_engine, True
+    dp = build_dispatcher(dialogue, settings, db_engine, metrics)
     me = await bot.get_me()
-    logger.info("polling as @%s", me.username)
-    await dp.start_polling(
-        bot,
-        handle_as_tasks=True,
-        tasks_concurrency_limit=settings.polling_concurrency,
-        handle_signals=True,
-        close_bot_session=True,
+    if not webhook:
+        logger.info("polling as @%s", me.username)
+        try:
+            await dp.start_polling(
+                bot,
+                handle_as_tasks=True,
+                tasks_concurrency_limit=settings.polling_concurrency,
+                handle_signals=True,
+                close_bot_session=True,
+            )
+        finally:
+            if runner is not None:
+                await runner.cleanup()
+        return
+    SimpleRequestHandler(dispatcher=dp, bot=bot, secret_token=secret).register(
+        app, path=settings.webhook_path
     )
+    setup_application(app, dp, bot=bot)
+    runner = await _serve(app, settings)
+    await bot.set_webhook(
+        url=settings.webhook_url or "",
+        secret_token=secret,
+        allowed_updates=dp.resolve_used_update_types(),
+    )
+    logger.info(
+        "webhook mode as @%s on %s:%d", me.username, settings.listen_host, settings.listen_port
+    )
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, stop.set)
+    await stop.wait()
+    await runner.cleanup()  # runs dp.shutdown: model released, database closed

@@ -43,6 +43,38 @@ class Settings(BaseSettings):
     polling_concurrency: int = Field(64, ge=1)
     log_level: str = "INFO"
     console_user_id: int = Field(0, description="the user id `python -m bot chat` talks as")
+    # Abuse limits and access.
+    max_message_chars: int = Field(2000, ge=1, description="longer user messages are cut")
+    allowed_user_ids: str = Field("", description="comma-separated ids; empty: everyone")
+    admin_user_ids: str = Field("", description="comma-separated ids allowed to use /stats")
+    retention_days: float = Field(0, ge=0, description="prune older messages; 0 keeps all")
+    # Webhook mode (when WEBHOOK_URL is set) and the health/metrics server.
+    webhook_url: str | None = None
+    webhook_secret: SecretStr | None = None
+    webhook_path: str = "/webhook"
+    listen_host: str = "127.0.0.1"
+    listen_port: int = Field(8080, ge=1, le=65535)
+    health_port: int = Field(0, ge=0, le=65535, description="polling mode; 0: no server")
+
+    @field_validator("allowed_user_ids", "admin_user_ids")
+    @classmethod
+    def _id_list(cls, value: str) -> str:
+        for part in value.replace(" ", "").split(","):
+            if part and not part.lstrip("-").isdigit():
+                raise ValueError(f"expected comma-separated Telegram user ids, got {part!r}")
+        return value
+
+    @staticmethod
+    def _ids(value: str) -> frozenset[int]:
+        return frozenset(int(p) for p in value.replace(" ", "").split(",") if p)
+
+    @property
+    def allowed_ids(self) -> frozenset[int]:
+        return self._ids(self.allowed_user_ids)
+
+    @property
+    def admin_ids(self) -> frozenset[int]:
+        return self._ids(self.admin_user_ids)
 
     @field_validator("model_dtype")
     @classmethod

@@ -12,9 +12,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections import OrderedDict
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.ext.asyncio import async_sessionmaker
 
 from bot import texts
@@ -27,6 +30,7 @@ from dataset_tools.dialogue_format import sanitize_utterance
 logger = logging.getLogger(__name__)
 
 TELEGRAM_LIMIT = 4096
+DB_ATTEMPTS = 4
 
 
 def split_message(text: str, limit: int = TELEGRAM_LIMIT) -> list[str]:
@@ -87,11 +91,23 @@ class DialogueService:
         """Store the message before anything else, so a crash mid-reply loses no input.
 
         Called as soon as the message arrives, before waiting for this user's earlier messages
-        to be answered; returns the message id that :meth:`make_reply` answers up to.
+        to be answered; returns the message id that :meth:`make_reply` answers up to. A message
+        longer than MAX_MESSAGE_CHARS keeps its beginning. A locked or briefly unreachable
+        database is retried (SQLite already waits out its busy timeout first).
         """
-        async with self.sessions.begin() as session:
-            row = await repository.get_or_create_user(session, user.telegram_id, user.name)
-            return (await repository.add_message(session, row, repository.USER_ROLE, text)).id
+        text = text[: self.settings.max_message_chars]
+        for attempt in range(1, DB_ATTEMPTS + 1):
+            try:
+                async with self.sessions.begin() as session:
+                    row = await repository.get_or_create_user(session, user.telegram_id, user.name)
+                    message = await repository.add_message(session, row, repository.USER_ROLE, text)
+                    return message.id
+            except OperationalError:
+                if attempt == DB_ATTEMPTS:
+                    raise
+                logger.warning("database unavailable, retry %d", attempt)
+                await asyncio.sleep(0.5 * 2**attempt)
+        raise AssertionError("unreachable")
 
     async def make_reply(self, user: UserRef, message_id: int | None = None) -> str:
         """Generate the reply to the history up to ``message_id`` (may raise EngineBusy/Timeout).
@@ -127,6 +143,32 @@ class DialogueService:
         async with self.sessions.begin() as session:
             row = await repository.get_or_create_user(session, user.telegram_id, user.name)
             return await repository.clear_history(session, row)
+
+    async def forget(self, user: UserRef) -> bool:
+        """Delete everything stored about the user (``/forget``)."""
+        async with self.sessions.begin() as session:
+            return await repository.delete_user(session, user.telegram_id)
+
+    async def prune(self, older_than_days: float) -> int:
+        """Delete messages older than the retention period."""
+        before = datetime.now(UTC) - timedelta(days=older_than_days)
+        async with self.sessions.begin() as session:
+            return await repository.prune_messages(session, before)
+
+    async def stats_text(self, started: float) -> str:
+        async with self.sessions() as session:
+            users, messages = await repository.totals(session)
+        uptime = max(time.monotonic() - started, 1e-9)
+        return texts.STATS.format(
+            users=users,
+            messages=messages,
+            queue=self.engine.queue_depth,
+            uptime=timedelta(seconds=int(uptime)),
+            replies=self.engine.replies,
+            replies_per_s=self.engine.replies / uptime,
+            tokens=self.engine.tokens,
+            tokens_per_s=self.engine.tokens / uptime,
+        )
 
     async def get_temperature(self, user: UserRef) -> float:
         async with self.sessions() as session:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import datetime
 
 from sqlalchemy import delete, func, select
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -67,3 +68,26 @@ async def count_messages(session: AsyncSession, user: User) -> int:
         )
         or 0
     )
+
+
+async def delete_user(session: AsyncSession, telegram_id: int) -> bool:
+    """Delete everything stored about this user: their messages and their row."""
+    user = await session.scalar(select(User).where(User.telegram_id == telegram_id))
+    if user is None:
+        return False
+    await session.execute(delete(Message).where(Message.user_id == user.id))
+    await session.delete(user)
+    return True
+
+
+async def prune_messages(session: AsyncSession, before: datetime) -> int:
+    """Delete every message older than ``before`` (the retention period)."""
+    result = await session.execute(delete(Message).where(Message.created_at < before))
+    return result.rowcount or 0
+
+
+async def totals(session: AsyncSession) -> tuple[int, int]:
+    """(users, messages) in the whole database, for /stats."""
+    users = await session.scalar(select(func.count()).select_from(User)) or 0
+    messages = await session.scalar(select(func.count()).select_from(Message)) or 0
+    return users, messages

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import logging
+import re
+import time
 
 from aiogram import Bot, F, Router
+from aiogram.filters import BaseFilter
 from aiogram.types import Message
 from aiogram.utils.chat_action import ChatActionSender
 
@@ -12,33 +15,60 @@ from bot import texts
 from bot.dialogue import DialogueService, clean_user_text, split_message
 from bot.engine import EngineBusy, EngineTimeout
 from bot.handlers.commands import user_ref
+from bot.metrics import BotMetrics
 
 logger = logging.getLogger(__name__)
 
 
-async def chat(message: Message, bot: Bot, dialogue: DialogueService) -> None:
-    text = clean_user_text(message.text or "")
+class AddressedToBot(BaseFilter):
+    """In a private chat, always; in a group, only a mention of the bot or a reply to it.
+
+    Commands are matched by their own filters (which also honour ``/cmd@thisbot``), so a group
+    hears from the bot only when someone speaks to it.
+    """
+
+    async def __call__(self, message: Message, bot: Bot) -> bool:
+        if message.chat.type == "private":
+            return True
+        me = await bot.me()
+        replied = message.reply_to_message
+        if replied is not None and replied.from_user is not None and replied.from_user.id == me.id:
+            return True
+        return bool(me.username) and f"@{me.username}".lower() in (message.text or "").lower()
+
+
+async def chat(message: Message, bot: Bot, dialogue: DialogueService, metrics: BotMetrics) -> None:
+    text = message.text or ""
+    if message.chat.type != "private":
+        me = await bot.me()
+        text = re.sub(rf"@{re.escape(me.username or '')}\b", " ", text, flags=re.IGNORECASE)
+    text = clean_user_text(text)
     if not text:
         await message.answer(texts.NOT_TEXT)
         return
     user = user_ref(message)
     message_id = await dialogue.remember_user_message(user, text)
     async with dialogue.lock_for(user):  # this user's messages are answered in order
+        started = time.perf_counter()
         try:
             async with ChatActionSender.typing(bot=bot, chat_id=message.chat.id):
                 reply = await dialogue.make_reply(user, message_id)
         except EngineBusy:
+            metrics.busy.inc()
             await message.answer(texts.BUSY)
             return
         except EngineTimeout:
+            metrics.busy.inc()
             await message.answer(texts.TIMEOUT)
             return
+        metrics.generation_seconds.observe(time.perf_counter() - started)
         for piece in split_message(reply):
             await message.answer(piece)
+        metrics.replies.inc()
         await dialogue.store_reply(user, reply)
 
 
 def make_router() -> Router:
     router = Router(name="chat")
-    router.message.register(chat, F.text)
+    router.message.register(chat, F.text, AddressedToBot())
     return router

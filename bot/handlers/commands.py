@@ -9,11 +9,16 @@ from aiogram.types import Message
 from bot import texts
 from bot.config import Settings
 from bot.dialogue import DialogueService, UserRef
+from bot.metrics import BotMetrics
 
 
 def user_ref(message: Message) -> UserRef:
+    """Whose memory a message belongs to: the user's in a private chat, the chat's in a group.
+
+    Group chat ids are negative and user ids positive, so the two can never collide.
+    """
     sender = message.from_user
-    if sender is None:  # channel posts and the like: key memory by chat
+    if message.chat.type != "private" or sender is None:
         return UserRef(message.chat.id, message.chat.title)
     return UserRef(sender.id, sender.full_name)
 
@@ -41,6 +46,22 @@ async def temp(message: Message, command: CommandObject, dialogue: DialogueServi
     await message.answer(await dialogue.temperature_command(user_ref(message), command.args))
 
 
+async def forget(message: Message, dialogue: DialogueService) -> None:
+    user = user_ref(message)
+    async with dialogue.lock_for(user):
+        await dialogue.forget(user)
+    await message.answer(texts.FORGET_DONE)
+
+
+async def stats(
+    message: Message, dialogue: DialogueService, settings: Settings, metrics: BotMetrics
+) -> None:
+    if message.from_user is None or message.from_user.id not in settings.admin_ids:
+        await message.answer(texts.ADMINS_ONLY)
+        return
+    await message.answer(await dialogue.stats_text(metrics.started))
+
+
 def make_router() -> Router:
     """A fresh Router (a Router can belong to one dispatcher only)."""
     router = Router(name="commands")
@@ -48,4 +69,6 @@ def make_router() -> Router:
     router.message.register(help_, Command("help"))
     router.message.register(reset, Command("reset"))
     router.message.register(temp, Command("temp"))
+    router.message.register(forget, Command("forget"))
+    router.message.register(stats, Command("stats"))
     return router

@@ -6,6 +6,7 @@ from aiogram import Router
 from aiogram.types import Message
 
 from bot import texts
+from bot.handlers.chat import AddressedToBot
 
 
 async def not_text(message: Message) -> None:
@@ -14,5 +15,5 @@ async def not_text(message: Message) -> None:
 
 def make_router() -> Router:
     router = Router(name="other")
-    router.message.register(not_text)
+    router.message.register(not_text, AddressedToBot())  # silence in groups unless addressed
     return router

@@ -45,9 +45,9 @@ def test_settings_defaults_and_validation(monkeypatch):
     settings = Settings(_env_file=None)
     assert settings.database_url == "sqlite+aiosqlite:///data/bot.db"
     assert settings.model_path == "checkpoints/latest"
-    monkeypatch.setenv("TELEGRAM_BOT_TOKEN", "123:secret")
+    monkeypatch.setenv("TELEGRAM_BOT_TOKEN", "123:TOPSECRETVALUE")
     settings = Settings(_env_file=None)
-    assert "secret" not in repr(settings)
+    assert "TOPSECRETVALUE" not in repr(settings)
     monkeypatch.setenv("TEMPERATURE", "3")
     with pytest.raises(ValidationError):
         Settings(_env_file=None)

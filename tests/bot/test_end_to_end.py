@@ -95,7 +95,7 @@ async def test_the_bot_as_users_see_it(fake, bot_env, tmp_path):
         await bot.start(fake)
         assert fake.count("setMyCommands") == 1
         commands = next(c for c in fake.calls if c.method == "setMyCommands").params["commands"]
-        assert {c["command"] for c in commands} == {"start", "help", "reset", "temp"}
+        assert {c["command"] for c in commands} == {"start", "help", "reset", "temp", "forget"}
 
         fake.send_text(ALICE, "/start")
         assert "Привет" in (await fake.wait_replies(ALICE, 1))[0]

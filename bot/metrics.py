@@ -1,0 +1,58 @@
+"""Prometheus metrics and the health state, served at ``/metrics`` and ``/healthz``."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+
+class BotMetrics:
+    """Counters for one bot process (its own registry, so tests can run several)."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.started = time.monotonic()
+        self.updates = Counter("bot_updates", "Telegram updates received", registry=self.registry)
+        self.replies = Counter("bot_replies", "model replies sent", registry=self.registry)
+        self.errors = Counter("bot_errors", "updates whose handling failed", registry=self.registry)
+        self.busy = Counter(
+            "bot_busy", "messages refused: queue full or timeout", registry=self.registry
+        )
+        self.generation_seconds = Histogram(
+            "bot_generation_seconds",
+            "time from a user's message to the model's reply",
+            buckets=(0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 30, 60, 120),
+            registry=self.registry,
+        )
+        self.queue_depth = Gauge(
+            "bot_queue_depth", "requests waiting for the model", registry=self.registry
+        )
+
+    def watch_queue(self, depth: Callable[[], int]) -> None:
+        self.queue_depth.set_function(depth)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+class Health:
+    """Ready when the model is loaded and the database answers."""
+
+    def __init__(self) -> None:
+        self.model_ready = False
+        self.db: AsyncEngine | None = None
+
+    async def check(self) -> dict[str, bool]:
+        database = False
+        if self.db is not None:
+            try:
+                async with self.db.connect() as connection:
+                    await connection.execute(text("SELECT 1"))
+                database = True
+            except Exception:
+                database = False
+        return {"model": self.model_ready, "database": database}

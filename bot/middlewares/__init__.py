@@ -1,0 +1,1 @@
+"""Cross-cutting concerns: API retries, access control, metrics."""
