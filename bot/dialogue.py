@@ -4,16 +4,17 @@ Order of work, chosen so that a crash loses nothing the user wrote:
 store the user's message (committed) → read recent history → build the prompt within the token
 budget → generate → the caller sends the reply → :meth:`DialogueService.store_reply`.
 
-Messages of one user are answered strictly in the order they arrived: each user has a lock, and
-asyncio locks wake waiters first-come-first-served.
+Messages of one user are stored and answered strictly in the order they arrived (see :class:`Turn`),
+while other users' messages go on in parallel.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
-from collections import OrderedDict
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
@@ -55,22 +56,55 @@ class UserRef:
     name: str | None
 
 
-class _UserLocks:
-    """One lock per user, forgetting idle users so the map does not grow forever."""
+class Turn:
+    """A user's place in line: messages are stored, then answered, in the order they arrived.
 
-    def __init__(self, keep: int = 10_000) -> None:
-        self._locks: OrderedDict[int, asyncio.Lock] = OrderedDict()
-        self._keep = keep
+    A turn is taken synchronously when a message arrives (before the handler's first await), so
+    the order of turns is the order in which aiogram started the update tasks, which is the order
+    of the updates. Storing waits only for the previous message to be *stored* (so ids follow
+    arrival order and a crash loses nothing queued); answering waits for it to be *answered*.
+    """
 
-    def get(self, user_id: int) -> asyncio.Lock:
-        lock = self._locks.pop(user_id, None) or asyncio.Lock()
-        self._locks[user_id] = lock
-        while len(self._locks) > self._keep:
-            oldest_id, oldest = next(iter(self._locks.items()))
-            if oldest.locked():
-                break
-            del self._locks[oldest_id]
-        return lock
+    def __init__(self, previous: Turn | None) -> None:
+        loop = asyncio.get_running_loop()
+        self.previous = previous
+        self.stored: asyncio.Future[None] = loop.create_future()
+        self.done: asyncio.Future[None] = loop.create_future()
+
+    async def wait_to_store(self) -> None:
+        if self.previous is not None:
+            await asyncio.shield(self.previous.stored)
+
+    def mark_stored(self) -> None:
+        if not self.stored.done():
+            self.stored.set_result(None)
+
+    async def wait_to_answer(self) -> None:
+        if self.previous is not None:
+            await asyncio.shield(self.previous.done)
+            self.previous = None  # let the finished chain be collected
+
+    def finish(self) -> None:
+        self.mark_stored()
+        if not self.done.done():
+            self.done.set_result(None)
+
+
+class _TurnQueues:
+    """The last turn of each user; an entry goes away when its turn finishes."""
+
+    def __init__(self) -> None:
+        self._tails: dict[int, Turn] = {}
+
+    def take(self, user_id: int) -> Turn:
+        turn = Turn(self._tails.get(user_id))
+        self._tails[user_id] = turn
+        turn.done.add_done_callback(lambda _: self._release(user_id, turn))
+        return turn
+
+    def _release(self, user_id: int, turn: Turn) -> None:
+        if self._tails.get(user_id) is turn:
+            del self._tails[user_id]
 
 
 class DialogueService:
@@ -82,10 +116,21 @@ class DialogueService:
         self.sessions = sessions
         self.engine = engine
         self.settings = settings
-        self._locks = _UserLocks()
+        self._turns = _TurnQueues()
 
-    def lock_for(self, user: UserRef) -> asyncio.Lock:
-        return self._locks.get(user.telegram_id)
+    def take_turn(self, user: UserRef) -> Turn:
+        """Call before any await in a handler: it fixes this message's place in line."""
+        return self._turns.take(user.telegram_id)
+
+    @contextlib.asynccontextmanager
+    async def exclusive(self, user: UserRef) -> AsyncIterator[None]:
+        """Run after this user's earlier messages are answered (for /reset, /forget)."""
+        turn = self.take_turn(user)
+        try:
+            await turn.wait_to_answer()
+            yield
+        finally:
+            turn.finish()
 
     async def remember_user_message(self, user: UserRef, text: str) -> int:
         """Store the message before anything else, so a crash mid-reply loses no input.

@@ -38,17 +38,21 @@ class AddressedToBot(BaseFilter):
 
 
 async def chat(message: Message, bot: Bot, dialogue: DialogueService, metrics: BotMetrics) -> None:
-    text = message.text or ""
-    if message.chat.type != "private":
-        me = await bot.me()
-        text = re.sub(rf"@{re.escape(me.username or '')}\b", " ", text, flags=re.IGNORECASE)
-    text = clean_user_text(text)
-    if not text:
-        await message.answer(texts.NOT_TEXT)
-        return
     user = user_ref(message)
-    message_id = await dialogue.remember_user_message(user, text)
-    async with dialogue.lock_for(user):  # this user's messages are answered in order
+    turn = dialogue.take_turn(user)  # first, before any await: fixes this message's place
+    try:
+        text = message.text or ""
+        if message.chat.type != "private":
+            me = await bot.me()
+            text = re.sub(rf"@{re.escape(me.username or '')}\b", " ", text, flags=re.IGNORECASE)
+        text = clean_user_text(text)
+        if not text:
+            await message.answer(texts.NOT_TEXT)
+            return
+        await turn.wait_to_store()
+        message_id = await dialogue.remember_user_message(user, text)
+        turn.mark_stored()
+        await turn.wait_to_answer()
         started = time.perf_counter()
         try:
             async with ChatActionSender.typing(bot=bot, chat_id=message.chat.id):
@@ -66,6 +70,8 @@ async def chat(message: Message, bot: Bot, dialogue: DialogueService, metrics: B
             await message.answer(piece)
         metrics.replies.inc()
         await dialogue.store_reply(user, reply)
+    finally:
+        turn.finish()
 
 
 def make_router() -> Router:

@@ -37,7 +37,7 @@ async def help_(message: Message, settings: Settings) -> None:
 
 async def reset(message: Message, dialogue: DialogueService) -> None:
     user = user_ref(message)
-    async with dialogue.lock_for(user):  # not in the middle of this user's reply
+    async with dialogue.exclusive(user):  # after this user's earlier messages are answered
         await dialogue.reset(user)
     await message.answer(texts.RESET_DONE)
 
@@ -48,7 +48,7 @@ async def temp(message: Message, command: CommandObject, dialogue: DialogueServi
 
 async def forget(message: Message, dialogue: DialogueService) -> None:
     user = user_ref(message)
-    async with dialogue.lock_for(user):
+    async with dialogue.exclusive(user):
         await dialogue.forget(user)
     await message.answer(texts.FORGET_DONE)
 

@@ -25,6 +25,7 @@ class Call:
     method: str
     params: dict[str, Any]
     at: float = field(default_factory=time.monotonic)
+    ok: bool = True  # False when the server answered it with an injected fault
 
 
 class FakeTelegram:
@@ -37,6 +38,11 @@ class FakeTelegram:
         self._new_update = asyncio.Event()
         self._runner: web.AppRunner | None = None
         self.base_url = ""
+        self.faults: dict[str, list[int]] = {}  # method -> HTTP statuses to answer next
+
+    def fail_next(self, method: str, *statuses: int) -> None:
+        """Answer the next calls of ``method`` with these errors (429 asks to retry after 1 s)."""
+        self.faults.setdefault(method, []).extend(statuses)
 
     async def start(self) -> str:
         app = web.Application()
@@ -55,28 +61,41 @@ class FakeTelegram:
 
     # --- what a user does -------------------------------------------------------------------
 
-    def _message(self, user_id: int, **content: Any) -> int:
-        update_id = next(self._update_ids)
-        self.pending.append(
-            {
-                "update_id": update_id,
-                "message": {
-                    "message_id": next(self._message_ids),
-                    "date": int(time.time()),
-                    "chat": {"id": user_id, "type": "private", "first_name": f"User{user_id}"},
-                    "from": {"id": user_id, "is_bot": False, "first_name": f"User{user_id}"},
-                    **content,
-                },
-            }
+    @staticmethod
+    def update(update_id: int, user_id: int, chat_id: int | None = None, **content: Any) -> dict:
+        """An update as Telegram sends it; a negative ``chat_id`` makes it a group message."""
+        chat_id = user_id if chat_id is None else chat_id
+        chat = (
+            {"id": chat_id, "type": "private", "first_name": f"User{user_id}"}
+            if chat_id > 0
+            else {"id": chat_id, "type": "group", "title": "Группа"}
         )
+        return {
+            "update_id": update_id,
+            "message": {
+                "message_id": 10_000 + update_id,
+                "date": int(time.time()),
+                "chat": chat,
+                "from": {"id": user_id, "is_bot": False, "first_name": f"User{user_id}"},
+                **content,
+            },
+        }
+
+    def _message(self, user_id: int, chat_id: int | None = None, **content: Any) -> int:
+        update_id = next(self._update_ids)
+        self.pending.append(self.update(update_id, user_id, chat_id, **content))
         self._new_update.set()
         return update_id
 
-    def send_text(self, user_id: int, text: str) -> int:
+    @staticmethod
+    def text_content(text: str) -> dict[str, Any]:
         entities = []
         if text.startswith("/"):
             entities = [{"type": "bot_command", "offset": 0, "length": len(text.split()[0])}]
-        return self._message(user_id, text=text, entities=entities)
+        return {"text": text, "entities": entities}
+
+    def send_text(self, user_id: int, text: str, chat_id: int | None = None, **extra: Any) -> int:
+        return self._message(user_id, chat_id, **self.text_content(text), **extra)
 
     def send_sticker(self, user_id: int) -> int:
         sticker = {
@@ -93,10 +112,11 @@ class FakeTelegram:
     # --- what the bot did ---------------------------------------------------------------------
 
     def sent_to(self, chat_id: int) -> list[str]:
+        """Texts the bot delivered to the chat (refused attempts do not count)."""
         return [
             c.params["text"]
             for c in self.calls
-            if c.method == "sendMessage" and int(c.params["chat_id"]) == chat_id
+            if c.method == "sendMessage" and c.ok and int(c.params["chat_id"]) == chat_id
         ]
 
     def count(self, method: str) -> int:
@@ -126,6 +146,15 @@ class FakeTelegram:
         if request.content_type == "application/json":
             params.update(await request.json())
         self.calls.append(Call(method, params))
+        if self.faults.get(method):
+            status = self.faults[method].pop(0)
+            self.calls[-1].ok = False
+            body: dict[str, Any] = {"ok": False, "error_code": status, "description": "fault"}
+            if status == 429:
+                body.update(
+                    description="Too Many Requests: retry after 1", parameters={"retry_after": 1}
+                )
+            return web.json_response(body, status=status)
         handler = getattr(self, f"_api_{method}", None)
         if handler is None:
             return web.json_response(
@@ -154,7 +183,7 @@ class FakeTelegram:
         return {
             "message_id": next(self._message_ids),
             "date": int(time.time()),
-            "chat": {"id": chat_id, "type": "private"},
+            "chat": {"id": chat_id, "type": "private" if chat_id > 0 else "group"},
             "from": BOT_USER,
             "text": params["text"],
         }
@@ -169,6 +198,9 @@ class FakeTelegram:
         return True
 
     async def _api_deleteWebhook(self, params: dict[str, Any]) -> Any:
+        return True
+
+    async def _api_setWebhook(self, params: dict[str, Any]) -> Any:
         return True
 
     async def _api_close(self, params: dict[str, Any]) -> Any:

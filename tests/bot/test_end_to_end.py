@@ -5,87 +5,10 @@ read the prompt the model was given), exactly as an operator's acceptance check 
 """
 
 import asyncio
-import os
-import signal
-import sqlite3
 import sys
-import time
-from pathlib import Path
-
-import pytest
 
 from bot import texts
-from tests.bot.fake_telegram import FakeTelegram
-
-ROOT = Path(__file__).resolve().parents[2]
-TOKEN = "123456:TEST-token-never-logged"
-ALICE, BOB = 1001, 1002
-
-
-class BotProcess:
-    def __init__(self, env: dict[str, str], log: Path) -> None:
-        self.env, self.log = env, log
-        self.process: asyncio.subprocess.Process | None = None
-
-    async def start(self, fake: FakeTelegram) -> None:
-        polls = fake.count("getUpdates")
-        handle = self.log.open("ab")
-        self.process = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "bot",
-            cwd=ROOT,
-            env=self.env,
-            stdin=asyncio.subprocess.DEVNULL,
-            stdout=handle,
-            stderr=handle,
-        )
-        await fake.wait_for(lambda: fake.count("getUpdates") > polls, timeout=90)
-
-    async def stop(self) -> float:
-        assert self.process is not None
-        started = time.monotonic()
-        self.process.send_signal(signal.SIGTERM)
-        code = await asyncio.wait_for(self.process.wait(), 30)
-        assert code == 0, self.log.read_text(errors="replace")[-3000:]
-        return time.monotonic() - started
-
-    def kill(self) -> None:
-        if self.process and self.process.returncode is None:
-            self.process.kill()
-
-
-def _messages(db: Path, telegram_id: int) -> list[tuple[str, str]]:
-    with sqlite3.connect(db) as connection:
-        return connection.execute(
-            "SELECT m.role, m.text FROM messages m JOIN users u ON u.id = m.user_id "
-            "WHERE u.telegram_id = ? ORDER BY m.id",
-            (telegram_id,),
-        ).fetchall()
-
-
-@pytest.fixture
-async def fake():
-    server = FakeTelegram(TOKEN)
-    await server.start()
-    yield server
-    await server.stop()
-
-
-@pytest.fixture
-def bot_env(tmp_path, tiny_model_dir, fake):
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("TELEGRAM_", "DATABASE_"))}
-    env.update(
-        {
-            "TELEGRAM_BOT_TOKEN": TOKEN,
-            "TELEGRAM_API_URL": fake.base_url,
-            "DATABASE_URL": f"sqlite+aiosqlite:///{tmp_path / 'bot.db'}",
-            "MODEL_PATH": str(tiny_model_dir),
-            "LOG_LEVEL": "DEBUG",
-            "PYTHONUNBUFFERED": "1",
-        }
-    )
-    return env
+from tests.bot.harness import ALICE, BOB, ROOT, TOKEN, BotProcess, stored_messages
 
 
 async def test_the_bot_as_users_see_it(fake, bot_env, tmp_path):
@@ -105,7 +28,7 @@ async def test_the_bot_as_users_see_it(fake, bot_env, tmp_path):
         await asyncio.sleep(0.5)
         assert len(fake.sent_to(ALICE)) == 2  # exactly one reply to one message
         assert fake.count("sendChatAction") >= 1
-        assert [r for r, _ in _messages(db, ALICE)] == ["user", "bot"]
+        assert [r for r, _ in stored_messages(db, ALICE)] == ["user", "bot"]
 
         for command in ("/temp", "/temp 0,5", "/temp abc", "/temp 7", "/temp"):
             fake.send_text(ALICE, command)
@@ -125,7 +48,7 @@ async def test_the_bot_as_users_see_it(fake, bot_env, tmp_path):
         await fake.wait_replies(BOB, 1)
         await asyncio.sleep(0.5)
         assert len(fake.sent_to(ALICE)) == 9 and len(fake.sent_to(BOB)) == 1
-        assert [t for r, t in _messages(db, BOB) if r == "user"] == ["Привет, я Боб!"]
+        assert [t for r, t in stored_messages(db, BOB) if r == "user"] == ["Привет, я Боб!"]
 
         # restart: the history is still there and goes into the next prompt
         took = await bot.stop()
@@ -141,8 +64,8 @@ async def test_the_bot_as_users_see_it(fake, bot_env, tmp_path):
         # /reset forgets Alice only
         fake.send_text(ALICE, "/reset")
         assert (await fake.wait_replies(ALICE, 11))[-1] == texts.RESET_DONE
-        assert _messages(db, ALICE) == []
-        assert len(_messages(db, BOB)) == 2
+        assert stored_messages(db, ALICE) == []
+        assert len(stored_messages(db, BOB)) == 2
 
         await bot.stop()
         assert TOKEN not in log.read_text(errors="replace")

@@ -1,0 +1,252 @@
+"""The real bot process under faults and hostile use (fake Bot API server on 127.0.0.1)."""
+
+import asyncio
+import signal
+import socket
+import sqlite3
+import time
+
+import aiohttp
+import pytest
+
+from bot import texts
+from tests.bot.fake_telegram import FakeTelegram
+from tests.bot.harness import ALICE, BOB, BotProcess, stored_messages
+
+GROUP = -5001
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+async def running(fake, bot_env, tmp_path):
+    """Start the bot with extra settings: ``bot = await running(EXTRA=...)``."""
+    started: list[BotProcess] = []
+
+    async def start(wait: bool = True, **extra: str) -> BotProcess:
+        bot = BotProcess({**bot_env, **extra}, tmp_path / "bot.log")
+        started.append(bot)
+        await bot.start(fake, wait=wait)
+        return bot
+
+    yield start
+    for bot in started:
+        bot.kill()
+
+
+async def test_flood_control_is_waited_out_and_the_reply_still_arrives(fake, running):
+    await running()
+    fake.fail_next("sendMessage", 429, 429)
+    sent = time.monotonic()
+    fake.send_text(ALICE, "/help")
+    replies = await fake.wait_replies(ALICE, 1)
+    assert "/reset" in replies[0]
+    assert time.monotonic() - sent >= 2  # retry_after=1, twice
+    assert fake.count("sendMessage") == 3  # two refused, one delivered
+
+
+async def test_server_errors_while_sending_are_retried(fake, running):
+    await running()
+    fake.fail_next("sendMessage", 502, 500)
+    fake.send_text(ALICE, "/help")
+    assert len(await fake.wait_replies(ALICE, 1)) == 1
+
+
+async def test_polling_survives_getupdates_failing_three_times(fake, running):
+    fake.fail_next("getUpdates", 500, 502, 503)
+    await running()
+    fake.send_text(ALICE, "/start")
+    assert len(await fake.wait_replies(ALICE, 1, timeout=60)) == 1
+    assert not fake.faults["getUpdates"]
+
+
+async def test_a_user_not_on_the_allowlist_gets_one_refusal_and_nothing_is_stored(
+    fake, running, tmp_path
+):
+    await running(ALLOWED_USER_IDS=f"{ALICE}")
+    fake.send_text(BOB, "Привет!")
+    fake.send_text(BOB, "Ну ответь!")
+    fake.send_text(ALICE, "/start")
+    await fake.wait_replies(ALICE, 1)
+    await asyncio.sleep(0.5)
+    assert fake.sent_to(BOB) == [texts.NOT_ALLOWED]
+    assert stored_messages(tmp_path / "bot.db", BOB) == []
+    with sqlite3.connect(tmp_path / "bot.db") as db:
+        assert (
+            db.execute("SELECT count(*) FROM users WHERE telegram_id = ?", (BOB,)).one()
+            if False
+            else True
+        )
+        assert (
+            db.execute("SELECT count(*) FROM users WHERE telegram_id = ?", (BOB,)).fetchone()[0]
+            == 0
+        )
+
+
+async def test_group_chat_answers_only_when_addressed_and_remembers_per_chat(
+    fake, running, tmp_path
+):
+    await running()
+    fake.send_text(ALICE, "просто болтаем между собой", chat_id=GROUP)
+    fake.send_text(BOB, "@test_bot привет, бот!", chat_id=GROUP)
+    await fake.wait_replies(GROUP, 1)
+    bot_message = {
+        "message_id": 1,
+        "date": int(time.time()),
+        "chat": {"id": GROUP, "type": "group", "title": "Группа"},
+        "from": {"id": 42, "is_bot": True, "first_name": "Тестбот"},
+        "text": "ответ",
+    }
+    fake.send_text(ALICE, "а это ответ боту", chat_id=GROUP, reply_to_message=bot_message)
+    fake.send_text(ALICE, "/temp@test_bot 0.4", chat_id=GROUP)
+    await fake.wait_replies(GROUP, 3)
+    await asyncio.sleep(0.5)
+    replies = fake.sent_to(GROUP)
+    assert len(replies) == 3 and any("0.4" in r for r in replies)
+    memory = stored_messages(tmp_path / "bot.db", GROUP)  # kept under the chat, not the users
+    assert [t for r, t in memory if r == "user"] == ["привет, бот!", "а это ответ боту"]
+    assert stored_messages(tmp_path / "bot.db", ALICE) == []
+
+
+async def test_forget_deletes_everything_about_the_user(fake, running, tmp_path):
+    await running()
+    fake.send_text(ALICE, "Меня зовут Алиса")
+    fake.send_text(ALICE, "/temp 0.3")
+    fake.send_text(BOB, "Я Боб")
+    await fake.wait_replies(ALICE, 2)
+    await fake.wait_replies(BOB, 1)
+    fake.send_text(ALICE, "/forget")
+    assert (await fake.wait_replies(ALICE, 3))[-1] == texts.FORGET_DONE
+    with sqlite3.connect(tmp_path / "bot.db") as db:
+        assert (
+            db.execute("SELECT count(*) FROM users WHERE telegram_id = ?", (ALICE,)).fetchone()[0]
+            == 0
+        )
+    assert stored_messages(tmp_path / "bot.db", ALICE) == []
+    assert len(stored_messages(tmp_path / "bot.db", BOB)) == 2
+
+
+async def test_stats_for_admins_only(fake, running):
+    await running(ADMIN_USER_IDS=str(ALICE))
+    fake.send_text(ALICE, "Привет!")
+    await fake.wait_replies(ALICE, 1)
+    fake.send_text(BOB, "/stats")
+    fake.send_text(ALICE, "/stats")
+    assert (await fake.wait_replies(BOB, 1))[0] == texts.ADMINS_ONLY
+    stats = (await fake.wait_replies(ALICE, 2))[-1]
+    assert "Пользователей: 1" in stats and "Сообщений: 2" in stats
+    assert "В очереди к модели: 0" in stats and "ответов 1" in stats
+
+
+async def test_health_before_and_after_the_model_loads_and_metrics(fake, running):
+    port = _free_port()
+    await running(wait=False, HEALTH_PORT=str(port))
+    statuses: list[int] = []
+    async with aiohttp.ClientSession() as http:
+        deadline = time.monotonic() + 90
+        while (not statuses or statuses[-1] != 200) and time.monotonic() < deadline:
+            try:
+                async with http.get(f"http://127.0.0.1:{port}/healthz") as response:
+                    statuses.append(response.status)
+            except aiohttp.ClientConnectionError:
+                pass
+            await asyncio.sleep(0.01)
+        assert statuses[0] == 503 and statuses[-1] == 200
+        await fake.wait_for(lambda: fake.count("getUpdates") > 0)
+        fake.send_text(ALICE, "Привет!")
+        await fake.wait_replies(ALICE, 1)
+        async with http.get(f"http://127.0.0.1:{port}/metrics") as response:
+            body = await response.text()
+    assert "bot_updates_total 1.0" in body and "bot_replies_total 1.0" in body
+    assert "bot_generation_seconds_bucket" in body and "bot_queue_depth 0.0" in body
+
+
+async def test_webhook_checks_the_secret_and_serves_health(fake, running, tmp_path):
+    port = _free_port()
+    await running(
+        wait=False,
+        WEBHOOK_URL="https://bot.example/webhook",
+        WEBHOOK_SECRET="s3cret-Token",
+        LISTEN_PORT=str(port),
+    )
+    await fake.wait_for(lambda: fake.count("setWebhook") == 1, timeout=90)
+    call = next(c for c in fake.calls if c.method == "setWebhook")
+    assert call.params["secret_token"] == "s3cret-Token"
+    url = f"http://127.0.0.1:{port}/webhook"
+    update = FakeTelegram.update(1, ALICE, **FakeTelegram.text_content("Привет!"))
+    async with aiohttp.ClientSession() as http:
+        async with http.post(url, json=update) as response:
+            assert response.status in (401, 403)
+        wrong = {"X-Telegram-Bot-Api-Secret-Token": "guess"}
+        async with http.post(url, json=update, headers=wrong) as response:
+            assert response.status in (401, 403)
+        await asyncio.sleep(0.5)
+        assert fake.sent_to(ALICE) == [] and stored_messages(tmp_path / "bot.db", ALICE) == []
+        right = {"X-Telegram-Bot-Api-Secret-Token": "s3cret-Token"}
+        async with http.post(url, json=update, headers=right) as response:
+            assert response.status == 200
+        await fake.wait_replies(ALICE, 1)
+        async with http.get(f"http://127.0.0.1:{port}/healthz") as response:
+            assert response.status == 200
+
+
+async def test_kill_9_mid_reply_loses_nothing(fake, running, tmp_path):
+    bot = await running(REPLY_TOKENS="512")
+    fake.send_text(ALICE, "Первое сообщение")
+    await fake.wait_replies(ALICE, 1)
+    typing_before = fake.count("sendChatAction")
+    fake.send_text(ALICE, "Это сообщение не должно потеряться")
+    await fake.wait_for(lambda: fake.count("sendChatAction") > typing_before)
+    bot.process.send_signal(signal.SIGKILL)
+    await bot.process.wait()
+    db = tmp_path / "bot.db"
+    with sqlite3.connect(db) as connection:
+        assert connection.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    assert ("user", "Это сообщение не должно потеряться") in stored_messages(db, ALICE)
+    await running()
+    fake.send_text(ALICE, "Ты снова тут?")
+    await fake.wait_for(lambda: len(fake.sent_to(ALICE)) >= 2)
+    prompts = [
+        ln
+        for ln in (tmp_path / "bot.log").read_text(errors="replace").splitlines()
+        if "prompt:" in ln
+    ]
+    assert "Это сообщение не должно потеряться" in prompts[-1]
+
+
+async def test_a_locked_database_delays_but_loses_no_message(fake, running, tmp_path):
+    await running()
+    fake.send_text(ALICE, "/start")
+    await fake.wait_replies(ALICE, 1)
+    locker = sqlite3.connect(tmp_path / "bot.db", isolation_level=None)
+    locker.execute("BEGIN EXCLUSIVE")
+    fake.send_text(ALICE, "Сообщение во время блокировки")
+    await asyncio.sleep(2)
+    locker.execute("COMMIT")
+    locker.close()
+    await fake.wait_replies(ALICE, 2, timeout=60)
+    assert ("user", "Сообщение во время блокировки") in stored_messages(tmp_path / "bot.db", ALICE)
+
+
+async def test_a_flooding_user_is_answered_in_order_without_starving_others(
+    fake, running, tmp_path
+):
+    await running()
+    for i in range(20):
+        fake.send_text(ALICE, f"сообщение номер {i}")
+    await asyncio.sleep(0.05)
+    fake.send_text(BOB, "Я тоже тут")
+    await fake.wait_replies(BOB, 1, timeout=120)
+    assert len(fake.sent_to(ALICE)) < 20  # Bob did not wait for all of Alice's messages
+    await fake.wait_replies(ALICE, 20, timeout=180)
+    prompts = [
+        ln
+        for ln in (tmp_path / "bot.log").read_text(errors="replace").splitlines()
+        if "prompt:" in ln and "сообщение номер" in ln and "Я тоже тут" not in ln
+    ]
+    last_numbers = [int(p.rsplit("сообщение номер ", 1)[1].split()[0]) for p in prompts]
+    assert last_numbers == list(range(20))  # each reply answered its own message, in order
