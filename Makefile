@@ -15,7 +15,7 @@ MODEL ?= checkpoints/latest
 SHAPE ?= small
 ARGS ?=
 
-.PHONY: install test lint dataset sample finetune evaluate bench run chat migrate demo clean
+.PHONY: install test lint dataset sample finetune evaluate bench run chat migrate demo loadtest clean
 
 install: $(STAMP)
 
@@ -58,6 +58,10 @@ bench: install
 # Bring the bot's database to the newest schema (the bot also does this at start).
 migrate: install
 	$(PY) -m alembic upgrade head
+
+# 50 users x 5 messages at once against the real bot process (tiny model, fake Bot API).
+loadtest: install
+	$(PY) -m tests.load.loadtest $(ARGS)
 
 # The Telegram bot (long polling); settings from .env (see .env.example).
 run: install
