@@ -250,3 +250,17 @@ async def test_a_flooding_user_is_answered_in_order_without_starving_others(
     ]
     last_numbers = [int(p.rsplit("сообщение номер ", 1)[1].split()[0]) for p in prompts]
     assert last_numbers == list(range(20))  # each reply answered its own message, in order
+
+
+async def test_info_logs_hold_neither_the_token_nor_message_texts(fake, running, tmp_path):
+    bot = await running(LOG_LEVEL="INFO")
+    fake.send_text(ALICE, "Секретная фраза Алисы про пароль")
+    await fake.wait_replies(ALICE, 1)
+    fake.fail_next("sendMessage", 500)  # a logged failure on the way
+    fake.send_text(ALICE, "/help")
+    await fake.wait_replies(ALICE, 2)
+    await bot.stop()
+    log = (tmp_path / "bot.log").read_text(errors="replace")
+    reply = fake.sent_to(ALICE)[0]
+    assert "Секретная фраза" not in log and (len(reply) < 8 or reply not in log)
+    assert "TEST-token-never-logged" not in log and "polling as" in log

@@ -81,3 +81,21 @@ async def test_sqlite_runs_in_wal_mode(tmp_path, sessions, request):
         await repository.get_or_create_user(session, 1, None)
     with sqlite3.connect(tmp_path / "nested" / "bot.db") as connection:
         assert connection.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+
+
+async def test_retention_prunes_only_old_messages(sessions):
+    from datetime import UTC, datetime, timedelta
+
+    from bot.db.models import Message
+
+    async with sessions.begin() as session:
+        user = await repository.get_or_create_user(session, 3, None)
+        old = await repository.add_message(session, user, "user", "давнее")
+        await repository.add_message(session, user, "user", "свежее")
+        old_row = await session.get(Message, old.id)
+        old_row.created_at = datetime.now(UTC) - timedelta(days=40)
+    async with sessions.begin() as session:
+        assert await repository.prune_messages(session, datetime.now(UTC) - timedelta(days=30)) == 1
+    async with sessions() as session:
+        user = await repository.get_or_create_user(session, 3, None)
+        assert [t.text for t in await repository.recent_turns(session, user, 10)] == ["свежее"]
