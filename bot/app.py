@@ -152,7 +152,10 @@ def build_dispatcher(
 
     async def on_startup(bot: Bot) -> None:
         commands = [BotCommand(command=c, description=d) for c, d in texts.COMMANDS.items()]
-        await bot.set_my_commands(commands)
+        try:
+            await bot.set_my_commands(commands)
+        except TelegramAPIError as error:  # the menu is a convenience: never a reason to stop
+            logger.warning("could not register the command menu: %s", error)
         if settings.retention_days > 0:
             background.append(asyncio.create_task(prune_forever()))
 

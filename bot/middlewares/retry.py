@@ -4,7 +4,8 @@
   as Telegram asks, then send again.
 * Network errors and 5xx answers: retry with exponential backoff and jitter.
 
-Polling (getUpdates) is left to aiogram's own loop, which already backs off and keeps polling.
+Polling (getUpdates) is left to aiogram's own loop, which already backs off and keeps polling;
+the "typing…" indicator is not worth a retry.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from typing import Any
 from aiogram import Bot
 from aiogram.client.session.middlewares.base import BaseRequestMiddleware, NextRequestMiddlewareType
 from aiogram.exceptions import TelegramNetworkError, TelegramRetryAfter, TelegramServerError
-from aiogram.methods import GetUpdates, TelegramMethod
+from aiogram.methods import GetUpdates, SendChatAction, TelegramMethod
 from aiogram.methods.base import Response
 
 logger = logging.getLogger(__name__)
@@ -44,7 +45,9 @@ class RetryMiddleware(BaseRequestMiddleware):
         bot: Bot,
         method: TelegramMethod[Any],
     ) -> Response[Any]:
-        if isinstance(method, GetUpdates):
+        if isinstance(
+            method, GetUpdates | SendChatAction
+        ):  # polling retries itself; typing is optional
             return await make_request(bot, method)
         for attempt in range(1, self.attempts + 1):
             try:

@@ -264,3 +264,11 @@ async def test_info_logs_hold_neither_the_token_nor_message_texts(fake, running,
     reply = fake.sent_to(ALICE)[0]
     assert "Секретная фраза" not in log and (len(reply) < 8 or reply not in log)
     assert "TEST-token-never-logged" not in log and "polling as" in log
+
+
+async def test_a_bot_api_without_setmycommands_or_typing_still_gets_replies(fake, running):
+    fake.fail_next("setMyCommands", 404)
+    fake.fail_next("sendChatAction", 500, 500)
+    await running()
+    fake.send_text(ALICE, "Привет!")
+    assert len(await fake.wait_replies(ALICE, 1)) == 1
