@@ -74,7 +74,11 @@ async def open_services(settings: Settings) -> tuple[AsyncEngine, DialogueServic
     db_engine = create_engine(settings.database_url)
     await upgrade_to_head(settings.database_url)
     model, tokenizer = await asyncio.to_thread(
-        load_model, settings.model_path, settings.model_device, settings.model_dtype
+        load_model,
+        settings.model_path,
+        settings.model_device,
+        settings.model_dtype,
+        settings.model_quantize,
     )
     engine = GenerationEngine(
         model,

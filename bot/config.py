@@ -28,6 +28,7 @@ class Settings(BaseSettings):
     model_path: str = "checkpoints/latest"
     model_device: str = "auto"  # auto | cpu | cuda | cuda:1 ...
     model_dtype: str = "float32"  # float32 | bfloat16 | float16 (the last two for GPUs)
+    model_quantize: str = "none"  # none | int8 (dynamic int8 projections, for CPUs)
     context_tokens: int | None = Field(None, ge=32, description="default: the model's window")
     reply_tokens: int = Field(64, ge=1, le=1024)
     temperature: float = Field(0.8, ge=0.1, le=2.0)
@@ -81,6 +82,13 @@ class Settings(BaseSettings):
     def _known_dtype(cls, value: str) -> str:
         if value not in ("float32", "bfloat16", "float16"):
             raise ValueError("MODEL_DTYPE must be float32, bfloat16 or float16")
+        return value
+
+    @field_validator("model_quantize")
+    @classmethod
+    def _known_quantize(cls, value: str) -> str:
+        if value not in ("none", "int8"):
+            raise ValueError("MODEL_QUANTIZE must be none or int8")
         return value
 
     @field_validator("telegram_api_url")

@@ -26,6 +26,7 @@ from transformers import (
     StoppingCriteriaList,
 )
 
+from bot.quantize import load_int8_low_memory, quantize_int8
 from dataset_tools.dialogue_format import BOT_TAG, USER_TAG, parse_reply, render_prompt
 
 logger = logging.getLogger(__name__)
@@ -84,9 +85,12 @@ def pick_device(setting: str) -> torch.device:
 
 
 def load_model(
-    path: str, device: str = "auto", dtype: str = "float32"
+    path: str, device: str = "auto", dtype: str = "float32", quantize: str = "none"
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """Load any Hugging Face causal-LM directory or hub id, or fail with one clear line."""
+    """Load any Hugging Face causal-LM directory or hub id, or fail with one clear line.
+
+    ``quantize="int8"`` converts the projections to dynamic int8 (CPU only, see bot.quantize).
+    """
     local = Path(path)
     looks_local = local.is_absolute() or path.startswith(".") or local.parent.exists()
     if not local.exists() and (looks_local or path.count("/") != 1):  # not a hub id either
@@ -96,7 +100,11 @@ def load_model(
         )
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype])
+        # int8 from local safetensors: quantized while loading, the float32 model never whole
+        model = load_int8_low_memory(local) if quantize == "int8" and local.is_dir() else None
+        already_int8 = model is not None
+        if model is None:
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype])
     except (OSError, ValueError) as error:
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise ModelLoadError(
@@ -105,7 +113,17 @@ def load_model(
         ) from None
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    model.to(pick_device(device))
+    target = pick_device(device)
+    if quantize == "int8":
+        if target.type != "cpu":
+            raise ModelLoadError(
+                "MODEL_QUANTIZE=int8 is for CPUs; on a GPU use MODEL_DTYPE=bfloat16"
+            )
+        if dtype != "float32":
+            raise ModelLoadError("MODEL_QUANTIZE=int8 needs MODEL_DTYPE=float32")
+        if not already_int8:
+            quantize_int8(model)
+    model.to(target)
     model.eval()
     return model, tokenizer
 

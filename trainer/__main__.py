@@ -66,6 +66,12 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--n-generate", type=int, default=50)
     ev.add_argument("--limit", type=int, help="use only the first N dialogues")
     ev.add_argument("--json", type=Path, help="also write the metrics to this file")
+    ev.add_argument(
+        "--quantize",
+        choices=["none", "int8"],
+        default="none",
+        help="evaluate the model as the bot serves it with MODEL_QUANTIZE=int8",
+    )
     return parser
 
 
@@ -129,8 +135,13 @@ def _evaluate(args: argparse.Namespace) -> int:
 
     if not args.model.is_dir():
         raise FileNotFoundError(f"{args.model}: model directory not found")
-    tokenizer = AutoTokenizer.from_pretrained(args.model)
-    model = AutoModelForCausalLM.from_pretrained(args.model)
+    if args.quantize == "int8":
+        from bot.engine import load_model  # the very loading path the bot serves with
+
+        model, tokenizer = load_model(str(args.model), "cpu", "float32", "int8")
+    else:
+        tokenizer = AutoTokenizer.from_pretrained(args.model)
+        model = AutoModelForCausalLM.from_pretrained(args.model)
     dialogues = read_dialogues(args.data, args.limit)
     metrics = evaluate_model(
         model, tokenizer, dialogues, max_length=args.max_length, n_generate=args.n_generate
