@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import AsyncGenerator
+from pathlib import Path
 from typing import Any
 
 from aiogram import Bot
@@ -75,3 +76,26 @@ def text_update(update_id: int, user_id: int, text: str) -> dict[str, Any]:
             "entities": entities,
         },
     }
+
+
+async def in_process_bot(db_url: str, model_dir: Path, reply_tokens: int = 8):
+    """The real dispatcher, services, database and model, with only HTTP recorded.
+
+    Returns (dispatcher, bot, recording session, database engine); the caller closes the
+    generation engine (``dp["dialogue"].engine.close()``) and disposes the database.
+    """
+    from bot.app import build_dispatcher
+    from bot.config import Settings
+    from bot.db.engine import create_engine, create_sessionmaker, upgrade_to_head
+    from bot.dialogue import DialogueService
+    from bot.engine import GenerationEngine, load_model
+
+    await upgrade_to_head(db_url)
+    db = create_engine(db_url)
+    model, tokenizer = load_model(str(model_dir))
+    engine = GenerationEngine(model, tokenizer, persona=None, reply_tokens=reply_tokens)
+    engine.start()
+    settings = Settings(_env_file=None, database_url=db_url, model_path=str(model_dir))
+    dialogue = DialogueService(create_sessionmaker(db), engine, settings)
+    session = RecordingSession()
+    return build_dispatcher(dialogue, settings, db), Bot("42:TEST", session=session), session, db

@@ -5,17 +5,11 @@ exceed Telegram's 4096 characters, and the error apology must never be needed.""
 import asyncio
 
 import pytest
-from aiogram import Bot
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from bot import texts
-from bot.app import build_dispatcher
-from bot.config import Settings
-from bot.db.engine import create_engine, create_sessionmaker, upgrade_to_head
-from bot.dialogue import DialogueService
-from bot.engine import GenerationEngine, load_model
-from tests.bot.recording_session import RecordingSession, text_update
+from tests.bot.recording_session import in_process_bot, text_update
 
 USER = 77
 
@@ -25,22 +19,10 @@ def wired(tiny_model_dir, tmp_path_factory):
     loop = asyncio.new_event_loop()
     url = f"sqlite+aiosqlite:///{tmp_path_factory.mktemp('fuzz') / 'bot.db'}"
 
-    async def setup():
-        await upgrade_to_head(url)
-        db = create_engine(url)
-        model, tokenizer = load_model(str(tiny_model_dir))
-        engine = GenerationEngine(model, tokenizer, persona=None, reply_tokens=4)
-        engine.start()
-        config = Settings(_env_file=None, database_url=url, model_path=str(tiny_model_dir))
-        dialogue = DialogueService(create_sessionmaker(db), engine, config)
-        session = RecordingSession()
-        return build_dispatcher(dialogue, config, db), Bot("42:TEST", session=session), session, db
-
-    dp, bot, session, db = loop.run_until_complete(setup())
+    dp, bot, session, db = loop.run_until_complete(in_process_bot(url, tiny_model_dir, 4))
     counter = iter(range(1, 10**9))
     yield lambda text: _feed(loop, dp, bot, session, next(counter), text)
-    dp_engine = dp["dialogue"].engine
-    dp_engine.close()
+    dp["dialogue"].engine.close()
     loop.run_until_complete(db.dispose())
     loop.close()
 

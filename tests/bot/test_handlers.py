@@ -1,33 +1,19 @@
 """Handlers run in-process through the real dispatcher, with a database that can fail."""
 
 import pytest
-from aiogram import Bot
 from sqlalchemy import text
 
 from bot import texts
-from bot.app import build_dispatcher
-from bot.config import Settings
-from bot.db.engine import create_engine, create_sessionmaker, upgrade_to_head
-from bot.dialogue import DialogueService
-from bot.engine import GenerationEngine, load_model
-from tests.bot.recording_session import RecordingSession, text_update
+from tests.bot.recording_session import in_process_bot, text_update
 
 
 @pytest.fixture
 async def wired(tmp_path, tiny_model_dir):
-    url = f"sqlite+aiosqlite:///{tmp_path / 'bot.db'}"
-    await upgrade_to_head(url)
-    db = create_engine(url)
-    model, tokenizer = load_model(str(tiny_model_dir))
-    engine = GenerationEngine(model, tokenizer, persona=None, reply_tokens=8)
-    engine.start()
-    settings = Settings(_env_file=None, database_url=url, model_path=str(tiny_model_dir))
-    dialogue = DialogueService(create_sessionmaker(db), engine, settings)
-    dp = build_dispatcher(dialogue, settings, db)
-    session = RecordingSession()
-    bot = Bot("42:TEST", session=session)
+    dp, bot, session, db = await in_process_bot(
+        f"sqlite+aiosqlite:///{tmp_path / 'bot.db'}", tiny_model_dir
+    )
     yield dp, bot, session, db
-    engine.close()
+    dp["dialogue"].engine.close()
     await db.dispose()
 
 
