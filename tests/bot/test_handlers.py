@@ -38,3 +38,18 @@ async def test_help_lists_every_command(wired):
     reply = session.texts_to(9)[0]
     for command in ("/start", "/help", "/reset", "/temp"):
         assert command in reply
+
+
+async def test_a_huge_message_is_cut_to_the_configured_length(wired):
+    from sqlalchemy import select
+
+    from bot.db.models import Message
+
+    dp, bot, session, db = wired
+    await dp.feed_raw_update(bot, text_update(1, 8, "я" * 50_000))
+    assert len(session.texts_to(8)) == 1
+    async with db.connect() as connection:
+        stored = (
+            await connection.execute(select(Message.text).where(Message.role == "user"))
+        ).scalar_one()
+    assert stored == "я" * 2000  # MAX_MESSAGE_CHARS
