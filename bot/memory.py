@@ -47,11 +47,22 @@ def build_prompt_turns(
     turns = alternate(history)
     if not turns or len(turns) % 2 == 0:
         raise ValueError("history must end with the user's message")
-    start = 0
-    while start < len(turns) - 1 and count_tokens(render_prompt(turns[start:], persona)) > budget:
-        start += 2
-    kept = turns[start:]
-    if count_tokens(render_prompt(kept, persona)) <= budget:
+
+    def fits(start: int) -> bool:
+        return count_tokens(render_prompt(turns[start:], persona)) <= budget
+
+    # Fewest exchanges dropped such that the rest fits. Dropping more never adds tokens, so a
+    # binary search over exchanges tokenizes ~log2(n) prompts instead of one per dropped exchange
+    # (this runs on the event loop for every message).
+    low, high = 0, len(turns) // 2  # drop `low`..`high` exchanges; `high` leaves the message alone
+    while low < high:
+        middle = (low + high) // 2
+        if fits(2 * middle):
+            high = middle
+        else:
+            low = middle + 1
+    kept = turns[2 * low :]
+    if len(kept) > 1 or fits(len(turns) - 1):
         return kept
     # Only the current message is left and it is still too long: keep its beginning.
     message = kept[-1]

@@ -129,10 +129,10 @@ def clean_turn(text: str, config: CleaningConfig, edits: Counter[str]) -> tuple[
     edits["at_mentions"] += at_hit
     text, prefix_hit = _sub(_SPEAKER_PREFIX, text, "")
     edits["speaker_prefix"] += prefix_hit
-    sanitized = sanitize_utterance(text)  # no speaker tags or EOS text in training data
-    edits["speaker_tags"] += sanitized != _WHITESPACE.sub(" ", text).strip()
     collapsed = _WHITESPACE.sub(" ", text).strip()
     edits["whitespace"] += collapsed != text
+    sanitized = sanitize_utterance(text)  # no speaker tags, EOS text or control characters
+    edits["speaker_tags"] += sanitized != collapsed
     text = sanitized
     if vk_hit or at_hit or prefix_hit:  # "[id1|Маша], привет" must not become ", привет"
         text = _ORPHAN_PUNCT.sub(_keep_one_mark, _LEADING_PUNCT.sub("", text))

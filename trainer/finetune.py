@@ -98,15 +98,13 @@ def _find_run_to_resume(options: FinetuneOptions) -> Path:
         if not run_dir.is_dir() or get_last_checkpoint(str(run_dir)) is None:
             raise ResumeError(f"{run_dir}: no saved checkpoint to resume from")
         return run_dir
-    candidates = (
-        [
-            d
-            for d in options.checkpoints_dir.iterdir()
-            if d.is_dir() and not d.is_symlink() and get_last_checkpoint(str(d)) is not None
-        ]
-        if options.checkpoints_dir.is_dir()
-        else []
-    )
+    if not options.checkpoints_dir.is_dir():
+        raise ResumeError(f"no run with a saved checkpoint under {options.checkpoints_dir}")
+    candidates = [
+        d
+        for d in options.checkpoints_dir.iterdir()
+        if d.is_dir() and not d.is_symlink() and get_last_checkpoint(str(d)) is not None
+    ]
     if not candidates:
         raise ResumeError(f"no run with a saved checkpoint under {options.checkpoints_dir}")
     return max(candidates, key=lambda d: d.stat().st_mtime)
