@@ -88,6 +88,8 @@ async def open_services(settings: Settings) -> tuple[AsyncEngine, DialogueServic
         reply_tokens=settings.reply_tokens,
         queue_size=settings.queue_size,
         timeout_s=settings.request_timeout_s,
+        max_batch=settings.max_batch,
+        cache_mb=settings.kv_cache_mb,
     )
     await asyncio.to_thread(engine.warm_up)
     engine.start()

@@ -37,6 +37,15 @@ class Settings(BaseSettings):
     top_p: float = Field(0.9, gt=0.0, le=1.0)
     top_k: int = Field(50, ge=0)
     repetition_penalty: float = Field(1.15, ge=1.0, le=3.0)
+    num_beams: int = Field(1, ge=1, le=16, description=">1: beam search, served outside batches")
+    # Serving many users at once (bot.engine).
+    max_batch: int = Field(8, ge=1, le=512, description="rows decoded together")
+    kv_cache_mb: float = Field(1024, ge=0, description="memory for dialogues' cached prefixes")
+    history_trim_step: int = Field(
+        4, ge=1, description="exchanges dropped at once when the history outgrows the context"
+    )
+    stream_replies: bool = True
+    stream_edit_interval_s: float = Field(1.0, ge=0, description="per chat; Telegram allows ~1/s")
     system_prompt: str = DEFAULT_PERSONA
     history_messages: int = Field(60, ge=2, description="messages read from the DB per prompt")
     queue_size: int = Field(32, ge=1)

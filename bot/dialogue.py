@@ -14,7 +14,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
@@ -154,11 +154,17 @@ class DialogueService:
                 await asyncio.sleep(0.5 * 2**attempt)
         raise AssertionError("unreachable")
 
-    async def make_reply(self, user: UserRef, message_id: int | None = None) -> str:
+    async def make_reply(
+        self,
+        user: UserRef,
+        message_id: int | None = None,
+        on_text: Callable[[str], None] | None = None,
+    ) -> str:
         """Generate the reply to the history up to ``message_id`` (may raise EngineBusy/Timeout).
 
         Bounding the history by the message id means a reply answers exactly the messages sent
-        before it, even when the user has already written more while waiting.
+        before it, even when the user has already written more while waiting. ``on_text`` gets
+        the reply so far while it is generated (for streaming).
         """
         async with self.sessions() as session:
             row = await repository.get_or_create_user(session, user.telegram_id, user.name)
@@ -167,7 +173,11 @@ class DialogueService:
             )
             temperature = row.temperature or self.settings.temperature
         turns = build_prompt_turns(
-            history, self.engine.count_tokens, self.engine.prompt_budget, self.engine.persona
+            history,
+            self.engine.count_tokens,
+            self.engine.prompt_budget,
+            self.engine.persona,
+            self.settings.history_trim_step,
         )
         params = SamplingParams(
             temperature=temperature,
@@ -175,8 +185,9 @@ class DialogueService:
             top_k=self.settings.top_k,
             repetition_penalty=self.settings.repetition_penalty,
             max_new_tokens=self.settings.reply_tokens,
+            num_beams=self.settings.num_beams,
         )
-        reply = await self.engine.generate(turns, params)
+        reply = await self.engine.generate(turns, params, key=user.telegram_id, on_text=on_text)
         return reply or texts.FALLBACK_REPLY
 
     async def store_reply(self, user: UserRef, reply: str) -> None:
@@ -187,12 +198,16 @@ class DialogueService:
     async def reset(self, user: UserRef) -> int:
         async with self.sessions.begin() as session:
             row = await repository.get_or_create_user(session, user.telegram_id, user.name)
-            return await repository.clear_history(session, row)
+            cleared = await repository.clear_history(session, row)
+        self.engine.forget(user.telegram_id)
+        return cleared
 
     async def forget(self, user: UserRef) -> bool:
         """Delete everything stored about the user (``/forget``)."""
         async with self.sessions.begin() as session:
-            return await repository.delete_user(session, user.telegram_id)
+            deleted = await repository.delete_user(session, user.telegram_id)
+        self.engine.forget(user.telegram_id)
+        return deleted
 
     async def prune(self, older_than_days: float) -> int:
         """Delete messages older than the retention period."""

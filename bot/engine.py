@@ -1,8 +1,26 @@
-"""The generation engine: owns the model, runs it in a worker thread, never on the event loop.
+"""The generation engine: owns the model, serves every user's turn from one worker thread.
 
-Requests go into a bounded queue; a full queue answers "busy" at once instead of making everyone
-wait longer and longer, and each request has a timeout. A request that timed out (or the whole
-engine, at shutdown) is cancelled: a queued one is skipped, a running one stops at the next token.
+What it does for a chat server on one machine (the figures in the README come from
+``make bench``):
+
+- **Continuous batching.** Requests wait in a bounded queue (a full queue answers "busy" at once
+  rather than letting everyone wait longer and longer). Between two decoding steps the worker
+  admits whatever has arrived, up to ``MAX_BATCH`` rows; a row that finishes leaves at once. Each
+  row keeps its own sampling settings (``bot.sampling``), so a user's ``/temp`` holds inside a
+  shared batch. On a CPU a decoding step is bound by reading the weights, so eight rows cost
+  about twice one row, not eight times.
+- **Prefix caching.** After a reply the dialogue's keys/values stay in a
+  :class:`~bot.prefix_cache.PrefixCache` (LRU, ``KV_CACHE_MB``); the next turn encodes only the
+  new user message. ``/reset`` drops the entry; when trimming the history changes the start of
+  the prompt, the cache is used only up to where the prompts differ (the persona), which is why
+  the history is trimmed in steps of several exchanges (``bot.memory``).
+- **Streaming.** A request may pass ``on_text``; it is called on the event loop with the clean
+  reply so far whenever it grows (the handler throttles Telegram edits).
+- **Fallbacks.** Beam search (``NUM_BEAMS`` > 1) and models other than GPT-2 go through
+  ``model.generate``, one request at a time, between decoding steps.
+
+Every request has a timeout; a request that timed out (or all of them, at shutdown) is cancelled:
+a queued one is skipped, a running one leaves the batch at the next step.
 """
 
 from __future__ import annotations
@@ -13,6 +31,7 @@ import logging
 import queue
 import threading
 import time
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,8 +45,22 @@ from transformers import (
     StoppingCriteriaList,
 )
 
+from bot.decoder import SlotDecoder, supports
+from bot.prefix_cache import CachedDialogue, PrefixCache, common_prefix
 from bot.quantize import load_int8_low_memory, quantize_int8
+from bot.sampling import SamplingParams, choose_tokens
 from dataset_tools.dialogue_format import BOT_TAG, USER_TAG, parse_reply, render_prompt
+
+__all__ = [
+    "EngineBusy",
+    "EngineClosed",
+    "EngineTimeout",
+    "GenerationEngine",
+    "ModelLoadError",
+    "RequestStats",
+    "SamplingParams",
+    "load_model",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -50,24 +83,46 @@ class EngineClosed(Exception):
     """The engine is shutting down."""
 
 
-@dataclass(frozen=True)
-class SamplingParams:
-    """Per-request sampling: each user has their own temperature."""
+@dataclass
+class RequestStats:
+    """What serving one request took (filled in by the worker; read by the bench and tests)."""
 
-    temperature: float = 0.8
-    top_p: float = 0.9
-    top_k: int = 50
-    repetition_penalty: float = 1.15
-    max_new_tokens: int = 64
+    prompt_tokens: int = 0
+    reused_tokens: int = 0  # prompt tokens whose keys/values came from the prefix cache
+    new_tokens: int = 0
+    first_token_at: float | None = None  # time.perf_counter() when the first token was chosen
+    batch_rows: int = 0  # the most rows decoded together while this one was active
+    prompt_ids: list[int] = field(default_factory=list)  # the tokens the model was given
+    reply_ids: list[int] = field(default_factory=list)  # the tokens it chose (no stop token)
 
 
 @dataclass
 class _Request:
-    prompt_ids: list[int]
+    prompt: str
     params: SamplingParams
-    loop: asyncio.AbstractEventLoop
-    future: asyncio.Future[str]
+    key: Hashable | None
+    loop: asyncio.AbstractEventLoop | None
+    future: asyncio.Future[str] | None
+    on_text: Callable[[str], None] | None = None
+    stats: RequestStats = field(default_factory=RequestStats)
     cancelled: threading.Event = field(default_factory=threading.Event)
+    result: str | None = None  # for requests served without an event loop (warm-up)
+
+
+@dataclass
+class _Row:
+    """A request being decoded; it occupies the decoder slot of its index in the batch."""
+
+    request: _Request
+    ids: list[int]  # the prompt and the reply so far; the last one is not yet fed to the model
+    prompt_len: int
+    computed: int  # tokens whose keys/values are in the slot
+    seen: torch.Tensor  # [vocab] tokens in this row, for the repetition penalty
+    shown: str = ""
+
+    @property
+    def generated(self) -> list[int]:
+        return self.ids[self.prompt_len :]
 
 
 class _Cancelled(StoppingCriteria):
@@ -129,7 +184,7 @@ def load_model(
 
 
 class GenerationEngine:
-    """Turns a list of dialogue turns into a reply, one request at a time in a worker thread."""
+    """Turns a list of dialogue turns into a reply; see the module docstring for how."""
 
     def __init__(
         self,
@@ -141,6 +196,10 @@ class GenerationEngine:
         reply_tokens: int = 64,
         queue_size: int = 32,
         timeout_s: float = 60.0,
+        max_batch: int = 8,
+        cache_mb: float = 1024,
+        batched: bool = True,
+        seed: int | None = None,
     ) -> None:
         self.model = model
         self.tokenizer = tokenizer
@@ -151,16 +210,30 @@ class GenerationEngine:
         self.context_tokens = min(context_tokens or window, window)
         self.reply_tokens = min(reply_tokens, self.context_tokens // 2)
         self.timeout_s = timeout_s
+        self.max_batch = max_batch
         self._queue: queue.Queue[_Request | None] = queue.Queue(maxsize=queue_size)
         self._thread: threading.Thread | None = None
-        self._current: _Request | None = None
+        self._rows: list[_Row] = []
         self._closed = False
         vocab = tokenizer.get_vocab()
         self._stop_ids = [tokenizer.eos_token_id] + [
             vocab[t] for t in (USER_TAG, BOT_TAG) if t in vocab
         ]
+        self.decoder = (
+            SlotDecoder(model, self.context_tokens) if batched and supports(model) else None
+        )
+        self.prefix_cache = PrefixCache(int(cache_mb * 2**20))
+        self._vocab_size = model.get_output_embeddings().weight.shape[0]
+        device = model.device
+        self._stop_mask = torch.zeros(self._vocab_size, dtype=torch.bool, device=device)
+        self._stop_mask[torch.tensor(self._stop_ids, device=device)] = True
+        self._generator = None
+        if seed is not None:
+            self._generator = torch.Generator(device=device).manual_seed(seed)
         self.replies = 0
         self.tokens = 0
+        self.prefilled_tokens = 0
+        self.reused_tokens = 0
 
     @property
     def prompt_budget(self) -> int:
@@ -171,31 +244,65 @@ class GenerationEngine:
     def queue_depth(self) -> int:
         return self._queue.qsize()
 
+    @property
+    def active_rows(self) -> int:
+        return len(self._rows)
+
     def count_tokens(self, text: str) -> int:
-        return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+        return len(self._tokenize(text))
+
+    def _tokenize(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._work, name="generation", daemon=True)
         self._thread.start()
 
     def warm_up(self) -> None:
-        """One short generation so the first user does not pay for lazy initialisation."""
-        ids = self.tokenizer(render_prompt(["Привет"], self.persona), add_special_tokens=False)
-        self._generate_ids(ids["input_ids"], SamplingParams(max_new_tokens=2), threading.Event())
+        """Serve one short request in the calling thread (before :meth:`start`), so that the
+        first user does not pay for lazy initialisation, and drop what it cached."""
+        request = _Request(
+            render_prompt(["Привет"], self.persona),
+            SamplingParams(max_new_tokens=2),
+            None,
+            None,
+            None,
+        )
+        self._take(request)
+        while self._rows:
+            self._step()
 
-    async def generate(self, turns: list[str], params: SamplingParams) -> str:
-        """The model's clean reply to ``turns`` (which end with the user's message)."""
+    def forget(self, key: Hashable) -> None:
+        """Drop a dialogue's cached keys/values (its history was reset or deleted)."""
+        self.prefix_cache.forget(key)
+
+    async def generate(
+        self,
+        turns: list[str],
+        params: SamplingParams,
+        *,
+        key: Hashable | None = None,
+        on_text: Callable[[str], None] | None = None,
+        stats: RequestStats | None = None,
+    ) -> str:
+        """The model's clean reply to ``turns`` (which end with the user's message).
+
+        ``key`` names the dialogue whose cached prefix may be reused (``None``: no caching);
+        ``on_text`` receives the reply so far as it grows, on the event loop.
+        """
         if self._closed:
             raise EngineClosed
         prompt = render_prompt(turns, self.persona)
         logger.debug("prompt: %s", prompt)  # message texts are logged only at DEBUG
-        ids = self.tokenizer(prompt, add_special_tokens=False)["input_ids"][-self.prompt_budget :]
         loop = asyncio.get_running_loop()
-        request = _Request(ids, params, loop, loop.create_future())
+        request = _Request(prompt, params, key, loop, loop.create_future(), on_text)
+        if stats is not None:
+            request.stats = stats
         try:
             self._queue.put_nowait(request)
         except queue.Full:
             raise EngineBusy from None
+        assert request.future is not None
         try:
             return await asyncio.wait_for(asyncio.shield(request.future), self.timeout_s)
         except TimeoutError:
@@ -216,69 +323,228 @@ class GenerationEngine:
             if pending is not None:
                 pending.cancelled.set()
                 self._resolve(pending, error=EngineClosed())
-        if self._current is not None:
-            self._current.cancelled.set()
+        for row in list(self._rows):
+            row.request.cancelled.set()
         if self._thread is not None:
             self._queue.put(None)
             self._thread.join(timeout_s)
 
-    def _generate_ids(
-        self, prompt_ids: list[int], params: SamplingParams, cancelled: threading.Event
-    ) -> list[int]:
+    # -- the worker -----------------------------------------------------------------------------
+    def _work(self) -> None:
+        while True:
+            if not self._rows and not self._take(self._queue.get()):
+                return
+            while len(self._rows) < self.max_batch:  # join the batch at this step
+                try:
+                    request = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if not self._take(request):
+                    return
+            if self._rows:
+                self._step()
+
+    def _take(self, request: _Request | None) -> bool:
+        """Admit a request into the batch (or serve it apart); ``False`` means shut down."""
+        if request is None:
+            for row in self._rows:
+                self._resolve(row.request, error=EngineClosed())
+            self._rows.clear()
+            return False
+        if request.cancelled.is_set():
+            return True
+        try:
+            if self.decoder is None or request.params.num_beams > 1:
+                self._serve_apart(request)
+            else:
+                self._admit(request)
+        except Exception as error:  # reported to the awaiting handler, not lost in a thread
+            logger.exception("generation failed")
+            self._resolve(request, error=error)
+        return True
+
+    def _encode(self, prompt: str, cached: CachedDialogue | None) -> list[int]:
+        """The prompt's tokens, reusing the cached dialogue's own tokens where it is a prefix.
+
+        The cached tokens are those the model produced, which a fresh tokenization of the same
+        reply text often would not reproduce (BPE prefers its own merges): matching on text
+        keeps the whole previous turn reusable. Anything else is tokenized afresh.
+        """
+        if cached is not None and prompt.startswith(cached.text) and len(prompt) > len(cached.text):
+            ids = cached.ids + self._tokenize(prompt[len(cached.text) :])
+            if len(ids) <= self.prompt_budget:
+                return ids
+        return self._tokenize(prompt)[-self.prompt_budget :]
+
+    def _admit(self, request: _Request) -> None:
+        assert self.decoder is not None
+        cached = self.prefix_cache.take(request.key) if request.key is not None else None
+        ids = self._encode(request.prompt, cached)
+        reuse = 0
+        if cached is not None:
+            reuse = min(common_prefix(cached.ids[: cached.computed], ids), len(ids) - 1)
+        slot = len(self._rows)
+        max_new = min(request.params.max_new_tokens, self.reply_tokens)
+        self.decoder.reserve(slot + 1, min(len(ids) + max_new, self.context_tokens))
+        if reuse:
+            assert cached is not None
+            self.decoder.load_slot(slot, cached.past[:, :, :, :reuse])
+        with torch.inference_mode():
+            logits = self.decoder.prefill(slot, ids[reuse:], reuse)
+        request.stats.prompt_tokens, request.stats.reused_tokens = len(ids), reuse
+        request.stats.prompt_ids = list(ids)
+        self.prefilled_tokens += len(ids) - reuse
+        self.reused_tokens += reuse
+        seen = torch.zeros(self._vocab_size, dtype=torch.bool, device=logits.device)
+        seen[torch.tensor(ids, device=logits.device)] = True
+        row = _Row(request, ids, len(ids), len(ids), seen)
+        self._rows.append(row)
+        if self._choose([row], logits[None]):
+            self._finish(slot)
+
+    def _step(self) -> None:
+        """Feed every row its last token, choose the next ones, let finished rows go."""
+        assert self.decoder is not None
+        rows = self._rows
+        device = self.decoder.device
+        try:
+            tokens = torch.tensor([row.ids[-1] for row in rows], device=device)
+            lengths = torch.tensor([row.computed for row in rows], device=device)
+            with torch.inference_mode():
+                logits = self.decoder.decode(tokens, lengths)
+            for row in rows:
+                row.computed += 1
+                row.request.stats.batch_rows = max(row.request.stats.batch_rows, len(rows))
+            finished = self._choose(rows, logits)
+        except Exception as error:
+            logger.exception("generation failed")
+            for row in rows:
+                self._resolve(row.request, error=error)
+            rows.clear()
+            return
+        for index in sorted(finished, reverse=True):
+            self._finish(index)
+
+    def _choose(self, rows: list[_Row], logits: torch.Tensor) -> list[int]:
+        """Append each row's next token; return the indices (into ``rows``) that are done."""
+        params = [row.request.params for row in rows]
+        ban = torch.tensor(
+            [len(row.generated) < row.request.params.min_new_tokens for row in rows],
+            device=logits.device,
+        )
+        with torch.inference_mode():
+            chosen = choose_tokens(
+                logits,
+                params,
+                torch.stack([r.seen for r in rows]),
+                ban,
+                self._stop_mask,
+                self._generator,
+            ).tolist()
+        now = time.perf_counter()
+        done = []
+        for index, (row, token) in enumerate(zip(rows, chosen, strict=True)):
+            request = row.request
+            if request.stats.first_token_at is None:
+                request.stats.first_token_at = now
+            if request.cancelled.is_set() or token in self._stop_ids:
+                done.append(index)
+                continue
+            row.ids.append(token)
+            row.seen[token] = True
+            max_new = min(request.params.max_new_tokens, self.reply_tokens)
+            if len(row.generated) >= max_new or len(row.ids) >= self.context_tokens:
+                done.append(index)
+            elif request.on_text is not None:
+                self._stream(row)
+        return done
+
+    def _stream(self, row: _Row) -> None:
+        text = parse_reply(self._decode(row.generated), eos_token=self.tokenizer.eos_token)
+        if text and text != row.shown:
+            row.shown = text
+            callback = row.request.on_text
+            loop = row.request.loop
+            if callback is not None and loop is not None:
+                with contextlib.suppress(RuntimeError):
+                    loop.call_soon_threadsafe(callback, text)
+
+    def _decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=False)
+
+    def _finish(self, index: int) -> None:
+        """Resolve row ``index``, keep its keys/values for the next turn, free its slot."""
+        assert self.decoder is not None
+        row = self._rows[index]
+        request = row.request
+        generated = row.generated
+        text = self._decode(generated)
+        if request.key is not None and not request.cancelled.is_set():
+            past = self.decoder.save_slot(index, row.computed)
+            self.prefix_cache.put(request.key, CachedDialogue(request.prompt + text, row.ids, past))
+        last = len(self._rows) - 1
+        if index != last:
+            self.decoder.move_slot(last, index, self._rows[last].computed)
+            self._rows[index] = self._rows[last]
+        self._rows.pop()
+        self._deliver(request, generated, text)
+
+    def _deliver(self, request: _Request, generated: list[int], text: str) -> None:
+        request.stats.new_tokens = len(generated)
+        request.stats.reply_ids = list(generated)
+        self.replies += 1
+        self.tokens += len(generated)
+        self._resolve(request, result=parse_reply(text, eos_token=self.tokenizer.eos_token))
+
+    def _serve_apart(self, request: _Request) -> None:
+        """Beam search, or a model the slot decoder does not cover: ``model.generate`` alone."""
+        ids = self._tokenize(request.prompt)[-self.prompt_budget :]
+        params = request.params
         device = self.model.device
-        input_ids = torch.tensor([prompt_ids], device=device)
+        input_ids = torch.tensor([ids], device=device)
+        beams = params.num_beams > 1
+        sampling = {}
+        if not beams:
+            sampling = {
+                "do_sample": params.temperature > 0.001,
+                "temperature": max(params.temperature, 0.001),
+                "top_p": params.top_p,
+                "top_k": params.top_k,
+            }
         with torch.inference_mode():
             output = self.model.generate(
                 input_ids=input_ids,
                 attention_mask=torch.ones_like(input_ids),
-                do_sample=True,
-                temperature=params.temperature,
-                top_p=params.top_p,
-                top_k=params.top_k,
+                num_beams=params.num_beams,
                 repetition_penalty=params.repetition_penalty,
                 max_new_tokens=min(params.max_new_tokens, self.reply_tokens),
+                min_new_tokens=params.min_new_tokens,
                 eos_token_id=self._stop_ids,
                 pad_token_id=self.tokenizer.pad_token_id,
-                stopping_criteria=StoppingCriteriaList([_Cancelled(cancelled)]),
+                stopping_criteria=StoppingCriteriaList([_Cancelled(request.cancelled)]),
+                **sampling,
             )
-        return output[0, len(prompt_ids) :].tolist()
-
-    def _work(self) -> None:
-        while True:
-            request = self._queue.get()
-            if request is None:
-                return
-            if request.cancelled.is_set():
-                continue
-            self._current = request
-            started = time.perf_counter()
-            try:
-                new_ids = self._generate_ids(request.prompt_ids, request.params, request.cancelled)
-                text = self.tokenizer.decode(new_ids, skip_special_tokens=False)
-                reply = parse_reply(text, eos_token=self.tokenizer.eos_token)
-                self.replies += 1
-                self.tokens += len(new_ids)
-                logger.debug(
-                    "generated %d tokens in %.2f s", len(new_ids), time.perf_counter() - started
-                )
-                self._resolve(request, result=reply)
-            except Exception as error:  # reported to the awaiting handler, not lost in a thread
-                logger.exception("generation failed")
-                self._resolve(request, error=error)
-            finally:
-                self._current = None
+        generated = [t for t in output[0, len(ids) :].tolist() if t not in self._stop_ids]
+        request.stats.prompt_tokens, request.stats.prompt_ids = len(ids), ids
+        request.stats.first_token_at = request.stats.first_token_at or time.perf_counter()
+        self._deliver(request, generated, self._decode(generated))
 
     @staticmethod
     def _resolve(
         request: _Request, result: str | None = None, error: BaseException | None = None
     ) -> None:
+        if request.loop is None or request.future is None:
+            request.result = result
+            return
+        future = request.future
+
         def settle() -> None:
-            if request.future.done():
+            if future.done():
                 return
             if error is not None:
-                request.future.set_exception(error)
+                future.set_exception(error)
             else:
-                request.future.set_result(result or "")
+                future.set_result(result or "")
 
         with contextlib.suppress(RuntimeError):  # the loop is already closed (shutdown)
             request.loop.call_soon_threadsafe(settle)

@@ -37,12 +37,19 @@ def build_prompt_turns(
     count_tokens: Callable[[str], int],
     budget: int,
     persona: str | None,
+    trim_step: int = 1,
 ) -> list[str]:
     """The turns to render, ending with the current user message, within ``budget`` tokens.
 
     ``history`` ends with the current user message (it is stored before generation starts).
     Older turns are dropped two at a time (an exchange), so the prompt still starts with a user
     turn; the current message is cut to fit if even it alone is too long.
+
+    With ``trim_step`` > 1 the number of dropped exchanges is rounded up to a multiple of it.
+    Why: the engine reuses a dialogue's cached keys/values only while the prompt starts the same
+    way. Dropping the fewest exchanges shifts the start on every turn once a dialogue is long, so
+    every turn would re-encode the whole context; dropping several at once keeps the start stable
+    for several turns, at the price of a few exchanges of memory.
     """
     turns = alternate(history)
     if not turns or len(turns) % 2 == 0:
@@ -61,6 +68,8 @@ def build_prompt_turns(
             high = middle
         else:
             low = middle + 1
+    if low:
+        low = min(-(-low // trim_step) * trim_step, len(turns) // 2)
     kept = turns[2 * low :]
     if len(kept) > 1 or fits(len(turns) - 1):
         return kept

@@ -3,6 +3,7 @@
 from pathlib import Path
 
 import pytest
+import torch
 
 from dataset_tools.dialogue_format import render_dialogue
 from dataset_tools.sample_data import generate_dialogues
@@ -17,6 +18,40 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     model = build_scratch_model(
         tokenizer, {"n_layer": 2, "n_embd": 64, "n_head": 2, "n_positions": 1024}
     )
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+#: What ``chatty_model_dir`` learned by heart, with and without a persona.
+CHATTY_DIALOGUES = [
+    ["Привет!", "Привет, как дела?", "Хорошо, а у тебя?", "Отлично, спасибо."],
+    ["Как дела?", "Хорошо, спасибо.", "Что делаешь?", "Читаю книгу."],
+]
+CHATTY_PERSONA = "Я бот."
+
+
+@pytest.fixture(scope="session")
+def chatty_model_dir(tiny_model_dir, tmp_path_factory) -> Path:
+    """The tiny model taught two dialogues by heart (a second of training), so that its replies
+    are clean text, as a trained model's are: streaming shows words, and a reply's tokens can
+    be reused from the cache on the next turn."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = tmp_path_factory.mktemp("chatty-model")
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    texts = [render_dialogue(d, p) for d in CHATTY_DIALOGUES for p in (CHATTY_PERSONA, None)]
+    batch = [torch.tensor(tokenizer(t)["input_ids"] + [tokenizer.eos_token_id]) for t in texts]
+    torch.manual_seed(0)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    model.train()
+    for _ in range(100):
+        for ids in batch:
+            mask = torch.ones_like(ids[None])
+            model(ids[None], attention_mask=mask, labels=ids[None]).loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path

@@ -12,10 +12,12 @@ from aiogram.types import Message
 from aiogram.utils.chat_action import ChatActionSender
 
 from bot import texts
-from bot.dialogue import DialogueService, clean_user_text, split_message
+from bot.config import Settings
+from bot.dialogue import DialogueService, clean_user_text
 from bot.engine import EngineBusy, EngineTimeout
 from bot.handlers.commands import user_ref
 from bot.metrics import BotMetrics
+from bot.streaming import ReplyStream
 
 logger = logging.getLogger(__name__)
 
@@ -37,7 +39,9 @@ class AddressedToBot(BaseFilter):
         return bool(me.username) and f"@{me.username}".lower() in (message.text or "").lower()
 
 
-async def chat(message: Message, bot: Bot, dialogue: DialogueService, metrics: BotMetrics) -> None:
+async def chat(
+    message: Message, bot: Bot, dialogue: DialogueService, metrics: BotMetrics, settings: Settings
+) -> None:
     user = user_ref(message)
     turn = dialogue.take_turn(user)  # first, before any await: fixes this message's place
     try:
@@ -54,22 +58,25 @@ async def chat(message: Message, bot: Bot, dialogue: DialogueService, metrics: B
         turn.mark_stored()
         await turn.wait_to_answer()
         started = time.perf_counter()
+        stream = ReplyStream(bot, message, settings.stream_edit_interval_s)
+        on_text = stream.update if settings.stream_replies else None
         try:
             async with ChatActionSender.typing(bot=bot, chat_id=message.chat.id):
-                reply = await dialogue.make_reply(user, message_id)
+                reply = await dialogue.make_reply(user, message_id, on_text=on_text)
         except EngineBusy:
             metrics.busy.inc()
-            await message.answer(texts.BUSY)
+            await stream.finish(texts.BUSY)
             return
         except EngineTimeout:
             metrics.busy.inc()
-            await message.answer(texts.TIMEOUT)
+            await stream.finish(texts.TIMEOUT)  # replaces whatever was streamed
             return
         metrics.generation_seconds.observe(time.perf_counter() - started)
-        for piece in split_message(reply):
-            await message.answer(piece)
-        metrics.replies.inc()
+        # Stored before the last edit, which may wait out the per-chat edit interval: the user
+        # has been reading the reply for a while already. The final text is the stored one.
         await dialogue.store_reply(user, reply)
+        metrics.replies.inc()
+        await stream.finish(reply)
     finally:
         turn.finish()
 

@@ -39,6 +39,7 @@ class FakeTelegram:
         self._runner: web.AppRunner | None = None
         self.base_url = ""
         self.faults: dict[str, list[int]] = {}  # method -> HTTP statuses to answer next
+        self.shown: dict[int, str] = {}  # message id -> its text now (after the bot's edits)
 
     def fail_next(self, method: str, *statuses: int) -> None:
         """Answer the next calls of ``method`` with these errors (429 asks to retry after 1 s)."""
@@ -112,11 +113,19 @@ class FakeTelegram:
     # --- what the bot did ---------------------------------------------------------------------
 
     def sent_to(self, chat_id: int) -> list[str]:
-        """Texts the bot delivered to the chat (refused attempts do not count)."""
+        """The bot's messages in the chat as the user sees them now, that is after any edits
+        (refused attempts do not count)."""
         return [
-            c.params["text"]
+            self.shown.get(c.params.get("message_id", -1), c.params["text"])
             for c in self.calls
             if c.method == "sendMessage" and c.ok and int(c.params["chat_id"]) == chat_id
+        ]
+
+    def edits_to(self, chat_id: int) -> list[Call]:
+        return [
+            c
+            for c in self.calls
+            if c.method == "editMessageText" and c.ok and int(c.params["chat_id"]) == chat_id
         ]
 
     def count(self, method: str) -> int:
@@ -180,9 +189,25 @@ class FakeTelegram:
 
     async def _api_sendMessage(self, params: dict[str, Any]) -> Any:
         chat_id = int(params["chat_id"])
+        params["message_id"] = next(self._message_ids)
+        self.shown[params["message_id"]] = params["text"]
         return {
-            "message_id": next(self._message_ids),
+            "message_id": params["message_id"],
             "date": int(time.time()),
+            "chat": {"id": chat_id, "type": "private" if chat_id > 0 else "group"},
+            "from": BOT_USER,
+            "text": params["text"],
+        }
+
+    async def _api_editMessageText(self, params: dict[str, Any]) -> Any:
+        chat_id, message_id = int(params["chat_id"]), int(params["message_id"])
+        if message_id not in self.shown:
+            raise web.HTTPBadRequest(text="message to edit not found")
+        self.shown[message_id] = params["text"]
+        return {
+            "message_id": message_id,
+            "date": int(time.time()),
+            "edit_date": int(time.time()),
             "chat": {"id": chat_id, "type": "private" if chat_id > 0 else "group"},
             "from": BOT_USER,
             "text": params["text"],

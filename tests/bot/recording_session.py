@@ -23,11 +23,13 @@ class RecordingSession(BaseSession):
     def __init__(self) -> None:
         super().__init__()
         self.requests: list[TelegramMethod[Any]] = []
+        self.times: list[float] = []  # time.monotonic() of each request
 
     async def make_request(
         self, bot: Bot, method: TelegramMethod[Any], timeout: int | None = None
     ) -> Any:
         self.requests.append(method)
+        self.times.append(time.monotonic())
         if isinstance(method, SendMessage):
             return Message(
                 message_id=len(self.requests),
@@ -78,7 +80,7 @@ def text_update(update_id: int, user_id: int, text: str) -> dict[str, Any]:
     }
 
 
-async def in_process_bot(db_url: str, model_dir: Path, reply_tokens: int = 8):
+async def in_process_bot(db_url: str, model_dir: Path, reply_tokens: int = 8, **settings: Any):
     """The real dispatcher, services, database and model, with only HTTP recorded.
 
     Returns (dispatcher, bot, recording session, database engine); the caller closes the
@@ -95,7 +97,7 @@ async def in_process_bot(db_url: str, model_dir: Path, reply_tokens: int = 8):
     model, tokenizer = load_model(str(model_dir))
     engine = GenerationEngine(model, tokenizer, persona=None, reply_tokens=reply_tokens)
     engine.start()
-    settings = Settings(_env_file=None, database_url=db_url, model_path=str(model_dir))
-    dialogue = DialogueService(create_sessionmaker(db), engine, settings)
+    config = Settings(_env_file=None, database_url=db_url, model_path=str(model_dir), **settings)
+    dialogue = DialogueService(create_sessionmaker(db), engine, config)
     session = RecordingSession()
-    return build_dispatcher(dialogue, settings, db), Bot("42:TEST", session=session), session, db
+    return build_dispatcher(dialogue, config, db), Bot("42:TEST", session=session), session, db

@@ -1,0 +1,76 @@
+"""Choosing the next token for every row of a batch, each row with its own sampling settings.
+
+One user's ``/temp`` must hold inside a shared batch, so temperature, top-k, top-p, repetition
+penalty and the minimum reply length are per-row tensors, applied in the order of Hugging Face's
+``generate`` (repetition penalty, then temperature, top-k, top-p). A temperature at or below
+:data:`GREEDY_BELOW` means greedy decoding for that row (argmax, no randomness).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+GREEDY_BELOW = 1e-3
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """Per-request sampling: each user has their own temperature."""
+
+    temperature: float = 0.8
+    top_p: float = 0.9
+    top_k: int = 50
+    repetition_penalty: float = 1.15
+    max_new_tokens: int = 64
+    min_new_tokens: int = 0
+    num_beams: int = 1
+
+
+def choose_tokens(
+    logits: torch.Tensor,
+    params: list[SamplingParams],
+    seen: torch.Tensor,
+    ban_stop: torch.Tensor,
+    stop_mask: torch.Tensor,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """The next token of each row.
+
+    ``logits`` ``[rows, vocab]`` (float32); ``seen`` ``[rows, vocab]`` marks tokens already in
+    each row (prompt and reply), which the repetition penalty discourages; ``ban_stop`` ``[rows]``
+    marks rows that have not reached their minimum length, for which the stop tokens (``True``
+    in ``stop_mask`` ``[vocab]``) are banned.
+    """
+    device = logits.device
+    vocab = logits.shape[1]
+    penalty = torch.tensor([p.repetition_penalty for p in params], device=device)[:, None]
+    if bool((penalty != 1.0).any()):
+        penalised = torch.where(logits < 0, logits * penalty, logits / penalty)
+        logits = torch.where(seen, penalised, logits)
+    if bool(ban_stop.any()):
+        logits = logits.clone()
+        logits[ban_stop[:, None] & stop_mask[None, :]] = float("-inf")
+    greedy_rows = torch.tensor([p.temperature <= GREEDY_BELOW for p in params], device=device)
+    greedy = logits.argmax(dim=-1)
+    if bool(greedy_rows.all()):
+        return greedy
+
+    temperature = torch.tensor([max(p.temperature, GREEDY_BELOW) for p in params], device=device)[
+        :, None
+    ]
+    scaled = logits / temperature
+    # Top-k: sample among each row's k best (k=0: all of them). Top-p is applied inside that
+    # candidate set, so the vocabulary is sorted only when some row asks for no top-k at all.
+    ks = [p.top_k if 0 < p.top_k < vocab else vocab for p in params]
+    values, indices = scaled.topk(max(ks), dim=-1)  # sorted, best first
+    rank = torch.arange(values.shape[1], device=device)[None, :]
+    values = values.masked_fill(rank >= torch.tensor(ks, device=device)[:, None], float("-inf"))
+    probs = values.softmax(dim=-1)
+    top_p = torch.tensor([p.top_p for p in params], device=device)[:, None]
+    before = probs.cumsum(dim=-1) - probs  # probability mass of the better candidates
+    probs = probs.masked_fill((before >= top_p) & (rank > 0), 0.0)
+    choice = torch.multinomial(probs, 1, generator=generator)
+    sampled = indices.gather(1, choice)[:, 0]
+    return torch.where(greedy_rows, greedy, sampled)

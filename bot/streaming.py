@@ -1,0 +1,111 @@
+"""Showing a reply while it is being generated, within Telegram's flood limits.
+
+The first words are sent as soon as they exist, and the message is then edited with the reply
+so far, at most once per ``interval_s`` per chat, counted from the user's message (Telegram
+allows about one message or edit per second per chat, and bots that edit on every token get
+"Too Many Requests" bans). So a reply that is ready within ``interval_s`` is sent once, whole,
+with no edits at all; a slow one (a long reply, a busy CPU) shows its first words after at most
+``interval_s`` and grows from there. Updates that arrive in between are coalesced: only the
+newest text is ever sent. :meth:`ReplyStream.finish` puts the
+final, cleaned reply in place (the same text the database keeps), splitting it when it is longer
+than one Telegram message.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable
+
+from aiogram import Bot
+from aiogram.exceptions import TelegramBadRequest
+from aiogram.types import Message
+
+from bot.dialogue import TELEGRAM_LIMIT, split_message
+
+logger = logging.getLogger(__name__)
+
+
+class ReplyStream:
+    """One reply being streamed into one Telegram message (then more, if it is long)."""
+
+    def __init__(
+        self,
+        bot: Bot,
+        message: Message,
+        interval_s: float = 1.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.bot = bot
+        self.message = message  # the user's message; the reply goes to its chat
+        self.interval_s = interval_s
+        self.clock = clock
+        self.sent: Message | None = None
+        self.edits = 0
+        self._latest = ""
+        self._shown = ""
+        self._last_send = clock()  # the user's message counts as the chat's last exchange
+        self._pump: asyncio.Task[None] | None = None
+        self._sending = False
+        self._finished = False
+
+    def update(self, text: str) -> None:
+        """The reply so far (called on the event loop by the engine): shown soon, not at once."""
+        self._latest = text[:TELEGRAM_LIMIT]
+        if self._pump is None or self._pump.done():
+            self._pump = asyncio.create_task(self._run())
+
+    async def _run(self) -> None:
+        while not self._finished and self._latest and self._latest != self._shown:
+            wait = self._last_send + self.interval_s - self.clock()
+            if wait > 0:
+                await asyncio.sleep(wait)
+                continue  # the reply may have grown or finished meanwhile
+            self._sending = True
+            try:
+                await self._show(self._latest)
+            finally:
+                self._sending = False
+
+    async def _show(self, text: str) -> None:
+        self._last_send = self.clock()
+        self._shown = text
+        try:
+            if self.sent is None:
+                self.sent = await self.message.answer(text)
+            else:
+                await self.bot.edit_message_text(
+                    text=text, chat_id=self.sent.chat.id, message_id=self.sent.message_id
+                )
+                self.edits += 1
+        except TelegramBadRequest as error:  # e.g. "message is not modified": nothing to lose
+            logger.debug("stream edit skipped: %s", error.message)
+
+    async def finish(self, final: str) -> None:
+        """Replace the streamed text with ``final`` (and send what does not fit as more messages).
+
+        Waits for an edit in flight and keeps the per-chat interval for the last edit too.
+        """
+        self._finished = True
+        if self._pump is not None and not self._pump.done():
+            if self._sending:  # let the request in flight land, so edits never overlap
+                with contextlib.suppress(Exception):
+                    await self._pump
+            else:  # only waiting out the interval: the final text supersedes it
+                self._pump.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await self._pump
+        pieces = split_message(final) or [final]
+        if self.sent is None:
+            for piece in pieces:
+                await self.message.answer(piece)
+            return
+        if pieces[0] != self._shown:
+            wait = self._last_send + self.interval_s - self.clock()
+            if wait > 0:
+                await asyncio.sleep(wait)
+            await self._show(pieces[0])
+        for piece in pieces[1:]:
+            await self.message.answer(piece)

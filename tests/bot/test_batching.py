@@ -1,0 +1,235 @@
+"""The serving engine: batched decoding, per-row sampling and the per-dialogue prefix cache.
+
+The reference for every greedy reply is Hugging Face's own ``model.generate`` on the same tokens,
+so the slot decoder, the cache and the batching are checked against the library, not themselves.
+"""
+
+import asyncio
+
+import pytest
+import torch
+
+from bot.engine import GenerationEngine, RequestStats, SamplingParams, load_model
+from dataset_tools.dialogue_format import render_dialogue
+
+GREEDY = SamplingParams(
+    temperature=0.0, repetition_penalty=1.0, max_new_tokens=12, min_new_tokens=12
+)
+PERSONA = "Я бот."
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_model_dir):
+    return load_model(str(tiny_model_dir))
+
+
+@pytest.fixture(scope="module")
+def chatty(chatty_model_dir):
+    return load_model(str(chatty_model_dir))
+
+
+def _engine(tiny, **kwargs) -> GenerationEngine:
+    model, tokenizer = tiny
+    return GenerationEngine(model, tokenizer, persona=PERSONA, **kwargs)
+
+
+def reference(engine: GenerationEngine, prompt_ids: list[int], params: SamplingParams) -> list[int]:
+    """Greedy tokens from ``model.generate`` (stop tokens removed, as the engine reports them)."""
+    ids = torch.tensor([prompt_ids])
+    with torch.inference_mode():
+        out = engine.model.generate(
+            input_ids=ids,
+            attention_mask=torch.ones_like(ids),
+            do_sample=False,
+            repetition_penalty=params.repetition_penalty,
+            max_new_tokens=params.max_new_tokens,
+            min_new_tokens=params.min_new_tokens,
+            eos_token_id=engine._stop_ids,
+            pad_token_id=engine.tokenizer.pad_token_id,
+        )
+    return [t for t in out[0, len(prompt_ids) :].tolist() if t not in engine._stop_ids]
+
+
+async def ask(engine, turns, params=GREEDY, key=None, on_text=None) -> tuple[str, RequestStats]:
+    stats = RequestStats()
+    reply = await engine.generate(turns, params, key=key, on_text=on_text, stats=stats)
+    return reply, stats
+
+
+DIALOGUES = [["Привет!"], ["Как дела?"], ["Что посмотреть вечером?"], ["Расскажи анекдот"]]
+
+
+async def test_greedy_replies_match_generate_alone_and_inside_a_batch(tiny):
+    engine = _engine(tiny)
+    engine.start()
+    try:
+        alone = [await ask(engine, turns) for turns in DIALOGUES]
+    finally:
+        engine.close()
+    batched_engine = _engine(tiny)  # queued first, then started: all four share every step
+    tasks = [asyncio.create_task(ask(batched_engine, turns)) for turns in DIALOGUES]
+    await asyncio.sleep(0.05)
+    batched_engine.start()
+    try:
+        together = await asyncio.gather(*tasks)
+    finally:
+        batched_engine.close()
+    for (_, solo), (_, shared) in zip(alone, together, strict=True):
+        assert shared.batch_rows == len(DIALOGUES)
+        assert solo.prompt_ids == shared.prompt_ids
+        assert solo.reply_ids == shared.reply_ids == reference(engine, solo.prompt_ids, GREEDY)
+        assert solo.reply_ids  # something was generated, so the comparison means something
+
+
+async def test_the_next_turn_reuses_the_cache_and_gives_the_same_greedy_reply(chatty):
+    engine = _engine(chatty)
+    engine.start()
+    until_stop = SamplingParams(temperature=0.0, repetition_penalty=1.0, max_new_tokens=30)
+    try:
+        turns = ["Привет!"]
+        first, first_stats = await ask(engine, turns, until_stop, key="alice")
+        assert first == "Привет, как дела?"  # what it learned; it ended with a speaker tag
+        assert "alice" in engine.prefix_cache
+        turns += [first, "Хорошо, а у тебя?"]
+        second, stats = await ask(engine, turns, until_stop, key="alice")
+        assert second == "Отлично, спасибо."
+        # Only the new message was encoded: the previous prompt and reply came from the cache.
+        assert stats.reused_tokens == first_stats.prompt_tokens + len(first_stats.reply_ids)
+        assert stats.reply_ids == reference(engine, stats.prompt_ids, until_stop)
+        assert stats.prompt_ids[: first_stats.prompt_tokens] == first_stats.prompt_ids
+        # The same prompt without a cache: encoded from scratch, the very same tokens out.
+        _, fresh = await ask(engine, turns, until_stop)
+        assert fresh.reused_tokens == 0
+        assert fresh.reply_ids == stats.reply_ids
+    finally:
+        engine.close()
+
+
+async def test_forget_and_history_trimming_invalidate_the_cache(tiny):
+    engine = _engine(tiny)
+    engine.start()
+    try:
+        turns = ["Привет!"]
+        reply, _ = await ask(engine, turns, key="bob")
+        turns += [reply, "Второй вопрос"]
+        reply, _ = await ask(engine, turns, key="bob")
+        engine.forget("bob")  # what /reset and /forget do
+        assert "bob" not in engine.prefix_cache
+        _, after_reset = await ask(engine, turns, key="bob")
+        assert after_reset.reused_tokens == 0
+
+        # Trimming drops the first exchange: only the persona is still a common prefix.
+        persona_tokens = engine.count_tokens(render_dialogue([], PERSONA, add_eos=False))
+        trimmed = turns[2:]
+        _, stats = await ask(engine, trimmed, key="bob")
+        assert 0 < stats.reused_tokens <= persona_tokens + 1
+        assert stats.reply_ids == reference(engine, stats.prompt_ids, GREEDY)
+    finally:
+        engine.close()
+
+
+async def test_the_memory_budget_evicts_the_least_recently_used_dialogue(tiny):
+    model, _ = tiny
+    per_token = 2 * model.config.n_layer * model.config.n_embd * 4
+    engine = _engine(tiny, cache_mb=60 * per_token / 2**20)  # room for ~60 tokens: one dialogue
+    engine.start()
+    try:
+        await ask(engine, ["Первый пользователь"], key=1)
+        assert 1 in engine.prefix_cache
+        await ask(engine, ["Второй пользователь"], key=2)
+        assert 2 in engine.prefix_cache and 1 not in engine.prefix_cache
+        assert engine.prefix_cache.evictions == 1
+        assert engine.prefix_cache.used_bytes <= engine.prefix_cache.budget_bytes
+        _, stats = await ask(engine, ["Первый пользователь", "ответ", "ещё"], key=1)
+        assert stats.reused_tokens == 0
+    finally:
+        engine.close()
+
+
+async def test_each_row_keeps_its_own_temperature_inside_one_batch(tiny):
+    engine = _engine(tiny, seed=0)
+    cold = SamplingParams(
+        temperature=1e-4,
+        top_k=0,
+        top_p=1.0,
+        repetition_penalty=1.0,
+        max_new_tokens=20,
+        min_new_tokens=20,
+    )
+    hot = SamplingParams(
+        temperature=3.0,
+        top_k=0,
+        top_p=1.0,
+        repetition_penalty=1.0,
+        max_new_tokens=20,
+        min_new_tokens=20,
+    )
+    turns = ["Одинаковый вопрос"]
+    tasks = [asyncio.create_task(ask(engine, turns, params)) for params in (cold, hot)]
+    await asyncio.sleep(0.05)
+    engine.start()
+    try:
+        (_, cold_stats), (_, hot_stats) = await asyncio.gather(*tasks)
+    finally:
+        engine.close()
+    assert cold_stats.batch_rows == hot_stats.batch_rows == 2
+    assert cold_stats.reply_ids == reference(engine, cold_stats.prompt_ids, cold)
+    assert len(hot_stats.reply_ids) == 20
+    assert hot_stats.reply_ids != cold_stats.reply_ids
+
+
+async def test_a_request_arriving_mid_batch_joins_and_is_answered(tiny):
+    engine = _engine(tiny, reply_tokens=400)
+    engine.start()
+    try:
+        long = SamplingParams(temperature=0.0, max_new_tokens=400, min_new_tokens=400)
+        first = asyncio.create_task(ask(engine, ["Длинный ответ, пожалуйста"], long))
+        while engine.active_rows == 0:
+            await asyncio.sleep(0.001)
+        _reply, stats = await ask(engine, ["Короткий вопрос"])
+        assert not first.done()  # answered while the long one was still decoding
+        assert stats.batch_rows == 2
+        assert stats.reply_ids == reference(engine, stats.prompt_ids, GREEDY)
+        _, long_stats = await first
+        assert len(long_stats.reply_ids) == 400
+    finally:
+        engine.close()
+
+
+async def test_streaming_sends_growing_text_that_ends_in_the_reply(chatty):
+    engine = _engine(chatty)
+    engine.start()
+    seen: list[str] = []
+    try:
+        params = SamplingParams(temperature=0.0, max_new_tokens=30)
+        reply, _ = await ask(engine, ["Привет!"], params, on_text=seen.append)
+        await asyncio.sleep(0.05)  # callbacks run on the loop, maybe just after the reply
+    finally:
+        engine.close()
+    assert len(seen) > 1
+    assert all(reply.startswith(text) for text in seen)
+    assert seen[-1] == reply == "Привет, как дела?"
+
+
+async def test_beam_search_is_served_apart_and_matches_generate(tiny):
+    engine = _engine(tiny)
+    engine.start()
+    try:
+        params = SamplingParams(
+            temperature=0.0, repetition_penalty=1.0, max_new_tokens=10, num_beams=3
+        )
+        _, stats = await ask(engine, ["Привет!"], params)
+    finally:
+        engine.close()
+    ids = torch.tensor([stats.prompt_ids])
+    out = engine.model.generate(
+        input_ids=ids,
+        attention_mask=torch.ones_like(ids),
+        num_beams=3,
+        do_sample=False,
+        max_new_tokens=10,
+        eos_token_id=engine._stop_ids,
+        pad_token_id=engine.tokenizer.pad_token_id,
+    )
+    expected = [t for t in out[0, ids.shape[1] :].tolist() if t not in engine._stop_ids]
+    assert stats.reply_ids == expected

@@ -1,0 +1,106 @@
+"""Streaming replies: first words early, edits within Telegram's per-chat limit, final = stored."""
+
+import asyncio
+import itertools
+import time
+
+import pytest
+from aiogram import Bot
+from aiogram.methods import EditMessageText, SendMessage
+from aiogram.types import Chat, Message, User
+
+from bot.streaming import ReplyStream
+from tests.bot.harness import stored_messages
+from tests.bot.recording_session import RecordingSession, in_process_bot, text_update
+
+
+def what_the_user_sees(session: RecordingSession, chat_id: int) -> list[str]:
+    """The chat's bot messages after all edits, in order."""
+    texts: dict[int, str] = {}
+    for index, method in enumerate(session.requests):
+        if isinstance(method, SendMessage) and int(method.chat_id) == chat_id:
+            texts[index + 1] = method.text  # the recording session's message ids
+        elif isinstance(method, EditMessageText) and int(method.chat_id) == chat_id:
+            texts[int(method.message_id)] = method.text
+    return list(texts.values())
+
+
+async def test_a_streamed_reply_is_edited_into_the_stored_text(tmp_path, chatty_model_dir):
+    db_path = tmp_path / "bot.db"
+    dp, bot, session, db = await in_process_bot(
+        f"sqlite+aiosqlite:///{db_path}",
+        chatty_model_dir,
+        reply_tokens=30,
+        system_prompt="",
+        stream_edit_interval_s=0.0,
+    )
+    try:
+        await dp.feed_raw_update(bot, text_update(1, 7, "Привет!"))
+    finally:
+        dp["dialogue"].engine.close()
+        await db.dispose()
+    sends = [m for m in session.requests if isinstance(m, SendMessage)]
+    edits = [m for m in session.requests if isinstance(m, EditMessageText)]
+    assert len(sends) == 1  # one message, grown by edits
+    assert edits, "the reply was not streamed"
+    stored = [text for role, text in stored_messages(db_path, 7) if role == "bot"]
+    assert what_the_user_sees(session, 7) == stored == ["Привет, как дела?"]
+    assert stored[0].startswith(sends[0].text)  # the first words were the reply's beginning
+
+
+@pytest.fixture
+def recording_bot():
+    session = RecordingSession()
+    return Bot("42:TEST", session=session), session
+
+
+def _user_message(bot: Bot) -> Message:
+    return Message(
+        message_id=1,
+        date=int(time.time()),
+        chat=Chat(id=5, type="private"),
+        from_user=User(id=5, is_bot=False, first_name="Тест"),
+        text="Расскажи что-нибудь длинное",
+    ).as_(bot)
+
+
+async def test_edits_keep_to_one_per_interval_and_end_with_the_final_text(recording_bot):
+    bot, session = recording_bot
+    interval = 0.2
+    stream = ReplyStream(bot, _user_message(bot), interval)
+    started = time.monotonic()
+    words = []
+    while time.monotonic() - started < 1.0:  # a token every 10 ms for a second
+        words.append(f"слово{len(words)}")
+        stream.update(" ".join(words))
+        await asyncio.sleep(0.01)
+    final = " ".join(words) + "."
+    await stream.finish(final)
+
+    times = [t - started for t in session.times]
+    assert times[0] >= interval - 0.02  # nothing before the interval from the user's message
+    gaps = [b - a for a, b in itertools.pairwise(times)]
+    assert min(gaps) >= interval - 0.02
+    assert len(times) <= 1.0 / interval + 2  # ~100 updates became a handful of requests
+    assert what_the_user_sees(session, 5) == [final]
+
+
+async def test_a_quick_reply_is_sent_once_without_edits(recording_bot):
+    bot, session = recording_bot
+    stream = ReplyStream(bot, _user_message(bot), interval_s=1.0)
+    stream.update("Быстрый")
+    stream.update("Быстрый ответ")
+    await stream.finish("Быстрый ответ.")
+    assert [type(m) for m in session.requests] == [SendMessage]
+    assert what_the_user_sees(session, 5) == ["Быстрый ответ."]
+
+
+async def test_a_final_text_longer_than_a_message_continues_in_new_messages(recording_bot):
+    bot, session = recording_bot
+    stream = ReplyStream(bot, _user_message(bot), interval_s=0.0)
+    stream.update("начало")
+    await asyncio.sleep(0.01)
+    await stream.finish("слово " * 1200)
+    seen = what_the_user_sees(session, 5)
+    assert len(seen) == 2 and all(len(text) <= 4096 for text in seen)
+    assert " ".join(seen).split() == ["слово"] * 1200
