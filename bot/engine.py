@@ -11,7 +11,8 @@ What it does for a chat server on one machine (the figures in the README come fr
   about twice one row, not eight times.
 - **Prefix caching.** After a reply the dialogue's keys/values stay in a
   :class:`~bot.prefix_cache.PrefixCache` (LRU, ``KV_CACHE_MB``); the next turn encodes only the
-  new user message. ``/reset`` drops the entry; when trimming the history changes the start of
+  new user message. The persona exchange that opens every prompt is encoded once and shared by
+  all dialogues. ``/reset`` drops the entry; when trimming the history changes the start of
   the prompt, the cache is used only up to where the prompts differ (the persona), which is why
   the history is trimmed in steps of several exchanges (``bot.memory``).
 - **Streaming.** A request may pass ``on_text``; it is called on the event loop with the clean
@@ -49,7 +50,13 @@ from bot.decoder import SlotDecoder, supports
 from bot.prefix_cache import CachedDialogue, PrefixCache, common_prefix
 from bot.quantize import load_int8_low_memory, quantize_int8
 from bot.sampling import SamplingParams, choose_tokens
-from dataset_tools.dialogue_format import BOT_TAG, USER_TAG, parse_reply, render_prompt
+from dataset_tools.dialogue_format import (
+    BOT_TAG,
+    USER_TAG,
+    parse_reply,
+    render_dialogue,
+    render_prompt,
+)
 
 __all__ = [
     "EngineBusy",
@@ -223,6 +230,10 @@ class GenerationEngine:
             SlotDecoder(model, self.context_tokens) if batched and supports(model) else None
         )
         self.prefix_cache = PrefixCache(int(cache_mb * 2**20))
+        # The persona exchange opens every prompt: encoded once, shared by every dialogue's
+        # first turn (and by any turn whose own entry was evicted or reset).
+        self._persona_text = render_dialogue([], persona, add_eos=False) if persona else ""
+        self._persona_entry: CachedDialogue | None = None
         self._vocab_size = model.get_output_embeddings().weight.shape[0]
         device = model.device
         self._stop_mask = torch.zeros(self._vocab_size, dtype=torch.bool, device=device)
@@ -260,7 +271,7 @@ class GenerationEngine:
 
     def warm_up(self) -> None:
         """Serve one short request in the calling thread (before :meth:`start`), so that the
-        first user does not pay for lazy initialisation, and drop what it cached."""
+        first user pays neither for lazy initialisation nor for encoding the persona."""
         request = _Request(
             render_prompt(["Привет"], self.persona),
             SamplingParams(max_new_tokens=2),
@@ -271,6 +282,7 @@ class GenerationEngine:
         self._take(request)
         while self._rows:
             self._step()
+        self.replies = self.tokens = self.prefilled_tokens = self.reused_tokens = 0
 
     def forget(self, key: Hashable) -> None:
         """Drop a dialogue's cached keys/values (its history was reset or deleted)."""
@@ -376,14 +388,27 @@ class GenerationEngine:
                 return ids
         return self._tokenize(prompt)[-self.prompt_budget :]
 
+    def _shared_persona(self, slot: int) -> CachedDialogue | None:
+        """The persona exchange's keys/values, computed once (in ``slot``, which is free)."""
+        if self._persona_entry is None and self._persona_text and self.decoder is not None:
+            ids = self._tokenize(self._persona_text)
+            if 0 < len(ids) < self.prompt_budget:
+                self.decoder.reserve(slot + 1, len(ids))
+                with torch.inference_mode():
+                    self.decoder.prefill(slot, ids, 0)
+                past = self.decoder.save_slot(slot, len(ids))
+                self._persona_entry = CachedDialogue(self._persona_text, ids, past)
+        return self._persona_entry
+
     def _admit(self, request: _Request) -> None:
         assert self.decoder is not None
-        cached = self.prefix_cache.take(request.key) if request.key is not None else None
+        slot = len(self._rows)
+        own = self.prefix_cache.take(request.key) if request.key is not None else None
+        cached = own or self._shared_persona(slot)
         ids = self._encode(request.prompt, cached)
         reuse = 0
         if cached is not None:
             reuse = min(common_prefix(cached.ids[: cached.computed], ids), len(ids) - 1)
-        slot = len(self._rows)
         max_new = min(request.params.max_new_tokens, self.reply_tokens)
         self.decoder.reserve(slot + 1, min(len(ids) + max_new, self.context_tokens))
         if reuse:

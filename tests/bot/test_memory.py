@@ -60,3 +60,26 @@ def test_unanswered_user_messages_are_merged_not_lost():
 def test_history_must_end_with_the_user():
     with pytest.raises(ValueError):
         build_prompt_turns(_history("привет", "ответ"), count_words, 100, None)
+
+
+def test_trimming_in_steps_keeps_the_prompt_start_stable_across_turns():
+    """With trim_step=3 the start of the prompt moves once every few turns, not on every turn,
+    so the engine's cached prefix stays usable (and it never exceeds the budget)."""
+    texts = [f"реплика{i} " + "слово " * 4 for i in range(40)]
+    budget = 60
+    starts = []
+    for length in range(21, 41, 2):  # the dialogue grows by an exchange per turn
+        history = _history(*texts[:length])
+        kept = build_prompt_turns(history, count_words, budget, None, trim_step=3)
+        assert count_words(render_prompt(kept, None)) <= budget
+        assert kept[-1] == texts[length - 1]
+        starts.append(kept[0])
+        fewest = build_prompt_turns(history, count_words, budget, None)
+        assert len(kept) <= len(fewest)
+    changes = sum(1 for a, b in zip(starts, starts[1:], strict=False) if a != b)
+    assert changes <= len(starts) // 3 + 1  # with trim_step=1 the start moves every turn
+    single = [
+        build_prompt_turns(_history(*texts[:n]), count_words, budget, None)[0]
+        for n in range(21, 41, 2)
+    ]
+    assert len(set(single)) == len(single)

@@ -1,0 +1,298 @@
+"""``make bench``: many users chatting at once, the naive design against the engine.
+
+Simulated load: N users, each holding a T-turn conversation (persona ≈ 60 tokens, user messages
+≈ 20 tokens, replies forced to a fixed length with ``min_new_tokens``; the history grows turn by
+turn), all users active at once. The same messages go to:
+
+- **naive**: the design this product replaces. Every turn re-encodes the whole context and calls
+  ``model.generate`` from ``loop.run_in_executor(None, ...)`` (the default executor: min(32,
+  cores + 4) threads sharing the cores);
+- **engine**: ``bot.engine.GenerationEngine`` (continuous batching, per-dialogue prefix cache).
+
+Each design runs in its own child process (peak RSS is per process) on the same model, built
+from a config with random weights (``--shape medium`` is RuGPT-3 medium's: 24 layers, 1024 wide,
+vocab 50264), so the figures need no download. Printed: wall time, aggregate new tokens/s, p50
+and p95 turn latency (to the whole reply and to the first token), peak RSS, and the ratios.
+``--json FILE`` writes ``{"naive": {...}, "engine": {...}}`` with the stable keys
+``tokens_per_s``, ``p50_s``, ``p95_s``, ``first_token_p50_s``, ``peak_rss_mb``.
+
+The vocabulary: a BPE trained on the project's sample dialogues, filled up to the model's size
+with placeholder tokens spelled with a leading space (as most words of a real GPT-2 vocabulary
+are), so that a random model's replies are text that round-trips through the tokenizer as a
+trained model's does.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from bot.bench_decode import SHAPES, peak_rss_kb
+
+KEYS = ("tokens_per_s", "p50_s", "p95_s", "first_token_p50_s", "peak_rss_mb")
+PERSONA_TOKENS = 60
+MESSAGE_TOKENS = 20
+
+
+def build(shape: str, path: Path) -> None:
+    """A random-weight GPT-2 of ``shape`` and a tokenizer as large as its vocabulary."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from dataset_tools.dialogue_format import render_dialogue
+    from dataset_tools.sample_data import generate_dialogues
+    from trainer.modeling import train_scratch_tokenizer
+
+    tokenizer = train_scratch_tokenizer((render_dialogue(d) for d in generate_dialogues()), 4000)
+    vocab = 50264 if shape != "tiny" else 4096
+    tokenizer.add_tokens([f" <w{i}>" for i in range(vocab - len(tokenizer))])
+    config = GPT2Config(
+        vocab_size=vocab,
+        n_positions=2048 if shape != "tiny" else 1024,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=tokenizer.eos_token_id,
+        **SHAPES[shape],
+    )
+    torch.manual_seed(0)
+    GPT2LMHeadModel(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+
+
+def conversations(tokenizer: Any, users: int, turns: int) -> tuple[str, list[list[str]]]:
+    """The persona and each user's messages, cut from the sample dialogues to the target sizes."""
+    from dataset_tools.sample_data import generate_dialogues
+
+    def sized(words: list[str], tokens: int) -> str:
+        text = ""
+        for word in words:
+            longer = f"{text} {word}".strip()
+            if len(tokenizer(longer, add_special_tokens=False)["input_ids"]) > tokens:
+                break
+            text = longer
+        return text
+
+    dialogues = [d for d in generate_dialogues() if len(d) >= 2]
+    pool = [w for d in dialogues for t in d for w in t.split()]
+    persona = sized(pool[: PERSONA_TOKENS * 2], PERSONA_TOKENS)
+    messages = []
+    for user in range(users):
+        own = []
+        for turn in range(turns):
+            start = (user * turns + turn) * 37 % max(len(pool) - 80, 1)
+            own.append(sized(pool[start : start + 80], MESSAGE_TOKENS))
+        messages.append(own)
+    return persona, messages
+
+
+def summarise(
+    latencies: list[float], firsts: list[float], tokens: int, wall: float, per_turn: list[float]
+) -> dict[str, Any]:
+    ordered = sorted(latencies)
+    p95 = ordered[min(len(ordered) - 1, round(0.95 * (len(ordered) - 1)))]
+    return {
+        "wall_s": round(wall, 2),
+        "new_tokens": tokens,
+        "tokens_per_s": round(tokens / wall, 2),
+        "p50_s": round(statistics.median(latencies), 3),
+        "p95_s": round(p95, 3),
+        "first_token_p50_s": round(statistics.median(firsts), 3),
+        "turn_latency_s": [round(x, 3) for x in per_turn],
+        "peak_rss_mb": round(peak_rss_kb() / 1024, 1),
+    }
+
+
+async def run_design(args: argparse.Namespace) -> dict[str, Any]:
+    """One design, in this process: load, warm up, serve every user's conversation."""
+    from transformers.generation.streamers import BaseStreamer
+
+    from bot.engine import GenerationEngine, RequestStats, SamplingParams, load_model
+    from dataset_tools.dialogue_format import render_prompt
+
+    model, tokenizer = load_model(str(args.model), args.device, args.dtype, args.quantize)
+    persona, messages = conversations(tokenizer, args.users, args.turns)
+    reply = args.reply_tokens
+    params = SamplingParams(max_new_tokens=reply, min_new_tokens=reply)
+    torch.manual_seed(1)
+    latencies: list[float] = []
+    firsts: list[float] = []
+    per_turn: list[list[float]] = [[] for _ in range(args.turns)]
+    produced = 0
+    engine = GenerationEngine(
+        model,
+        tokenizer,
+        persona=persona,
+        reply_tokens=reply,
+        queue_size=args.users * 2,
+        timeout_s=3600,
+        max_batch=args.max_batch,
+        cache_mb=args.cache_mb,
+    )
+    stop_ids = engine._stop_ids
+
+    class FirstToken(BaseStreamer):
+        """Records when ``generate`` produces its first new token (its first ``put`` is the
+        prompt)."""
+
+        def __init__(self) -> None:
+            self.calls, self.at = 0, 0.0
+
+        def put(self, value: torch.Tensor) -> None:
+            self.calls += 1
+            if self.calls == 2:
+                self.at = time.perf_counter()
+
+        def end(self) -> None:
+            pass
+
+    def naive_generate(prompt: str, streamer: FirstToken) -> tuple[str, int]:
+        ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=False)["input_ids"]
+        ids = ids.to(model.device)
+        with torch.inference_mode():
+            out = model.generate(
+                input_ids=ids,
+                attention_mask=torch.ones_like(ids),
+                do_sample=True,
+                temperature=params.temperature,
+                top_p=params.top_p,
+                top_k=params.top_k,
+                repetition_penalty=params.repetition_penalty,
+                max_new_tokens=reply,
+                min_new_tokens=reply,
+                eos_token_id=stop_ids,
+                pad_token_id=tokenizer.pad_token_id,
+                streamer=streamer,
+            )
+        new = out[0, ids.shape[1] :].tolist()
+        return tokenizer.decode(new, skip_special_tokens=False), len(new)
+
+    async def naive_user(index: int) -> None:
+        nonlocal produced
+        from dataset_tools.dialogue_format import parse_reply
+
+        loop = asyncio.get_running_loop()
+        turns: list[str] = []
+        for turn, message in enumerate(messages[index]):
+            turns.append(message)
+            streamer = FirstToken()
+            started = time.perf_counter()
+            text, count = await loop.run_in_executor(
+                None, naive_generate, render_prompt(turns, persona), streamer
+            )
+            took = time.perf_counter() - started
+            latencies.append(took)
+            per_turn[turn].append(took)
+            firsts.append(streamer.at - started)
+            produced += count
+            turns.append(parse_reply(text, eos_token=tokenizer.eos_token) or "…")
+
+    async def engine_user(index: int) -> None:
+        nonlocal produced
+        turns: list[str] = []
+        for turn, message in enumerate(messages[index]):
+            turns.append(message)
+            stats = RequestStats()
+            started = time.perf_counter()
+            text = await engine.generate(turns, params, key=index, stats=stats)
+            took = time.perf_counter() - started
+            latencies.append(took)
+            per_turn[turn].append(took)
+            firsts.append((stats.first_token_at or started) - started)
+            produced += stats.new_tokens
+            turns.append(text or "…")
+
+    if args.only == "engine":
+        engine.warm_up()
+        engine.start()
+        user = engine_user
+    else:
+        naive_generate(render_prompt(["Привет"], persona), FirstToken())  # the same warm-up
+        user = naive_user
+    started = time.perf_counter()
+    await asyncio.gather(*(user(i) for i in range(args.users)))
+    wall = time.perf_counter() - started
+    engine.close()
+    result = summarise(latencies, firsts, produced, wall, [statistics.mean(t) for t in per_turn])
+    if args.only == "engine":
+        total = engine.prefilled_tokens + engine.reused_tokens
+        result["prompt_tokens_reused"] = round(engine.reused_tokens / max(total, 1), 3)
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bot.bench", description=__doc__.split("\n")[0])
+    parser.add_argument("--shape", choices=sorted(SHAPES), default="tiny")
+    parser.add_argument("--users", type=int, default=8)
+    parser.add_argument("--turns", type=int, default=4)
+    parser.add_argument("--reply-tokens", type=int, default=40)
+    parser.add_argument("--max-batch", type=int, default=None, help="default: --users")
+    parser.add_argument("--cache-mb", type=float, default=4096)
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--quantize", default="none", choices=["none", "int8"])
+    parser.add_argument("--json", type=Path, help="also write the figures to this file")
+    parser.add_argument("--model", type=Path, help=argparse.SUPPRESS)  # set for the children
+    parser.add_argument("--only", choices=["naive", "engine"], help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    args.max_batch = args.max_batch or args.users
+
+    if args.only:  # a child: one design, JSON on the last line
+        print(json.dumps(asyncio.run(run_design(args))), flush=True)
+        return 0
+
+    with tempfile.TemporaryDirectory() as tmp:
+        model_dir = Path(tmp) / "model"
+        print(f"building a random {args.shape} model ...", flush=True)
+        build(args.shape, model_dir)
+        results: dict[str, dict[str, Any]] = {}
+        for design in ("naive", "engine"):
+            print(f"{design}: {args.users} users x {args.turns} turns ...", flush=True)
+            child = [sys.executable, "-m", "bot.bench", *(argv or sys.argv[1:])]
+            child += ["--model", str(model_dir), "--only", design]
+            done = subprocess.run(
+                child, capture_output=True, text=True, env=os.environ.copy(), check=False
+            )
+            if done.returncode != 0:
+                sys.stderr.write(done.stderr)
+                return done.returncode
+            results[design] = json.loads(done.stdout.strip().splitlines()[-1])
+    print_table(args, results)
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
+    return 0
+
+
+def print_table(args: argparse.Namespace, results: dict[str, dict[str, Any]]) -> None:
+    naive, engine = results["naive"], results["engine"]
+    print(
+        f"\n{args.shape} shape, {args.users} users x {args.turns} turns, "
+        f"{args.reply_tokens}-token replies, {args.dtype}, quantize={args.quantize}"
+    )
+    rows = [
+        ("wall time, s", "wall_s", False),
+        ("new tokens / s", "tokens_per_s", True),
+        ("turn latency p50, s", "p50_s", False),
+        ("turn latency p95, s", "p95_s", False),
+        ("first token p50, s", "first_token_p50_s", False),
+        ("peak RSS, MB", "peak_rss_mb", False),
+    ]
+    print(f"{'':24}{'naive':>10}{'engine':>10}{'engine/naive':>14}")
+    for label, key, _ in rows:
+        ratio = engine[key] / naive[key] if naive[key] else float("nan")
+        print(f"{label:24}{naive[key]:>10}{engine[key]:>10}{ratio:>13.2f}x")
+    print(f"mean latency per turn, naive:  {naive['turn_latency_s']}")
+    print(f"mean latency per turn, engine: {engine['turn_latency_s']}")
+    print(f"prompt tokens served from the prefix cache: {engine['prompt_tokens_reused']:.0%}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
