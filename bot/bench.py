@@ -225,6 +225,8 @@ async def run_design(args: argparse.Namespace) -> dict[str, Any]:
     if args.only == "engine":
         total = engine.prefilled_tokens + engine.reused_tokens
         result["prompt_tokens_reused"] = round(engine.reused_tokens / max(total, 1), 3)
+        result["engine_busy_s"] = {k: round(v, 2) for k, v in engine.busy_s.items()}
+        result["engine_steps"] = engine.steps
     return result
 
 
@@ -240,6 +242,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--quantize", default="none", choices=["none", "int8"])
     parser.add_argument("--json", type=Path, help="also write the figures to this file")
+    parser.add_argument(
+        "--designs", default="naive,engine", help="which to run (the naive one is slow at scale)"
+    )
     parser.add_argument("--model", type=Path, help=argparse.SUPPRESS)  # set for the children
     parser.add_argument("--only", choices=["naive", "engine"], help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -254,7 +259,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"building a random {args.shape} model ...", flush=True)
         build(args.shape, model_dir)
         results: dict[str, dict[str, Any]] = {}
-        for design in ("naive", "engine"):
+        for design in args.designs.split(","):
             print(f"{design}: {args.users} users x {args.turns} turns ...", flush=True)
             child = [sys.executable, "-m", "bot.bench", *(argv or sys.argv[1:])]
             child += ["--model", str(model_dir), "--only", design]
@@ -265,7 +270,10 @@ def main(argv: list[str] | None = None) -> int:
                 sys.stderr.write(done.stderr)
                 return done.returncode
             results[design] = json.loads(done.stdout.strip().splitlines()[-1])
-    print_table(args, results)
+    if {"naive", "engine"} <= results.keys():
+        print_table(args, results)
+    else:
+        print(json.dumps(results, indent=2))
     if args.json:
         args.json.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
     return 0
@@ -292,6 +300,7 @@ def print_table(args: argparse.Namespace, results: dict[str, dict[str, Any]]) ->
     print(f"mean latency per turn, naive:  {naive['turn_latency_s']}")
     print(f"mean latency per turn, engine: {engine['turn_latency_s']}")
     print(f"prompt tokens served from the prefix cache: {engine['prompt_tokens_reused']:.0%}")
+    print(f"engine worker: {engine['engine_steps']} steps, busy (s): {engine['engine_busy_s']}")
 
 
 if __name__ == "__main__":

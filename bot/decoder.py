@@ -26,7 +26,15 @@ import math
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers import PreTrainedModel
+
+#: Attention reads keys in multiples of this many positions (masked past each row's end), so a
+#: growing dialogue does not present a new shape at every step.
+KEY_BLOCK = 64
+#: Attention kernels without per-shape planning. cuDNN's attention builds an execution plan for
+#: every new shape, and every prefill and step here has one.
+_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
 def supports(model: PreTrainedModel) -> bool:
@@ -74,7 +82,9 @@ class SlotDecoder:
         """Make room for ``slots`` rows of ``length`` tokens, doubling (and copying) if needed."""
         if slots <= self.slots and length <= self.capacity:
             return
-        new_slots = max(slots, min(2 * self.slots, slots + 8) if self.slots else slots)
+        new_slots = self.slots  # never shrinks: rows live in the slots it has
+        if slots > self.slots:
+            new_slots = max(slots, min(2 * self.slots, self.slots + 8))
         new_capacity = self.capacity or self._initial_capacity
         while new_capacity < length:
             new_capacity *= 2
@@ -126,21 +136,30 @@ class SlotDecoder:
         already hold this row's prefix) and return the logits after the last one ``[vocab]``."""
         steps = len(ids)
         end = start + steps
+        keys_end = min(-(-end // KEY_BLOCK) * KEY_BLOCK, self.capacity)
         positions = torch.arange(start, end, device=self.device)
         hidden = self._embed(torch.tensor([ids], device=self.device), positions[None])
         # Query i (at position start+i) sees keys 0..start+i.
-        mask = None
-        if start:
-            mask = torch.arange(end, device=self.device)[None, :] <= positions[:, None]
+        mask = torch.arange(keys_end, device=self.device)[None, :] <= positions[:, None]
+        with sdpa_kernel(_BACKENDS):
+            return self._prefill_layers(slot, hidden, mask, start, end, keys_end)
+
+    def _prefill_layers(
+        self,
+        slot: int,
+        hidden: torch.Tensor,
+        mask: torch.Tensor,
+        start: int,
+        end: int,
+        keys_end: int,
+    ) -> torch.Tensor:
         for layer, (block, scale) in enumerate(zip(self.blocks, self.scales, strict=True)):
             q, k, v = self._split(block.attn.c_attn(block.ln_1(hidden)))
             self.cache[layer, 0, slot, :, start:end] = k[0]
             self.cache[layer, 1, slot, :, start:end] = v[0]
-            keys = self.cache[layer, 0, slot : slot + 1, :, :end]
-            values = self.cache[layer, 1, slot : slot + 1, :, :end]
-            attended = F.scaled_dot_product_attention(
-                q, keys, values, attn_mask=mask, is_causal=mask is None, scale=scale
-            )
+            keys = self.cache[layer, 0, slot : slot + 1, :, :keys_end]
+            values = self.cache[layer, 1, slot : slot + 1, :, :keys_end]
+            attended = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=scale)
             hidden = hidden + block.attn.c_proj(self._merge(attended))
             hidden = hidden + block.mlp(block.ln_2(hidden))
         return self._logits(hidden[:, -1])[0]
@@ -151,11 +170,22 @@ class SlotDecoder:
         Returns logits ``[n, vocab]``. The caller advances each length by one.
         """
         rows = tokens.shape[0]
-        longest = int(lengths.max()) + 1
+        longest = min(-(-(int(lengths.max()) + 1) // KEY_BLOCK) * KEY_BLOCK, self.capacity)
         hidden = self._embed(tokens, lengths)[:, None, :]
         mask = (torch.arange(longest, device=self.device)[None, :] <= lengths[:, None])[
             :, None, None, :
         ]
+        with sdpa_kernel(_BACKENDS):
+            return self._decode_layers(rows, hidden, mask, lengths, longest)
+
+    def _decode_layers(
+        self,
+        rows: int,
+        hidden: torch.Tensor,
+        mask: torch.Tensor,
+        lengths: torch.Tensor,
+        longest: int,
+    ) -> torch.Tensor:
         index = torch.arange(rows, device=self.device)
         for layer, (block, scale) in enumerate(zip(self.blocks, self.scales, strict=True)):
             q, k, v = self._split(block.attn.c_attn(block.ln_1(hidden)))

@@ -245,6 +245,9 @@ class GenerationEngine:
         self.tokens = 0
         self.prefilled_tokens = 0
         self.reused_tokens = 0
+        # Where the worker's time goes (seconds), for the bench and /stats-style diagnostics.
+        self.busy_s = {"admit": 0.0, "step": 0.0, "finish": 0.0}
+        self.steps = 0
 
     @property
     def prompt_budget(self) -> int:
@@ -282,7 +285,8 @@ class GenerationEngine:
         self._take(request)
         while self._rows:
             self._step()
-        self.replies = self.tokens = self.prefilled_tokens = self.reused_tokens = 0
+        self.replies = self.tokens = self.prefilled_tokens = self.reused_tokens = self.steps = 0
+        self.busy_s = dict.fromkeys(self.busy_s, 0.0)
 
     def forget(self, key: Hashable) -> None:
         """Drop a dialogue's cached keys/values (its history was reset or deleted)."""
@@ -401,6 +405,13 @@ class GenerationEngine:
         return self._persona_entry
 
     def _admit(self, request: _Request) -> None:
+        started = time.perf_counter()
+        try:
+            self._admit_timed(request)
+        finally:
+            self.busy_s["admit"] += time.perf_counter() - started
+
+    def _admit_timed(self, request: _Request) -> None:
         assert self.decoder is not None
         slot = len(self._rows)
         own = self.prefix_cache.take(request.key) if request.key is not None else None
@@ -430,6 +441,8 @@ class GenerationEngine:
     def _step(self) -> None:
         """Feed every row its last token, choose the next ones, let finished rows go."""
         assert self.decoder is not None
+        started = time.perf_counter()
+        self.steps += 1
         rows = self._rows
         device = self.decoder.device
         try:
@@ -441,14 +454,17 @@ class GenerationEngine:
                 row.computed += 1
                 row.request.stats.batch_rows = max(row.request.stats.batch_rows, len(rows))
             finished = self._choose(rows, logits)
+            self.busy_s["step"] += time.perf_counter() - started
         except Exception as error:
             logger.exception("generation failed")
             for row in rows:
                 self._resolve(row.request, error=error)
             rows.clear()
             return
+        started = time.perf_counter()
         for index in sorted(finished, reverse=True):
             self._finish(index)
+        self.busy_s["finish"] += time.perf_counter() - started
 
     def _choose(self, rows: list[_Row], logits: torch.Tensor) -> list[int]:
         """Append each row's next token; return the indices (into ``rows``) that are done."""
