@@ -12,10 +12,11 @@ DATA_DIR ?= data/processed
 SPLIT ?= 90/5/5
 PROFILE ?= rugpt3-medium
 MODEL ?= checkpoints/latest
-SHAPE ?= small
+SHAPE ?= tiny
+TRAIN_SHAPE ?= small
 ARGS ?=
 
-.PHONY: install test lint dataset sample finetune evaluate bench run chat migrate demo loadtest clean
+.PHONY: install test lint dataset sample finetune evaluate bench bench-train run chat migrate demo loadtest clean
 
 install: $(STAMP)
 
@@ -51,9 +52,14 @@ finetune: install
 evaluate: install
 	$(PY) -m trainer evaluate --model $(MODEL) --data $(DATA_DIR)/test.parquet $(ARGS)
 
-# Training throughput: packed data path vs the naive recipe (SHAPE=tiny|small|medium).
+# Serving: USERS x TURNS conversations at once, the naive design vs the engine
+# (SHAPE=tiny|small|medium; e.g. make bench SHAPE=medium ARGS="--users 8 --json bench.json").
 bench: install
-	$(PY) -m trainer.bench --shape $(SHAPE) $(ARGS)
+	$(PY) -m bot.bench --shape $(SHAPE) $(ARGS)
+
+# Training throughput: packed data path vs the naive recipe (TRAIN_SHAPE=tiny|small|medium).
+bench-train: install
+	$(PY) -m trainer.bench --shape $(TRAIN_SHAPE) $(ARGS)
 
 # Bring the bot's database to the newest schema (the bot also does this at start).
 migrate: install

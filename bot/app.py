@@ -79,6 +79,7 @@ async def open_services(settings: Settings) -> tuple[AsyncEngine, DialogueServic
         settings.model_device,
         settings.model_dtype,
         settings.model_quantize,
+        settings.model_cpu_onednn,
     )
     engine = GenerationEngine(
         model,

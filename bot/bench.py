@@ -118,7 +118,8 @@ async def run_design(args: argparse.Namespace) -> dict[str, Any]:
     from bot.engine import GenerationEngine, RequestStats, SamplingParams, load_model
     from dataset_tools.dialogue_format import render_prompt
 
-    model, tokenizer = load_model(str(args.model), args.device, args.dtype, args.quantize)
+    onednn = args.only == "engine" and args.cpu_onednn
+    model, tokenizer = load_model(str(args.model), args.device, args.dtype, args.quantize, onednn)
     persona, messages = conversations(tokenizer, args.users, args.turns)
     reply = args.reply_tokens
     params = SamplingParams(max_new_tokens=reply, min_new_tokens=reply)
@@ -241,6 +242,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--quantize", default="none", choices=["none", "int8"])
+    parser.add_argument(
+        "--no-cpu-onednn",
+        dest="cpu_onednn",
+        action="store_false",
+        help="the engine keeps PyTorch's default CPU GEMM (MODEL_CPU_ONEDNN=false)",
+    )
     parser.add_argument("--json", type=Path, help="also write the figures to this file")
     parser.add_argument(
         "--designs", default="naive,engine", help="which to run (the naive one is slow at scale)"

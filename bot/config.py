@@ -29,6 +29,7 @@ class Settings(BaseSettings):
     model_device: str = "auto"  # auto | cpu | cuda | cuda:1 ...
     model_dtype: str = "float32"  # float32 | bfloat16 | float16 (the last two for GPUs)
     model_quantize: str = "none"  # none | int8 (dynamic int8 projections, for CPUs)
+    model_cpu_onednn: bool = True  # float32 projections through oneDNN on a CPU (bot.onednn)
     context_tokens: int | None = Field(None, ge=32, description="default: the model's window")
     reply_tokens: int = Field(64, ge=1, le=1024)
     temperature: float = Field(0.8, ge=0.1, le=2.0)

@@ -46,6 +46,7 @@ from transformers import (
     StoppingCriteriaList,
 )
 
+from bot import onednn
 from bot.decoder import SlotDecoder, supports
 from bot.prefix_cache import CachedDialogue, PrefixCache, common_prefix
 from bot.quantize import load_int8_low_memory, quantize_int8
@@ -147,11 +148,16 @@ def pick_device(setting: str) -> torch.device:
 
 
 def load_model(
-    path: str, device: str = "auto", dtype: str = "float32", quantize: str = "none"
+    path: str,
+    device: str = "auto",
+    dtype: str = "float32",
+    quantize: str = "none",
+    cpu_onednn: bool = False,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load any Hugging Face causal-LM directory or hub id, or fail with one clear line.
 
-    ``quantize="int8"`` converts the projections to dynamic int8 (CPU only, see bot.quantize).
+    ``quantize="int8"`` converts the projections to dynamic int8 (CPU only, see bot.quantize);
+    ``cpu_onednn`` runs float32 projections through oneDNN on a CPU (see bot.onednn).
     """
     local = Path(path)
     looks_local = local.is_absolute() or path.startswith(".") or local.parent.exists()
@@ -185,6 +191,8 @@ def load_model(
             raise ModelLoadError("MODEL_QUANTIZE=int8 needs MODEL_DTYPE=float32")
         if not already_int8:
             quantize_int8(model)
+    elif cpu_onednn and target.type == "cpu" and dtype == "float32" and onednn.available():
+        onednn.to_onednn(model)
     model.to(target)
     model.eval()
     return model, tokenizer
@@ -234,7 +242,7 @@ class GenerationEngine:
         # first turn (and by any turn whose own entry was evicted or reset).
         self._persona_text = render_dialogue([], persona, add_eos=False) if persona else ""
         self._persona_entry: CachedDialogue | None = None
-        self._vocab_size = model.get_output_embeddings().weight.shape[0]
+        self._vocab_size = model.get_input_embeddings().weight.shape[0]
         device = model.device
         self._stop_mask = torch.zeros(self._vocab_size, dtype=torch.bool, device=device)
         self._stop_mask[torch.tensor(self._stop_ids, device=device)] = True

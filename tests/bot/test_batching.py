@@ -9,6 +9,7 @@ import asyncio
 import pytest
 import torch
 
+from bot.decoder import SlotDecoder
 from bot.engine import GenerationEngine, RequestStats, SamplingParams, load_model
 from dataset_tools.dialogue_format import render_dialogue
 
@@ -238,3 +239,34 @@ async def test_beam_search_is_served_apart_and_matches_generate(tiny):
     )
     expected = [t for t in out[0, ids.shape[1] :].tolist() if t not in engine._stop_ids]
     assert stats.reply_ids == expected
+
+
+def test_the_slot_cache_grows_without_losing_rows(tiny):
+    """Regression: asking for longer rows after the slots had grown used to shrink the slots
+    (a crash as 32 users' second turns arrived on the GPU)."""
+    model, _ = tiny
+    decoder = SlotDecoder(model, 1024, initial_capacity=16)
+    with torch.inference_mode():
+        decoder.reserve(1, 10)
+        decoder.prefill(0, list(range(5, 15)), 0)
+        decoder.reserve(3, 10)
+        decoder.prefill(2, list(range(20, 30)), 0)
+        before = [decoder.save_slot(slot, 10) for slot in (0, 2)]
+        decoder.reserve(2, 200)  # longer rows, and fewer slots than it has
+    assert decoder.slots >= 3 and decoder.capacity >= 200
+    for slot, saved in zip((0, 2), before, strict=True):
+        assert torch.equal(decoder.save_slot(slot, 10), saved)
+
+
+async def test_onednn_projections_give_the_same_greedy_replies(tiny_model_dir, tiny):
+    """MODEL_CPU_ONEDNN: a kernel choice, not a different model."""
+    fast = _engine(load_model(str(tiny_model_dir), "cpu", "float32", "none", cpu_onednn=True))
+    assert "Mkldnn" in type(fast.model.transformer.h[0].attn.c_attn).__name__
+    plain = _engine(tiny)
+    fast.start()
+    try:
+        for turns in DIALOGUES:
+            _, stats = await ask(fast, turns)
+            assert stats.reply_ids == reference(plain, stats.prompt_ids, GREEDY)
+    finally:
+        fast.close()

@@ -1,5 +1,7 @@
 """Context trimming by tokens: oldest whole turns go first, the current message always stays."""
 
+import itertools
+
 import pytest
 
 from bot.db.repository import Turn
@@ -76,7 +78,7 @@ def test_trimming_in_steps_keeps_the_prompt_start_stable_across_turns():
         starts.append(kept[0])
         fewest = build_prompt_turns(history, count_words, budget, None)
         assert len(kept) <= len(fewest)
-    changes = sum(1 for a, b in zip(starts, starts[1:], strict=False) if a != b)
+    changes = sum(1 for a, b in itertools.pairwise(starts) if a != b)
     assert changes <= len(starts) // 3 + 1  # with trim_step=1 the start moves every turn
     single = [
         build_prompt_turns(_history(*texts[:n]), count_words, budget, None)[0]
