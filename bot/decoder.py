@@ -134,35 +134,52 @@ class SlotDecoder:
     def prefill(self, slot: int, ids: list[int], start: int) -> torch.Tensor:
         """Encode ``ids`` at positions ``start..`` of ``slot`` (its first ``start`` positions
         already hold this row's prefix) and return the logits after the last one ``[vocab]``."""
-        steps = len(ids)
-        end = start + steps
-        keys_end = min(-(-end // KEY_BLOCK) * KEY_BLOCK, self.capacity)
-        positions = torch.arange(start, end, device=self.device)
-        hidden = self._embed(torch.tensor([ids], device=self.device), positions[None])
-        # Query i (at position start+i) sees keys 0..start+i.
-        mask = torch.arange(keys_end, device=self.device)[None, :] <= positions[:, None]
-        with sdpa_kernel(_BACKENDS):
-            return self._prefill_layers(slot, hidden, mask, start, end, keys_end)
+        return self.prefill_many([(slot, ids, start)])[0]
 
-    def _prefill_layers(
-        self,
-        slot: int,
-        hidden: torch.Tensor,
-        mask: torch.Tensor,
-        start: int,
-        end: int,
-        keys_end: int,
-    ) -> torch.Tensor:
-        for layer, (block, scale) in enumerate(zip(self.blocks, self.scales, strict=True)):
-            q, k, v = self._split(block.attn.c_attn(block.ln_1(hidden)))
-            self.cache[layer, 0, slot, :, start:end] = k[0]
-            self.cache[layer, 1, slot, :, start:end] = v[0]
-            keys = self.cache[layer, 0, slot : slot + 1, :, :keys_end]
-            values = self.cache[layer, 1, slot : slot + 1, :, :keys_end]
-            attended = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=scale)
-            hidden = hidden + block.attn.c_proj(self._merge(attended))
-            hidden = hidden + block.mlp(block.ln_2(hidden))
-        return self._logits(hidden[:, -1])[0]
+    def prefill_many(self, rows: list[tuple[int, list[int], int]]) -> torch.Tensor:
+        """:meth:`prefill` for several ``(slot, ids, start)`` rows; logits ``[rows, vocab]``.
+
+        The rows' new tokens are packed into one sequence, so every projection multiplies all of
+        them by the weights in one go (a few large matrix products instead of one small product
+        per row: the weights are read once and the kernels run at full speed); only attention
+        runs per row, each row over its own slot.
+        """
+        ids = [token for _, row_ids, _ in rows for token in row_ids]
+        positions = torch.cat(
+            [torch.arange(start, start + len(row_ids)) for _, row_ids, start in rows]
+        ).to(self.device)
+        hidden = self._embed(torch.tensor([ids], device=self.device), positions[None])
+        spans, offset = [], 0
+        for slot, row_ids, start in rows:
+            end = start + len(row_ids)
+            keys_end = min(-(-end // KEY_BLOCK) * KEY_BLOCK, self.capacity)
+            # Query i (at position start+i) sees keys 0..start+i of its own slot.
+            mask = (
+                torch.arange(keys_end, device=self.device)[None, :]
+                <= positions[offset : offset + len(row_ids), None]
+            )
+            spans.append((slot, start, end, keys_end, offset, offset + len(row_ids), mask))
+            offset += len(row_ids)
+        with sdpa_kernel(_BACKENDS):
+            for layer, (block, scale) in enumerate(zip(self.blocks, self.scales, strict=True)):
+                q, k, v = self._split(block.attn.c_attn(block.ln_1(hidden)))
+                attended = []
+                for slot, start, end, keys_end, first, last, mask in spans:
+                    self.cache[layer, 0, slot, :, start:end] = k[0, :, first:last]
+                    self.cache[layer, 1, slot, :, start:end] = v[0, :, first:last]
+                    attended.append(
+                        F.scaled_dot_product_attention(
+                            q[:, :, first:last],
+                            self.cache[layer, 0, slot : slot + 1, :, :keys_end],
+                            self.cache[layer, 1, slot : slot + 1, :, :keys_end],
+                            attn_mask=mask,
+                            scale=scale,
+                        )
+                    )
+                hidden = hidden + block.attn.c_proj(self._merge(torch.cat(attended, dim=2)))
+                hidden = hidden + block.mlp(block.ln_2(hidden))
+        last = torch.tensor([span[5] - 1 for span in spans], device=self.device)
+        return self._logits(hidden[0, last])
 
     def decode(self, tokens: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         """One step for rows ``0..n-1``: row i feeds ``tokens[i]`` at position ``lengths[i]``.

@@ -290,7 +290,7 @@ class GenerationEngine:
             None,
             None,
         )
-        self._take(request)
+        self._take([request])
         while self._rows:
             self._step()
         self.replies = self.tokens = self.prefilled_tokens = self.reused_tokens = self.steps = 0
@@ -356,35 +356,50 @@ class GenerationEngine:
     # -- the worker -----------------------------------------------------------------------------
     def _work(self) -> None:
         while True:
-            if not self._rows and not self._take(self._queue.get()):
-                return
-            while len(self._rows) < self.max_batch:  # join the batch at this step
+            waiting = [] if self._rows else [self._queue.get()]
+            while len(self._rows) + len(waiting) < self.max_batch:  # join at this step
                 try:
-                    request = self._queue.get_nowait()
+                    waiting.append(self._queue.get_nowait())
                 except queue.Empty:
                     break
-                if not self._take(request):
-                    return
+            if not self._take(waiting):
+                return
             if self._rows:
                 self._step()
 
-    def _take(self, request: _Request | None) -> bool:
-        """Admit a request into the batch (or serve it apart); ``False`` means shut down."""
-        if request is None:
+    def _take(self, requests: list[_Request | None]) -> bool:
+        """Admit requests into the batch (or serve them apart); ``False`` means shut down."""
+        if None in requests:
+            for request in requests:
+                if request is not None:
+                    self._resolve(request, error=EngineClosed())
             for row in self._rows:
                 self._resolve(row.request, error=EngineClosed())
             self._rows.clear()
             return False
-        if request.cancelled.is_set():
-            return True
-        try:
+        batch = []
+        for request in requests:
+            assert request is not None
+            if request.cancelled.is_set():
+                continue
             if self.decoder is None or request.params.num_beams > 1:
-                self._serve_apart(request)
+                try:
+                    self._serve_apart(request)
+                except Exception as error:  # reported to the awaiting handler, not lost
+                    logger.exception("generation failed")
+                    self._resolve(request, error=error)
             else:
-                self._admit(request)
-        except Exception as error:  # reported to the awaiting handler, not lost in a thread
-            logger.exception("generation failed")
-            self._resolve(request, error=error)
+                batch.append(request)
+        if batch:
+            started = time.perf_counter()
+            try:
+                self._admit(batch)
+            except Exception as error:
+                logger.exception("generation failed")
+                for request in batch:
+                    self._resolve(request, error=error)
+            finally:
+                self.busy_s["admit"] += time.perf_counter() - started
         return True
 
     def _encode(self, prompt: str, cached: CachedDialogue | None) -> list[int]:
@@ -412,39 +427,41 @@ class GenerationEngine:
                 self._persona_entry = CachedDialogue(self._persona_text, ids, past)
         return self._persona_entry
 
-    def _admit(self, request: _Request) -> None:
-        started = time.perf_counter()
-        try:
-            self._admit_timed(request)
-        finally:
-            self.busy_s["admit"] += time.perf_counter() - started
-
-    def _admit_timed(self, request: _Request) -> None:
+    def _admit(self, requests: list[_Request]) -> None:
+        """Encode the new part of each prompt (all rows in one pass) and join the batch."""
         assert self.decoder is not None
-        slot = len(self._rows)
-        own = self.prefix_cache.take(request.key) if request.key is not None else None
-        cached = own or self._shared_persona(slot)
-        ids = self._encode(request.prompt, cached)
-        reuse = 0
-        if cached is not None:
-            reuse = min(common_prefix(cached.ids[: cached.computed], ids), len(ids) - 1)
-        max_new = min(request.params.max_new_tokens, self.reply_tokens)
-        self.decoder.reserve(slot + 1, min(len(ids) + max_new, self.context_tokens))
-        if reuse:
-            assert cached is not None
-            self.decoder.load_slot(slot, cached.past[:, :, :, :reuse])
+        plans = []
+        for request in requests:
+            slot = len(self._rows) + len(plans)
+            own = self.prefix_cache.take(request.key) if request.key is not None else None
+            cached = own or self._shared_persona(slot)
+            ids = self._encode(request.prompt, cached)
+            reuse = 0
+            if cached is not None:
+                reuse = min(common_prefix(cached.ids[: cached.computed], ids), len(ids) - 1)
+            max_new = min(request.params.max_new_tokens, self.reply_tokens)
+            self.decoder.reserve(slot + 1, min(len(ids) + max_new, self.context_tokens))
+            if reuse:
+                assert cached is not None
+                self.decoder.load_slot(slot, cached.past[:, :, :, :reuse])
+            plans.append((request, ids, reuse, slot))
         with torch.inference_mode():
-            logits = self.decoder.prefill(slot, ids[reuse:], reuse)
-        request.stats.prompt_tokens, request.stats.reused_tokens = len(ids), reuse
-        request.stats.prompt_ids = list(ids)
-        self.prefilled_tokens += len(ids) - reuse
-        self.reused_tokens += reuse
-        seen = torch.zeros(self._vocab_size, dtype=torch.bool, device=logits.device)
-        seen[torch.tensor(ids, device=logits.device)] = True
-        row = _Row(request, ids, len(ids), len(ids), seen)
-        self._rows.append(row)
-        if self._choose([row], logits[None]):
-            self._finish(slot)
+            logits = self.decoder.prefill_many(
+                [(slot, ids[reuse:], reuse) for _, ids, reuse, slot in plans]
+            )
+        rows = []
+        for request, ids, reuse, _ in plans:
+            request.stats.prompt_tokens, request.stats.reused_tokens = len(ids), reuse
+            request.stats.prompt_ids = list(ids)
+            self.prefilled_tokens += len(ids) - reuse
+            self.reused_tokens += reuse
+            seen = torch.zeros(self._vocab_size, dtype=torch.bool, device=logits.device)
+            seen[torch.tensor(ids, device=logits.device)] = True
+            rows.append(_Row(request, ids, len(ids), len(ids), seen))
+        first = len(self._rows)
+        self._rows.extend(rows)
+        for index in sorted(self._choose(rows, logits), reverse=True):
+            self._finish(first + index)
 
     def _step(self) -> None:
         """Feed every row its last token, choose the next ones, let finished rows go."""
