@@ -168,9 +168,13 @@ def load_model(
         )
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
+        target = pick_device(device)
+        use_onednn = (
+            cpu_onednn and quantize == "none" and target.type == "cpu" and dtype == "float32"
+        ) and onednn.available()
         # int8 from local safetensors: quantized while loading, the float32 model never whole
-        model = load_int8_low_memory(local) if quantize == "int8" and local.is_dir() else None
-        already_int8 = model is not None
+        model = load_int8_low_memory(local) if local.is_dir() and quantize == "int8" else None
+        converted = model is not None
         if model is None:
             model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype])
     except (OSError, ValueError) as error:
@@ -181,7 +185,6 @@ def load_model(
         ) from None
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    target = pick_device(device)
     if quantize == "int8":
         if target.type != "cpu":
             raise ModelLoadError(
@@ -189,9 +192,9 @@ def load_model(
             )
         if dtype != "float32":
             raise ModelLoadError("MODEL_QUANTIZE=int8 needs MODEL_DTYPE=float32")
-        if not already_int8:
+        if not converted:
             quantize_int8(model)
-    elif cpu_onednn and target.type == "cpu" and dtype == "float32" and onednn.available():
+    elif use_onednn and not converted:
         onednn.to_onednn(model)
     model.to(target)
     model.eval()

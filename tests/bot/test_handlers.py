@@ -53,3 +53,15 @@ async def test_a_huge_message_is_cut_to_the_configured_length(wired):
             await connection.execute(select(Message.text).where(Message.role == "user"))
         ).scalar_one()
     assert stored == "я" * 2000  # MAX_MESSAGE_CHARS
+
+
+async def test_reset_and_forget_drop_the_cached_dialogue(wired):
+    """The engine keeps each dialogue's keys/values between turns; /reset and /forget must
+    drop them, or the next reply would still be conditioned on the forgotten history."""
+    dp, bot, _, _ = wired
+    cache = dp["dialogue"].engine.prefix_cache
+    for update_id, command in ((1, "/reset"), (3, "/forget")):
+        await dp.feed_raw_update(bot, text_update(update_id, 7, "Запомни: меня зовут Вася"))
+        assert 7 in cache
+        await dp.feed_raw_update(bot, text_update(update_id + 1, 7, command))
+        assert 7 not in cache
