@@ -115,7 +115,13 @@ async def run_design(args: argparse.Namespace) -> dict[str, Any]:
     """One design, in this process: load, warm up, serve every user's conversation."""
     from transformers.generation.streamers import BaseStreamer
 
-    from bot.engine import GenerationEngine, RequestStats, SamplingParams, load_model
+    from bot.engine import (
+        GenerationEngine,
+        RequestStats,
+        SamplingParams,
+        load_model,
+        stop_token_ids,
+    )
     from dataset_tools.dialogue_format import render_prompt
 
     onednn = args.only == "engine" and args.cpu_onednn
@@ -128,17 +134,7 @@ async def run_design(args: argparse.Namespace) -> dict[str, Any]:
     firsts: list[float] = []
     per_turn: list[list[float]] = [[] for _ in range(args.turns)]
     produced = 0
-    engine = GenerationEngine(
-        model,
-        tokenizer,
-        persona=persona,
-        reply_tokens=reply,
-        queue_size=args.users * 2,
-        timeout_s=3600,
-        max_batch=args.max_batch,
-        cache_mb=args.cache_mb,
-    )
-    stop_ids = engine._stop_ids
+    stop_ids = stop_token_ids(tokenizer)
 
     class FirstToken(BaseStreamer):
         """Records when ``generate`` produces its first new token (its first ``put`` is the
@@ -198,6 +194,7 @@ async def run_design(args: argparse.Namespace) -> dict[str, Any]:
 
     async def engine_user(index: int) -> None:
         nonlocal produced
+        assert engine is not None
         turns: list[str] = []
         for turn, message in enumerate(messages[index]):
             turns.append(message)
@@ -211,7 +208,18 @@ async def run_design(args: argparse.Namespace) -> dict[str, Any]:
             produced += stats.new_tokens
             turns.append(text or "…")
 
+    engine = None
     if args.only == "engine":
+        engine = GenerationEngine(
+            model,
+            tokenizer,
+            persona=persona,
+            reply_tokens=reply,
+            queue_size=args.users * 2,
+            timeout_s=3600,
+            max_batch=args.max_batch,
+            cache_mb=args.cache_mb,
+        )
         engine.warm_up()
         engine.start()
         user = engine_user
@@ -221,9 +229,9 @@ async def run_design(args: argparse.Namespace) -> dict[str, Any]:
     started = time.perf_counter()
     await asyncio.gather(*(user(i) for i in range(args.users)))
     wall = time.perf_counter() - started
-    engine.close()
     result = summarise(latencies, firsts, produced, wall, [statistics.mean(t) for t in per_turn])
-    if args.only == "engine":
+    if engine is not None:
+        engine.close()
         total = engine.prefilled_tokens + engine.reused_tokens
         result["prompt_tokens_reused"] = round(engine.reused_tokens / max(total, 1), 3)
         result["engine_busy_s"] = {k: round(v, 2) for k, v in engine.busy_s.items()}

@@ -29,23 +29,10 @@ SHAPES = {
 
 
 def build(shape: str, path: Path) -> None:
-    from transformers import GPT2Config, GPT2LMHeadModel
+    """The random-weight model of ``shape`` that ``make bench`` uses (``bot.bench.build``)."""
+    from bot.bench import build as build_model  # imported here: bot.bench imports this module
 
-    from dataset_tools.dialogue_format import render_dialogue
-    from dataset_tools.sample_data import generate_dialogues
-    from trainer.modeling import train_scratch_tokenizer
-
-    tokenizer = train_scratch_tokenizer((render_dialogue(d) for d in generate_dialogues()), 4000)
-    config = GPT2Config(
-        vocab_size=50264,
-        n_positions=2048,
-        eos_token_id=tokenizer.eos_token_id,
-        bos_token_id=tokenizer.eos_token_id,
-        **SHAPES[shape],
-    )
-    torch.manual_seed(0)
-    GPT2LMHeadModel(config).save_pretrained(path)
-    tokenizer.save_pretrained(path)
+    build_model(shape, path)
 
 
 def peak_rss_kb() -> int:

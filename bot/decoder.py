@@ -75,9 +75,6 @@ class SlotDecoder:
     def capacity(self) -> int:
         return self.cache.shape[4] if self.cache.dim() == 6 else 0
 
-    def bytes_per_token(self) -> int:
-        return 2 * len(self.blocks) * self.width * self.cache.element_size()
-
     def reserve(self, slots: int, length: int) -> None:
         """Make room for ``slots`` rows of ``length`` tokens, doubling (and copying) if needed."""
         if slots <= self.slots and length <= self.capacity:
@@ -94,10 +91,6 @@ class SlotDecoder:
         if self.slots:
             grown[:, :, : self.slots, :, : self.capacity] = self.cache
         self.cache = grown
-
-    def release(self) -> None:
-        """Give the cache's memory back (nothing is decoding)."""
-        self.cache = torch.empty(0, device=self.device, dtype=self.dtype)
 
     def load_slot(self, slot: int, past: torch.Tensor) -> None:
         """Put a saved ``[layers, 2, heads, length, head_dim]`` prefix into ``slot``."""

@@ -68,6 +68,7 @@ __all__ = [
     "RequestStats",
     "SamplingParams",
     "load_model",
+    "stop_token_ids",
 ]
 
 logger = logging.getLogger(__name__)
@@ -95,13 +96,19 @@ class EngineClosed(Exception):
 class RequestStats:
     """What serving one request took (filled in by the worker; read by the bench and tests)."""
 
-    prompt_tokens: int = 0
     reused_tokens: int = 0  # prompt tokens whose keys/values came from the prefix cache
-    new_tokens: int = 0
     first_token_at: float | None = None  # time.perf_counter() when the first token was chosen
     batch_rows: int = 0  # the most rows decoded together while this one was active
     prompt_ids: list[int] = field(default_factory=list)  # the tokens the model was given
     reply_ids: list[int] = field(default_factory=list)  # the tokens it chose (no stop token)
+
+    @property
+    def prompt_tokens(self) -> int:
+        return len(self.prompt_ids)
+
+    @property
+    def new_tokens(self) -> int:
+        return len(self.reply_ids)
 
 
 @dataclass
@@ -201,6 +208,12 @@ def load_model(
     return model, tokenizer
 
 
+def stop_token_ids(tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    """Where a reply ends: EOS, or either speaker's tag when the tokenizer has it as a token."""
+    vocab = tokenizer.get_vocab()
+    return [tokenizer.eos_token_id] + [vocab[t] for t in (USER_TAG, BOT_TAG) if t in vocab]
+
+
 class GenerationEngine:
     """Turns a list of dialogue turns into a reply; see the module docstring for how."""
 
@@ -233,10 +246,7 @@ class GenerationEngine:
         self._thread: threading.Thread | None = None
         self._rows: list[_Row] = []
         self._closed = False
-        vocab = tokenizer.get_vocab()
-        self._stop_ids = [tokenizer.eos_token_id] + [
-            vocab[t] for t in (USER_TAG, BOT_TAG) if t in vocab
-        ]
+        self._stop_ids = stop_token_ids(tokenizer)
         self.decoder = (
             SlotDecoder(model, self.context_tokens) if batched and supports(model) else None
         )
@@ -454,8 +464,7 @@ class GenerationEngine:
             )
         rows = []
         for request, ids, reuse, _ in plans:
-            request.stats.prompt_tokens, request.stats.reused_tokens = len(ids), reuse
-            request.stats.prompt_ids = list(ids)
+            request.stats.reused_tokens, request.stats.prompt_ids = reuse, list(ids)
             self.prefilled_tokens += len(ids) - reuse
             self.reused_tokens += reuse
             seen = torch.zeros(self._vocab_size, dtype=torch.bool, device=logits.device)
@@ -559,7 +568,6 @@ class GenerationEngine:
         self._deliver(request, generated, text)
 
     def _deliver(self, request: _Request, generated: list[int], text: str) -> None:
-        request.stats.new_tokens = len(generated)
         request.stats.reply_ids = list(generated)
         self.replies += 1
         self.tokens += len(generated)
@@ -594,7 +602,7 @@ class GenerationEngine:
                 **sampling,
             )
         generated = [t for t in output[0, len(ids) :].tolist() if t not in self._stop_ids]
-        request.stats.prompt_tokens, request.stats.prompt_ids = len(ids), ids
+        request.stats.prompt_ids = ids
         request.stats.first_token_at = request.stats.first_token_at or time.perf_counter()
         self._deliver(request, generated, self._decode(generated))
 

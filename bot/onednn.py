@@ -45,21 +45,16 @@ class OneDNNLinear(nn.Module):
         return out.reshape(*x.shape[:-1], self.out_features)
 
 
-def onednn_linear(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Module:
-    """A oneDNN linear layer with these float32 weights (out × in)."""
-    return OneDNNLinear(weight, bias)
-
-
 def to_onednn(model: nn.Module) -> int:
     """Replace every Conv1D and Linear projection with a oneDNN linear; returns the count."""
     replaced = 0
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
             if isinstance(child, Conv1D):
-                new = onednn_linear(child.weight.detach().t(), child.bias.detach())
+                new = OneDNNLinear(child.weight.detach().t(), child.bias.detach())
             elif type(child) is nn.Linear:
                 bias = child.bias.detach() if child.bias is not None else None
-                new = onednn_linear(child.weight.detach(), bias)
+                new = OneDNNLinear(child.weight.detach(), bias)
             else:
                 continue
             setattr(parent, name, new)

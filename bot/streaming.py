@@ -43,7 +43,6 @@ class ReplyStream:
         self.interval_s = interval_s
         self.clock = clock
         self.sent: Message | None = None
-        self.edits = 0
         self._latest = ""
         self._shown = ""
         self._last_send = clock()  # the user's message counts as the chat's last exchange
@@ -79,7 +78,6 @@ class ReplyStream:
                 await self.bot.edit_message_text(
                     text=text, chat_id=self.sent.chat.id, message_id=self.sent.message_id
                 )
-                self.edits += 1
         except TelegramBadRequest as error:  # e.g. "message is not modified": nothing to lose
             logger.debug("stream edit skipped: %s", error.message)
 
