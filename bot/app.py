@@ -24,7 +24,7 @@ from bot import texts
 from bot.config import Settings
 from bot.db.engine import create_engine, create_sessionmaker, upgrade_to_head
 from bot.dialogue import DialogueService
-from bot.engine import GenerationEngine, load_model
+from bot.engine import GenerationEngine, ModelLoadError, load_model, run_in_own_thread
 from bot.handlers import make_routers
 from bot.metrics import BotMetrics, Health
 from bot.middlewares.access import AllowlistMiddleware, CountUpdatesMiddleware
@@ -73,7 +73,7 @@ async def open_services(settings: Settings) -> tuple[AsyncEngine, DialogueServic
     """Migrate the database, load the model, start the engine: what both front-ends need."""
     db_engine = create_engine(settings.database_url)
     await upgrade_to_head(settings.database_url)
-    model, tokenizer = await asyncio.to_thread(
+    model, tokenizer = await run_in_own_thread(
         load_model,
         settings.model_path,
         settings.model_device,
@@ -92,8 +92,15 @@ async def open_services(settings: Settings) -> tuple[AsyncEngine, DialogueServic
         max_batch=settings.max_batch,
         cache_mb=settings.kv_cache_mb,
     )
-    await asyncio.to_thread(engine.warm_up)
-    engine.start()
+    engine.start(warm_up=True)
+    try:
+        await engine.ready()
+    except Exception as error:
+        engine.close()
+        raise ModelLoadError(
+            f"the model at MODEL_PATH={settings.model_path!r} loaded but could not generate "
+            f"(warm-up failed: {error}); check MODEL_DEVICE, MODEL_DTYPE and free memory"
+        ) from error
     logger.info(
         "model %s ready: context %d tokens, reply %d tokens",
         settings.model_path,

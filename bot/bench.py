@@ -120,12 +120,15 @@ async def run_design(args: argparse.Namespace) -> dict[str, Any]:
         RequestStats,
         SamplingParams,
         load_model,
+        run_in_own_thread,
         stop_token_ids,
     )
     from dataset_tools.dialogue_format import render_prompt
 
     onednn = args.only == "engine" and args.cpu_onednn
-    model, tokenizer = load_model(str(args.model), args.device, args.dtype, args.quantize, onednn)
+    model, tokenizer = await run_in_own_thread(
+        load_model, str(args.model), args.device, args.dtype, args.quantize, onednn
+    )
     persona, messages = conversations(tokenizer, args.users, args.turns)
     reply = args.reply_tokens
     params = SamplingParams(max_new_tokens=reply, min_new_tokens=reply)
@@ -220,8 +223,8 @@ async def run_design(args: argparse.Namespace) -> dict[str, Any]:
             max_batch=args.max_batch,
             cache_mb=args.cache_mb,
         )
-        engine.warm_up()
-        engine.start()
+        engine.start(warm_up=True)
+        await engine.ready()
         user = engine_user
     else:
         naive_generate(render_prompt(["Привет"], persona), FirstToken())  # the same warm-up

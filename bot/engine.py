@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import queue
 import threading
@@ -35,6 +36,7 @@ import time
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 from transformers import (
@@ -68,10 +70,13 @@ __all__ = [
     "RequestStats",
     "SamplingParams",
     "load_model",
+    "run_in_own_thread",
     "stop_token_ids",
 ]
 
 logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -122,6 +127,7 @@ class _Request:
     stats: RequestStats = field(default_factory=RequestStats)
     cancelled: threading.Event = field(default_factory=threading.Event)
     result: str | None = None  # for requests served without an event loop (warm-up)
+    error: BaseException | None = None  # likewise
 
 
 @dataclass
@@ -208,6 +214,42 @@ def load_model(
     return model, tokenizer
 
 
+async def run_in_own_thread(function: Callable[..., T], *args: object) -> T:
+    """``function(*args)`` in a new thread that ends when it returns (for loading the model).
+
+    Why not ``asyncio.to_thread``: its threads live on, and so does the OpenMP thread team of any
+    thread that ran a parallel torch operation (loading and converting weights does). With more
+    OpenMP threads alive than cores, libgomp stops spin-waiting between parallel regions and puts
+    its threads to sleep instead, and every matrix product of the engine's worker pays for the
+    wake-ups: measured on the 2-core machine, a batch-8 decoding step took ~30% longer after the
+    model was loaded in a thread that stayed alive. A thread that has ended takes its team with it.
+    """
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future[T] = loop.create_future()
+
+    def settle(result: T | None, error: BaseException | None) -> None:
+        if not future.done():
+            if error is not None:
+                future.set_exception(error)
+            else:
+                future.set_result(result)  # type: ignore[arg-type]
+
+    def run() -> None:
+        try:
+            result = function(*args)
+        except BaseException as error:  # handed to the awaiting coroutine
+            loop.call_soon_threadsafe(settle, None, error)
+        else:
+            loop.call_soon_threadsafe(settle, result, None)
+
+    thread = threading.Thread(target=run, name=f"run-{getattr(function, '__name__', 'call')}")
+    thread.start()
+    try:
+        return await future
+    finally:
+        thread.join()  # already returned: the thread only has to exit
+
+
 def stop_token_ids(tokenizer: PreTrainedTokenizerBase) -> list[int]:
     """Where a reply ends: EOS, or either speaker's tag when the tokenizer has it as a token."""
     vocab = tokenizer.get_vocab()
@@ -257,8 +299,6 @@ class GenerationEngine:
         self._persona_entry: CachedDialogue | None = None
         self._vocab_size = model.get_input_embeddings().weight.shape[0]
         device = model.device
-        self._stop_mask = torch.zeros(self._vocab_size, dtype=torch.bool, device=device)
-        self._stop_mask[torch.tensor(self._stop_ids, device=device)] = True
         self._generator = None
         if seed is not None:
             self._generator = torch.Generator(device=device).manual_seed(seed)
@@ -269,6 +309,18 @@ class GenerationEngine:
         # Where the worker's time goes (seconds), for the bench and /stats-style diagnostics.
         self.busy_s = {"admit": 0.0, "step": 0.0, "finish": 0.0}
         self.steps = 0
+        self._warmed = threading.Event()
+        self._warm_up_error: Exception | None = None
+
+    @functools.cached_property
+    def _stop_mask(self) -> torch.Tensor:
+        """``[vocab]`` True at the stop tokens. Built by the worker on first use: a tensor this
+        size is filled by a parallel loop, and the event loop's thread must not start an OpenMP
+        team of its own (see :func:`run_in_own_thread`)."""
+        device = self.model.device
+        mask = torch.zeros(self._vocab_size, dtype=torch.bool, device=device)
+        mask[torch.tensor(self._stop_ids, device=device)] = True
+        return mask
 
     @property
     def prompt_budget(self) -> int:
@@ -289,13 +341,28 @@ class GenerationEngine:
     def _tokenize(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
-    def start(self) -> None:
-        self._thread = threading.Thread(target=self._work, name="generation", daemon=True)
+    def start(self, *, warm_up: bool = False) -> None:
+        """Start the worker thread; with ``warm_up`` it first serves :meth:`warm_up`.
+
+        The worker is the only thread that runs the model while serving (see
+        :func:`run_in_own_thread` for why no other thread should), so it does the warm-up too;
+        :meth:`ready` waits for it.
+        """
+        self._thread = threading.Thread(
+            target=self._work, args=(warm_up,), name="generation", daemon=True
+        )
         self._thread.start()
 
+    async def ready(self) -> None:
+        """Wait until the worker has warmed up; re-raise what made the warm-up fail."""
+        await asyncio.to_thread(self._warmed.wait)
+        if self._warm_up_error is not None:
+            raise self._warm_up_error
+
     def warm_up(self) -> None:
-        """Serve one short request in the calling thread (before :meth:`start`), so that the
-        first user pays neither for lazy initialisation nor for encoding the persona."""
+        """Serve one short request in the calling thread (the worker, with ``start(warm_up=True)``)
+        so that the first user pays neither for lazy initialisation nor for encoding the persona;
+        raise what went wrong, so that a model that cannot serve fails the start, not users."""
         request = _Request(
             render_prompt(["Привет"], self.persona),
             SamplingParams(max_new_tokens=2),
@@ -306,6 +373,8 @@ class GenerationEngine:
         self._take([request])
         while self._rows:
             self._step()
+        if request.error is not None:  # a model that cannot serve fails the start, not users
+            raise request.error
         self.replies = self.tokens = self.prefilled_tokens = self.reused_tokens = self.steps = 0
         self.busy_s = dict.fromkeys(self.busy_s, 0.0)
 
@@ -367,7 +436,13 @@ class GenerationEngine:
             self._thread.join(timeout_s)
 
     # -- the worker -----------------------------------------------------------------------------
-    def _work(self) -> None:
+    def _work(self, warm_up: bool) -> None:
+        if warm_up:
+            try:
+                self.warm_up()
+            except Exception as error:  # the operator sees it from ready(), at start-up
+                self._warm_up_error = error
+        self._warmed.set()
         while True:
             waiting = [] if self._rows else [self._queue.get()]
             while len(self._rows) + len(waiting) < self.max_batch:  # join at this step
@@ -611,7 +686,7 @@ class GenerationEngine:
         request: _Request, result: str | None = None, error: BaseException | None = None
     ) -> None:
         if request.loop is None or request.future is None:
-            request.result = result
+            request.result, request.error = result, error
             return
         future = request.future
 

@@ -1,10 +1,18 @@
 """The generation engine: worker thread, bounded queue, timeouts, clean replies."""
 
 import asyncio
+import threading
 
 import pytest
 
-from bot.engine import EngineBusy, EngineTimeout, GenerationEngine, SamplingParams, load_model
+from bot.engine import (
+    EngineBusy,
+    EngineTimeout,
+    GenerationEngine,
+    SamplingParams,
+    load_model,
+    run_in_own_thread,
+)
 
 
 @pytest.fixture(scope="module")
@@ -59,3 +67,49 @@ def test_prompt_budget_leaves_room_for_the_reply(tiny):
     engine = _engine(tiny, context_tokens=100, reply_tokens=30)
     assert engine.prompt_budget == 70
     assert _engine(tiny, context_tokens=10_000).context_tokens == 1024  # capped by the model
+
+
+async def test_the_model_runs_only_in_the_worker_thread_warm_up_included(tiny):
+    """The event loop's thread never runs the model (a second OpenMP team would slow every
+    step of the worker's), and the warm-up happens before ``ready`` returns."""
+    model, _ = tiny
+    threads: set[str] = set()
+    hook = model.transformer.h[0].attn.c_attn.register_forward_pre_hook(
+        lambda *_: threads.add(threading.current_thread().name)
+    )
+    engine = _engine(tiny)
+    try:
+        engine.start(warm_up=True)
+        await engine.ready()
+        assert threads == {"generation"}  # warmed up, by the worker
+        assert engine.replies == 0  # the warm-up is not counted as served
+        await engine.generate(["Привет!"], SamplingParams(max_new_tokens=5))
+        assert threads == {"generation"}
+        assert engine.replies == 1
+    finally:
+        hook.remove()
+        engine.close()
+
+
+async def test_a_failed_warm_up_is_reported_by_ready(tiny):
+    engine = _engine(tiny)
+
+    def out_of_memory(*_):
+        raise RuntimeError("not enough memory")
+
+    assert engine.decoder is not None
+    engine.decoder.prefill_many = out_of_memory  # type: ignore[method-assign]
+    engine.start(warm_up=True)
+    try:
+        with pytest.raises(RuntimeError, match="not enough memory"):
+            await engine.ready()
+    finally:
+        engine.close()
+
+
+async def test_run_in_own_thread_returns_raises_and_leaves_no_thread():
+    before = threading.active_count()
+    assert await run_in_own_thread(sum, [1, 2, 3]) == 6
+    with pytest.raises(ZeroDivisionError):
+        await run_in_own_thread(divmod, 1, 0)
+    assert threading.active_count() == before  # each call's thread has ended
