@@ -262,6 +262,7 @@ async def test_onednn_projections_give_the_same_greedy_replies(tiny_model_dir, t
     """MODEL_CPU_ONEDNN: a kernel choice, not a different model."""
     fast = _engine(load_model(str(tiny_model_dir), "cpu", "float32", "none", cpu_onednn=True))
     assert "OneDNN" in type(fast.model.transformer.h[0].attn.c_attn).__name__
+    assert isinstance(fast.model.transformer.h[0].mlp.act, torch.nn.Identity)  # GELU fused
     plain = _engine(tiny)
     fast.start()
     try:
