@@ -126,9 +126,11 @@ async def run_design(args: argparse.Namespace) -> dict[str, Any]:
     from dataset_tools.dialogue_format import render_prompt
 
     onednn = args.only == "engine" and args.cpu_onednn
-    model, tokenizer = await run_in_own_thread(
-        load_model, str(args.model), args.device, args.dtype, args.quantize, onednn
-    )
+    load = (str(args.model), args.device, args.dtype, args.quantize, onednn)
+    if args.only == "engine":  # as the bot does (bot.app): see run_in_own_thread for why
+        model, tokenizer = await run_in_own_thread(load_model, *load)
+    else:  # the naive design loads where it runs its event loop, as it always did
+        model, tokenizer = load_model(*load)
     persona, messages = conversations(tokenizer, args.users, args.turns)
     reply = args.reply_tokens
     params = SamplingParams(max_new_tokens=reply, min_new_tokens=reply)
