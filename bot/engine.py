@@ -49,6 +49,7 @@ from transformers import (
 )
 
 from bot import onednn
+from bot.allocator import returning_freed_memory
 from bot.decoder import SlotDecoder, supports
 from bot.prefix_cache import CachedDialogue, PrefixCache, common_prefix
 from bot.quantize import load_int8_low_memory, quantize_int8
@@ -170,8 +171,16 @@ def load_model(
     """Load any Hugging Face causal-LM directory or hub id, or fail with one clear line.
 
     ``quantize="int8"`` converts the projections to dynamic int8 (CPU only, see bot.quantize);
-    ``cpu_onednn`` runs float32 projections through oneDNN on a CPU (see bot.onednn).
+    ``cpu_onednn`` runs float32 projections through oneDNN on a CPU (see bot.onednn). What the
+    conversions free goes back to the system (see bot.allocator).
     """
+    with returning_freed_memory():
+        return _load_model(path, device, dtype, quantize, cpu_onednn)
+
+
+def _load_model(
+    path: str, device: str, dtype: str, quantize: str, cpu_onednn: bool
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     local = Path(path)
     looks_local = local.is_absolute() or path.startswith(".") or local.parent.exists()
     if not local.exists() and (looks_local or path.count("/") != 1):  # not a hub id either

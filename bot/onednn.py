@@ -58,7 +58,8 @@ class OneDNNLinear(nn.Module):
         weight = weight.detach().float().contiguous()
         with torch.inference_mode():
             self.weight = torch.ops.mkldnn._reorder_linear_weight(weight, BATCH_HINT)
-        self.bias = None if bias is None else bias.detach().float().contiguous()
+        # A copy, not a view: a view would keep the whole memory-mapped checkpoint alive.
+        self.bias = None if bias is None else bias.detach().float().clone()
         self.attr, self.algorithm = ("gelu", "tanh") if gelu else ("none", "")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -99,4 +100,18 @@ def to_onednn(model: nn.Module) -> int:
         if gelu_into is not None:
             parent.act = nn.Identity()
     model.config.tie_word_embeddings = False
+    _own_memory(model)
     return replaced
+
+
+def _own_memory(model: nn.Module) -> None:
+    """Copy the remaining weights (embeddings, layer norms) out of the loaded checkpoint.
+
+    ``from_pretrained`` leaves parameters as views of the memory-mapped safetensors file, and
+    every page the packing above read stays resident while any view keeps the mapping alive:
+    the float32 model's size again (measured: 3.5 GB resident for the medium shape against
+    2.0 GB once the mapping is released).
+    """
+    with torch.no_grad():
+        for tensor in [*model.parameters(), *model.buffers()]:
+            tensor.data = tensor.data.clone()

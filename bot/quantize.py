@@ -24,11 +24,11 @@ def _int8_linear(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Module:
     from torch.ao.nn.quantized.dynamic import Linear as DynamicLinear
     from torch.ao.quantization import default_dynamic_qconfig
 
-    linear = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None)
-    with torch.no_grad():
-        linear.weight.copy_(weight)
-        if bias is not None:
-            linear.bias.copy_(bias)
+    with torch.device("meta"):  # no randomly initialised float weights to allocate and drop
+        linear = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None)
+    linear.weight = nn.Parameter(weight.detach().contiguous(), requires_grad=False)
+    if bias is not None:
+        linear.bias = nn.Parameter(bias.detach().clone(), requires_grad=False)
     linear.qconfig = default_dynamic_qconfig
     return DynamicLinear.from_float(linear)
 
@@ -94,7 +94,8 @@ def _read_tensor(file: Path, located: tuple[int, dict]) -> torch.Tensor:
     start, end = info["data_offsets"]
     with file.open("rb") as handle:
         handle.seek(base + start)
-        data = bytearray(handle.read(end - start))
+        data = bytearray(end - start)
+        handle.readinto(data)  # into the buffer: read() then bytearray() would hold it twice
     return torch.frombuffer(data, dtype=_DTYPES[info["dtype"]]).reshape(info["shape"]).float()
 
 
