@@ -92,14 +92,17 @@ class SlotDecoder:
             grown[:, :, : self.slots, :, : self.capacity] = self.cache
         self.cache = grown
 
-    def load_slot(self, slot: int, past: torch.Tensor) -> None:
-        """Put a saved ``[layers, 2, heads, length, head_dim]`` prefix into ``slot``."""
-        if past.shape[3]:
-            self.cache[:, :, slot, :, : past.shape[3]] = past
+    def load_slot(self, slot: int, chunks: tuple[torch.Tensor, ...]) -> None:
+        """Put saved ``[layers, 2, heads, n, head_dim]`` chunks, in order, into ``slot``."""
+        start = 0
+        for chunk in chunks:
+            end = start + chunk.shape[3]
+            self.cache[:, :, slot, :, start:end] = chunk
+            start = end
 
-    def save_slot(self, slot: int, length: int) -> torch.Tensor:
-        """A compact copy of the first ``length`` positions of ``slot`` (kept between turns)."""
-        return self.cache[:, :, slot, :, :length].clone()
+    def save_slot(self, slot: int, start: int, end: int) -> torch.Tensor:
+        """A compact copy of positions ``start..end-1`` of ``slot`` (kept between turns)."""
+        return self.cache[:, :, slot, :, start:end].clone()
 
     def move_slot(self, source: int, target: int, length: int) -> None:
         """Keep active rows in slots ``0..n-1``: the last row takes the place of one that left."""

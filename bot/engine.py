@@ -140,6 +140,8 @@ class _Row:
     prompt_len: int
     computed: int  # tokens whose keys/values are in the slot
     seen: torch.Tensor  # [vocab] tokens in this row, for the repetition penalty
+    base: CachedDialogue | None = None  # the cached entry its first ``reused`` positions came from
+    reused: int = 0
     shown: str = ""
 
     @property
@@ -520,8 +522,9 @@ class GenerationEngine:
                 self.decoder.reserve(slot + 1, len(ids))
                 with torch.inference_mode():
                     self.decoder.prefill(slot, ids, 0)
-                past = self.decoder.save_slot(slot, len(ids))
-                self._persona_entry = CachedDialogue(self._persona_text, ids, past)
+                past = self.decoder.save_slot(slot, 0, len(ids))
+                # shared=1: the engine owns it; no dialogue's budget counts it again.
+                self._persona_entry = CachedDialogue(self._persona_text, ids, (past,), shared=1)
         return self._persona_entry
 
     def _admit(self, requests: list[_Request]) -> None:
@@ -540,20 +543,20 @@ class GenerationEngine:
             self.decoder.reserve(slot + 1, min(len(ids) + max_new, self.context_tokens))
             if reuse:
                 assert cached is not None
-                self.decoder.load_slot(slot, cached.past[:, :, :, :reuse])
-            plans.append((request, ids, reuse, slot))
+                self.decoder.load_slot(slot, cached.prefix(reuse)[0])
+            plans.append((request, ids, reuse, slot, cached))
         with torch.inference_mode():
             logits = self.decoder.prefill_many(
-                [(slot, ids[reuse:], reuse) for _, ids, reuse, slot in plans]
+                [(slot, ids[reuse:], reuse) for _, ids, reuse, slot, _ in plans]
             )
         rows = []
-        for request, ids, reuse, _ in plans:
+        for request, ids, reuse, _, cached in plans:
             request.stats.reused_tokens, request.stats.prompt_ids = reuse, list(ids)
             self.prefilled_tokens += len(ids) - reuse
             self.reused_tokens += reuse
             seen = torch.zeros(self._vocab_size, dtype=torch.bool, device=logits.device)
             seen[torch.tensor(ids, device=logits.device)] = True
-            rows.append(_Row(request, ids, len(ids), len(ids), seen))
+            rows.append(_Row(request, ids, len(ids), len(ids), seen, cached, reuse))
         first = len(self._rows)
         self._rows.extend(rows)
         for index in sorted(self._choose(rows, logits), reverse=True):
@@ -642,8 +645,14 @@ class GenerationEngine:
         generated = row.generated
         text = self._decode(generated)
         if request.key is not None and not request.cancelled.is_set():
-            past = self.decoder.save_slot(index, row.computed)
-            self.prefix_cache.put(request.key, CachedDialogue(request.prompt + text, row.ids, past))
+            # Only the positions this turn computed are copied out; the rest are the base's.
+            new = self.decoder.save_slot(index, row.reused, row.computed)
+            kept = request.prompt + text
+            if row.base is not None and row.reused:
+                entry = row.base.following(row.reused, kept, row.ids, new)
+            else:
+                entry = CachedDialogue(kept, row.ids, (new,))
+            self.prefix_cache.put(request.key, entry)
         last = len(self._rows) - 1
         if index != last:
             self.decoder.move_slot(last, index, self._rows[last].computed)
