@@ -51,7 +51,7 @@ from transformers import (
 from bot import onednn
 from bot.allocator import returning_freed_memory
 from bot.decoder import SlotDecoder, supports
-from bot.prefix_cache import CachedDialogue, PrefixCache, common_prefix
+from bot.prefix_cache import CachedDialogue, Prefix, PrefixCache, common_prefix
 from bot.quantize import load_int8_low_memory, quantize_int8
 from bot.sampling import SamplingParams, choose_tokens
 from dataset_tools.dialogue_format import (
@@ -140,8 +140,7 @@ class _Row:
     prompt_len: int
     computed: int  # tokens whose keys/values are in the slot
     seen: torch.Tensor  # [vocab] tokens in this row, for the repetition penalty
-    base: CachedDialogue | None = None  # the cached entry its first ``reused`` positions came from
-    reused: int = 0
+    start: Prefix = field(default_factory=Prefix)  # cached keys/values it was started from
     shown: str = ""
 
     @property
@@ -541,22 +540,21 @@ class GenerationEngine:
                 reuse = min(common_prefix(cached.ids[: cached.computed], ids), len(ids) - 1)
             max_new = min(request.params.max_new_tokens, self.reply_tokens)
             self.decoder.reserve(slot + 1, min(len(ids) + max_new, self.context_tokens))
-            if reuse:
-                assert cached is not None
-                self.decoder.load_slot(slot, cached.prefix(reuse)[0])
-            plans.append((request, ids, reuse, slot, cached))
+            start = cached.prefix(reuse) if cached is not None and reuse else Prefix()
+            self.decoder.load_slot(slot, start.chunks)
+            plans.append((request, ids, reuse, slot, start))
         with torch.inference_mode():
             logits = self.decoder.prefill_many(
                 [(slot, ids[reuse:], reuse) for _, ids, reuse, slot, _ in plans]
             )
         rows = []
-        for request, ids, reuse, _, cached in plans:
+        for request, ids, reuse, _, start in plans:
             request.stats.reused_tokens, request.stats.prompt_ids = reuse, list(ids)
             self.prefilled_tokens += len(ids) - reuse
             self.reused_tokens += reuse
             seen = torch.zeros(self._vocab_size, dtype=torch.bool, device=logits.device)
             seen[torch.tensor(ids, device=logits.device)] = True
-            rows.append(_Row(request, ids, len(ids), len(ids), seen, cached, reuse))
+            rows.append(_Row(request, ids, len(ids), len(ids), seen, start))
         first = len(self._rows)
         self._rows.extend(rows)
         for index in sorted(self._choose(rows, logits), reverse=True):
@@ -645,13 +643,9 @@ class GenerationEngine:
         generated = row.generated
         text = self._decode(generated)
         if request.key is not None and not request.cancelled.is_set():
-            # Only the positions this turn computed are copied out; the rest are the base's.
-            new = self.decoder.save_slot(index, row.reused, row.computed)
-            kept = request.prompt + text
-            if row.base is not None and row.reused:
-                entry = row.base.following(row.reused, kept, row.ids, new)
-            else:
-                entry = CachedDialogue(kept, row.ids, (new,))
+            # Only the positions this turn computed are copied out; the rest it started from.
+            new = self.decoder.save_slot(index, row.start.length, row.computed)
+            entry = row.start.extended(request.prompt + text, row.ids, new)
             self.prefix_cache.put(request.key, entry)
         last = len(self._rows) - 1
         if index != last:

@@ -49,8 +49,8 @@ class CachedDialogue:
     def nbytes(self) -> int:
         return sum(chunk.numel() * chunk.element_size() for chunk in self.chunks[self.shared :])
 
-    def prefix(self, length: int) -> tuple[tuple[torch.Tensor, ...], int]:
-        """The chunks that hold the first ``length`` positions, and how many of them are shared.
+    def prefix(self, length: int) -> Prefix:
+        """The chunks that hold the first ``length`` positions (a row starts from them).
 
         A chunk cut short is copied, so that no entry holds memory it does not count.
         """
@@ -62,19 +62,28 @@ class CachedDialogue:
                 kept.append(chunk)
             else:
                 kept.append(chunk[:, :, :, :length].clone())
-                return tuple(kept), min(self.shared, index)
+                return Prefix(tuple(kept), min(self.shared, index))
             length -= chunk.shape[3]
-        return tuple(kept), min(self.shared, len(kept))
+        return Prefix(tuple(kept), min(self.shared, len(kept)))
 
-    def following(
-        self, reused: int, text: str, ids: list[int], new: torch.Tensor
-    ) -> CachedDialogue:
-        """The entry for the next turn: this one's first ``reused`` positions, then ``new``."""
-        kept, shared = self.prefix(reused)
-        chunks = (*kept, new)
+
+@dataclass(frozen=True)
+class Prefix:
+    """The keys/values a row was started from: the leading part of a cached dialogue."""
+
+    chunks: tuple[torch.Tensor, ...] = ()
+    shared: int = 0  # leading chunks owned by another entry (see CachedDialogue)
+
+    @property
+    def length(self) -> int:
+        return sum(chunk.shape[3] for chunk in self.chunks)
+
+    def extended(self, text: str, ids: list[int], new: torch.Tensor) -> CachedDialogue:
+        """The dialogue's entry after this turn: these chunks, then the turn's own ``new``."""
+        chunks = (*self.chunks, new)
         if len(chunks) > MAX_CHUNKS:
-            chunks = (*chunks[:shared], torch.cat(chunks[shared:], dim=3))
-        return CachedDialogue(text, ids, chunks, shared)
+            chunks = (*chunks[: self.shared], torch.cat(chunks[self.shared :], dim=3))
+        return CachedDialogue(text, ids, chunks, self.shared)
 
 
 class PrefixCache:
