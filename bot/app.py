@@ -29,6 +29,7 @@ from bot.handlers import make_routers
 from bot.metrics import BotMetrics, Health
 from bot.middlewares.access import AllowlistMiddleware, CountUpdatesMiddleware
 from bot.middlewares.retry import RetryMiddleware
+from bot.pending import answer_unanswered
 
 logger = logging.getLogger(__name__)
 
@@ -172,6 +173,8 @@ def build_dispatcher(
             logger.warning("could not register the command menu: %s", error)
         if settings.retention_days > 0:
             background.append(asyncio.create_task(prune_forever()))
+        # Before the first update: what the last run left unanswered goes first, in order.
+        background.extend(await answer_unanswered(bot, dialogue, metrics, settings))
 
     async def on_shutdown() -> None:
         for task in background:

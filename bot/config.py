@@ -59,6 +59,9 @@ class Settings(BaseSettings):
     allowed_user_ids: str = Field("", description="comma-separated ids; empty: everyone")
     admin_user_ids: str = Field("", description="comma-separated ids allowed to use /stats")
     retention_days: float = Field(0, ge=0, description="prune older messages; 0 keeps all")
+    pending_reply_max_age_s: float = Field(
+        600, ge=0, description="at start, answer unanswered messages this recent; 0: none"
+    )
     # Webhook mode (when WEBHOOK_URL is set) and the health/metrics server.
     webhook_url: str | None = None
     webhook_secret: SecretStr | None = None

@@ -31,13 +31,14 @@ async def _handle(line: str, user: UserRef, dialogue: DialogueService, settings:
     if not text:
         return texts.NOT_TEXT
     message_id = await dialogue.remember_user_message(user, text)
+    assert message_id is not None  # only a Telegram message can be delivered twice
     try:
         reply = await dialogue.make_reply(user, message_id)
     except EngineBusy:
         return texts.BUSY
     except EngineTimeout:
         return texts.TIMEOUT
-    await dialogue.store_reply(user, reply)
+    await dialogue.store_reply(user, reply, message_id)
     return reply
 
 

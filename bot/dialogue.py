@@ -1,8 +1,11 @@
 """The dialogue service: one user's message in, the bot's reply out, memory kept in the database.
 
-Order of work, chosen so that a crash loses nothing the user wrote:
-store the user's message (committed) → read recent history → build the prompt within the token
-budget → generate → the caller sends the reply → :meth:`DialogueService.store_reply`.
+Order of work, chosen so that a crash loses nothing the user wrote and owes nothing it cannot
+find again: store the user's message (committed, with its Telegram message id) → read recent
+history → build the prompt within the token budget → generate → the caller delivers the reply →
+:meth:`DialogueService.store_reply` (linked to the message it answers). A message with no stored
+reply is therefore one the user never got an answer to: :meth:`DialogueService.unanswered` finds
+them at the next start.
 
 Messages of one user are stored and answered strictly in the order they arrived (see :class:`Turn`),
 while other users' messages go on in parallel.
@@ -18,7 +21,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
-from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.ext.asyncio import async_sessionmaker
 
 from bot import texts
@@ -132,11 +135,15 @@ class DialogueService:
         finally:
             turn.finish()
 
-    async def remember_user_message(self, user: UserRef, text: str) -> int:
+    async def remember_user_message(
+        self, user: UserRef, text: str, telegram_message_id: int | None = None
+    ) -> int | None:
         """Store the message before anything else, so a crash mid-reply loses no input.
 
         Called as soon as the message arrives, before waiting for this user's earlier messages
-        to be answered; returns the message id that :meth:`make_reply` answers up to. A message
+        to be answered; returns the message id that :meth:`make_reply` answers up to, or
+        ``None`` when this Telegram message is already stored (Telegram delivered its update
+        again): it has been or will be answered once, and must not be answered twice. A message
         longer than MAX_MESSAGE_CHARS keeps its beginning. A locked or briefly unreachable
         database is retried (SQLite already waits out its busy timeout first).
         """
@@ -145,14 +152,40 @@ class DialogueService:
             try:
                 async with self.sessions.begin() as session:
                     row = await repository.get_or_create_user(session, user.telegram_id, user.name)
-                    message = await repository.add_message(session, row, repository.USER_ROLE, text)
+                    message = await repository.add_message(
+                        session,
+                        row,
+                        repository.USER_ROLE,
+                        text,
+                        telegram_message_id=telegram_message_id,
+                    )
                     return message.id
+            except IntegrityError:
+                if telegram_message_id is None or not await self._is_stored(
+                    user, telegram_message_id
+                ):
+                    raise
+                logger.info("update delivered again: message already stored, not answered twice")
+                return None
             except OperationalError:
                 if attempt == DB_ATTEMPTS:
                     raise
                 logger.warning("database unavailable, retry %d", attempt)
                 await asyncio.sleep(0.5 * 2**attempt)
         raise AssertionError("unreachable")
+
+    async def _is_stored(self, user: UserRef, telegram_message_id: int) -> bool:
+        async with self.sessions() as session:
+            row = await repository.get_or_create_user(session, user.telegram_id, user.name)
+            return await repository.has_telegram_message(session, row, telegram_message_id)
+
+    async def unanswered(self, max_age_s: float) -> list[tuple[UserRef, int]]:
+        """(user, message id) of each Telegram message younger than ``max_age_s`` with no
+        delivered reply (the bot died mid-reply, or Telegram refused the reply), oldest first."""
+        since = datetime.now(UTC) - timedelta(seconds=max_age_s)
+        async with self.sessions() as session:
+            pending = await repository.unanswered_messages(session, since)
+        return [(UserRef(p.telegram_id, p.name), p.message_id) for p in pending]
 
     async def make_reply(
         self,
@@ -190,10 +223,13 @@ class DialogueService:
         reply = await self.engine.generate(turns, params, key=user.telegram_id, on_text=on_text)
         return reply or texts.FALLBACK_REPLY
 
-    async def store_reply(self, user: UserRef, reply: str) -> None:
+    async def store_reply(self, user: UserRef, reply: str, reply_to_id: int | None) -> None:
+        """Keep the reply once the user has it: ``reply_to_id`` marks that message answered."""
         async with self.sessions.begin() as session:
             row = await repository.get_or_create_user(session, user.telegram_id, user.name)
-            await repository.add_message(session, row, repository.BOT_ROLE, reply)
+            await repository.add_message(
+                session, row, repository.BOT_ROLE, reply, reply_to_id=reply_to_id
+            )
 
     async def reset(self, user: UserRef) -> int:
         async with self.sessions.begin() as session:

@@ -8,7 +8,8 @@ with no edits at all; a slow one (a long reply, a busy CPU) shows its first word
 ``interval_s`` and grows from there. Updates that arrive in between are coalesced: only the
 newest text is ever sent. :meth:`ReplyStream.finish` puts the
 final, cleaned reply in place (the same text the database keeps), splitting it when it is longer
-than one Telegram message.
+than one Telegram message; it raises when Telegram does not take it, so the caller never stores
+a reply the user did not get.
 """
 
 from __future__ import annotations
@@ -34,12 +35,14 @@ class ReplyStream:
     def __init__(
         self,
         bot: Bot,
-        message: Message,
+        chat_id: int,
         interval_s: float = 1.0,
         clock: Callable[[], float] = time.monotonic,
+        thread_id: int | None = None,
     ) -> None:
         self.bot = bot
-        self.message = message  # the user's message; the reply goes to its chat
+        self.chat_id = chat_id  # the reply goes to this chat (and forum topic, if any)
+        self.thread_id = thread_id
         self.interval_s = interval_s
         self.clock = clock
         self.sent: Message | None = None
@@ -73,7 +76,7 @@ class ReplyStream:
         self._shown = text
         try:
             if self.sent is None:
-                self.sent = await self.message.answer(text)
+                self.sent = await self._send(text)
             else:
                 await self.bot.edit_message_text(
                     text=text, chat_id=self.sent.chat.id, message_id=self.sent.message_id
@@ -98,7 +101,7 @@ class ReplyStream:
         pieces = split_message(final) or [final]
         if self.sent is None:
             for piece in pieces:
-                await self.message.answer(piece)
+                await self._send(piece)
             return
         if pieces[0] != self._shown:
             wait = self._last_send + self.interval_s - self.clock()
@@ -106,4 +109,9 @@ class ReplyStream:
                 await asyncio.sleep(wait)
             await self._show(pieces[0])
         for piece in pieces[1:]:
-            await self.message.answer(piece)
+            await self._send(piece)
+
+    async def _send(self, text: str) -> Message:
+        return await self.bot.send_message(
+            chat_id=self.chat_id, text=text, message_thread_id=self.thread_id
+        )

@@ -4,7 +4,17 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 
-from sqlalchemy import BigInteger, DateTime, Float, ForeignKey, Index, Integer, String, Text
+from sqlalchemy import (
+    BigInteger,
+    DateTime,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    String,
+    Text,
+    UniqueConstraint,
+)
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 
@@ -29,13 +39,30 @@ class User(Base):
 
 
 class Message(Base):
-    """One turn: ``role`` is ``user`` or ``bot``. The index serves "last N of this user"."""
+    """One turn: ``role`` is ``user`` or ``bot``. The index serves "last N of this user".
+
+    Delivery state lives in the rows, not in a process's memory, so a restart (or another
+    replica) can tell what is still owed to a user:
+
+    * ``telegram_message_id``: the chat's id of the message a user's turn came from. Telegram
+      re-delivers an update it thinks unacknowledged; the unique (chat, message id) pair turns
+      the second delivery into a no-op. ``None`` for the console chat.
+    * ``reply_to_id``: on a bot reply, the user message it answers. A bot reply is stored only
+      after Telegram accepted it, so a user message with no reply pointing at it is unanswered.
+    """
 
     __tablename__ = "messages"
-    __table_args__ = (Index("ix_messages_user_id_id", "user_id", "id"),)
+    __table_args__ = (
+        Index("ix_messages_user_id_id", "user_id", "id"),
+        UniqueConstraint("user_id", "telegram_message_id", name="uq_messages_user_telegram_id"),
+    )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     user_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"))
     role: Mapped[str] = mapped_column(String(8))
     text: Mapped[str] = mapped_column(Text)
+    telegram_message_id: Mapped[int | None] = mapped_column(BigInteger)
+    reply_to_id: Mapped[int | None] = mapped_column(
+        ForeignKey("messages.id", ondelete="SET NULL"), index=True
+    )
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)

@@ -5,8 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime
 
-from sqlalchemy import delete, func, select
+from sqlalchemy import and_, delete, exists, func, or_, select
 from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.orm import aliased
 
 from bot.db.models import Message, User
 
@@ -37,21 +38,90 @@ async def set_temperature(session: AsyncSession, user: User, value: float | None
     await session.flush()
 
 
-async def add_message(session: AsyncSession, user: User, role: str, text: str) -> Message:
-    message = Message(user_id=user.id, role=role, text=text)
+async def add_message(
+    session: AsyncSession,
+    user: User,
+    role: str,
+    text: str,
+    *,
+    telegram_message_id: int | None = None,
+    reply_to_id: int | None = None,
+) -> Message:
+    """Add one turn; a second user turn with the same ``telegram_message_id`` raises
+    ``IntegrityError`` (the unique constraint that makes a re-delivered update a no-op)."""
+    message = Message(
+        user_id=user.id,
+        role=role,
+        text=text,
+        telegram_message_id=telegram_message_id,
+        reply_to_id=reply_to_id,
+    )
     session.add(message)
     await session.flush()
     return message
 
 
+async def has_telegram_message(session: AsyncSession, user: User, telegram_message_id: int) -> bool:
+    return bool(
+        await session.scalar(
+            select(
+                exists().where(
+                    Message.user_id == user.id,
+                    Message.telegram_message_id == telegram_message_id,
+                )
+            )
+        )
+    )
+
+
+@dataclass(frozen=True)
+class PendingMessage:
+    """A user's Telegram message that has no delivered reply yet."""
+
+    message_id: int
+    telegram_id: int
+    name: str | None
+
+
+async def unanswered_messages(session: AsyncSession, since: datetime) -> list[PendingMessage]:
+    """Telegram messages newer than ``since`` that no stored reply answers, oldest first."""
+    reply = aliased(Message)
+    answered = exists().where(reply.reply_to_id == Message.id)
+    rows = await session.execute(
+        select(Message.id, User.telegram_id, User.name)
+        .join(User, User.id == Message.user_id)
+        .where(
+            Message.role == USER_ROLE,
+            Message.telegram_message_id.is_not(None),
+            Message.created_at >= since,
+            ~answered,
+        )
+        .order_by(Message.id)
+    )
+    return [PendingMessage(*row) for row in rows.all()]
+
+
 async def recent_turns(
     session: AsyncSession, user: User, limit: int, up_to_id: int | None = None
 ) -> list[Turn]:
-    """The user's last ``limit`` messages (up to message ``up_to_id`` if given), oldest first."""
+    """The user's last ``limit`` messages in conversation order, oldest first; with ``up_to_id``,
+    only what comes before the reply to that message.
+
+    Conversation order puts each reply right after the message it answers, not where its row
+    id falls: a user who writes twice before the first reply is stored (``u1 u2 b1 b2`` by id)
+    had the conversation ``u1 b1 u2 b2``, and the reply to ``u2`` follows ``b1``. So the prompt
+    never depends on which reply happened to be stored first.
+    """
+    place = func.coalesce(Message.reply_to_id, Message.id)
     query = select(Message.role, Message.text).where(Message.user_id == user.id)
     if up_to_id is not None:
-        query = query.where(Message.id <= up_to_id)
-    rows = await session.execute(query.order_by(Message.id.desc()).limit(limit))
+        query = query.where(
+            or_(
+                and_(Message.role == USER_ROLE, Message.id <= up_to_id),
+                and_(Message.role == BOT_ROLE, place < up_to_id),
+            )
+        )
+    rows = await session.execute(query.order_by(place.desc(), Message.id.desc()).limit(limit))
     return [Turn(role, text) for role, text in reversed(rows.all())]
 
 

@@ -13,7 +13,7 @@ from aiogram.utils.chat_action import ChatActionSender
 
 from bot import texts
 from bot.config import Settings
-from bot.dialogue import DialogueService, clean_user_text
+from bot.dialogue import DialogueService, Turn, UserRef, clean_user_text
 from bot.engine import EngineBusy, EngineTimeout
 from bot.handlers.commands import user_ref
 from bot.metrics import BotMetrics
@@ -54,31 +54,55 @@ async def chat(
             await message.answer(texts.NOT_TEXT)
             return
         await turn.wait_to_store()
-        message_id = await dialogue.remember_user_message(user, text)
+        message_id = await dialogue.remember_user_message(user, text, message.message_id)
         turn.mark_stored()
-        await turn.wait_to_answer()
-        started = time.perf_counter()
-        stream = ReplyStream(bot, message, settings.stream_edit_interval_s)
-        on_text = stream.update if settings.stream_replies else None
-        try:
-            async with ChatActionSender.typing(bot=bot, chat_id=message.chat.id):
-                reply = await dialogue.make_reply(user, message_id, on_text=on_text)
-        except EngineBusy:
-            metrics.busy.inc()
-            await stream.finish(texts.BUSY)
+        if message_id is None:  # the same update again: answered once already, or pending
             return
-        except EngineTimeout:
-            metrics.busy.inc()
-            await stream.finish(texts.TIMEOUT)  # replaces whatever was streamed
-            return
-        metrics.generation_seconds.observe(time.perf_counter() - started)
-        # Stored before the last edit, which may wait out the per-chat edit interval: the user
-        # has been reading the reply for a while already. The final text is the stored one.
-        await dialogue.store_reply(user, reply)
-        metrics.replies.inc()
-        await stream.finish(reply)
+        thread_id = message.message_thread_id if message.is_topic_message else None
+        await answer(bot, dialogue, metrics, settings, turn, user, message_id, thread_id)
     finally:
         turn.finish()
+
+
+async def answer(
+    bot: Bot,
+    dialogue: DialogueService,
+    metrics: BotMetrics,
+    settings: Settings,
+    turn: Turn,
+    user: UserRef,
+    message_id: int,
+    thread_id: int | None = None,
+) -> None:
+    """Answer the stored user message ``message_id`` in the user's chat, in turn.
+
+    The one path for a new message and for one left unanswered by a crash (bot.pending). The
+    reply is stored only after Telegram took all of it: a reply that never reached the user
+    leaves the message unanswered, to be answered at the next start.
+    """
+    await turn.wait_to_answer()
+    started = time.perf_counter()
+    stream = ReplyStream(
+        bot, user.telegram_id, settings.stream_edit_interval_s, thread_id=thread_id
+    )
+    on_text = stream.update if settings.stream_replies else None
+    try:
+        async with ChatActionSender.typing(
+            bot=bot, chat_id=user.telegram_id, message_thread_id=thread_id
+        ):
+            reply = await dialogue.make_reply(user, message_id, on_text=on_text)
+    except EngineBusy:
+        metrics.busy.inc()
+        await stream.finish(texts.BUSY)
+        return
+    except EngineTimeout:
+        metrics.busy.inc()
+        await stream.finish(texts.TIMEOUT)  # replaces whatever was streamed
+        return
+    metrics.generation_seconds.observe(time.perf_counter() - started)
+    await stream.finish(reply)  # the final text is the one stored next
+    await dialogue.store_reply(user, reply, message_id)
+    metrics.replies.inc()
 
 
 def make_router() -> Router:

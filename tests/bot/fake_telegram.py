@@ -39,11 +39,26 @@ class FakeTelegram:
         self._runner: web.AppRunner | None = None
         self.base_url = ""
         self.faults: dict[str, list[int]] = {}  # method -> HTTP statuses to answer next
+        self.held: dict[str, asyncio.Event] = {}  # method -> released when set
+        self.delivered: dict[int, dict[str, Any]] = {}  # update id -> the update, once sent
         self.shown: dict[int, str] = {}  # message id -> its text now (after the bot's edits)
 
     def fail_next(self, method: str, *statuses: int) -> None:
         """Answer the next calls of ``method`` with these errors (429 asks to retry after 1 s)."""
         self.faults.setdefault(method, []).extend(statuses)
+
+    def hold(self, method: str) -> None:
+        """Leave calls of ``method`` unanswered (Telegram hanging) until :meth:`release`; a held
+        call never takes effect, as if Telegram had been down."""
+        self.held[method] = asyncio.Event()
+
+    def release(self, method: str) -> None:
+        self.held.pop(method).set()
+
+    def redeliver(self, update_id: int) -> None:
+        """Offer an update again, as Telegram does when it has not seen it acknowledged."""
+        self.pending.append(self.delivered[update_id])
+        self._new_update.set()
 
     async def start(self) -> str:
         app = web.Application()
@@ -84,7 +99,8 @@ class FakeTelegram:
 
     def _message(self, user_id: int, chat_id: int | None = None, **content: Any) -> int:
         update_id = next(self._update_ids)
-        self.pending.append(self.update(update_id, user_id, chat_id, **content))
+        self.delivered[update_id] = self.update(update_id, user_id, chat_id, **content)
+        self.pending.append(self.delivered[update_id])
         self._new_update.set()
         return update_id
 
@@ -155,6 +171,12 @@ class FakeTelegram:
         if request.content_type == "application/json":
             params.update(await request.json())
         self.calls.append(Call(method, params))
+        if method in self.held:
+            self.calls[-1].ok = False
+            await self.held[method].wait()
+            return web.json_response(
+                {"ok": False, "error_code": 502, "description": "held"}, status=502
+            )
         if self.faults.get(method):
             status = self.faults[method].pop(0)
             self.calls[-1].ok = False

@@ -5,6 +5,7 @@ import signal
 import sqlite3
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from tests.bot.fake_telegram import FakeTelegram
@@ -48,10 +49,36 @@ class BotProcess:
             self.process.kill()
 
 
+async def eventually(predicate: Callable[[], bool], what: str, timeout: float = 60.0) -> None:
+    """Wait until ``predicate()`` holds (the very state a test asserts next), or fail saying
+    ``what`` was awaited. Tests wait for state, never for an earlier event plus a sleep."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        await asyncio.sleep(0.05)
+
+
+def bot_replies(db: Path, telegram_id: int) -> list[str]:
+    """The replies stored for the chat: each was delivered whole before it was stored."""
+    return [text for role, text in stored_messages(db, telegram_id) if role == "bot"]
+
+
 def stored_messages(db: Path, telegram_id: int) -> list[tuple[str, str]]:
     with sqlite3.connect(db) as connection:
         return connection.execute(
             "SELECT m.role, m.text FROM messages m JOIN users u ON u.id = m.user_id "
             "WHERE u.telegram_id = ? ORDER BY m.id",
+            (telegram_id,),
+        ).fetchall()
+
+
+def answered(db: Path, telegram_id: int) -> list[tuple[str, str | None]]:
+    """(user message, the stored reply that answers it, or None), in the order they were sent."""
+    with sqlite3.connect(db) as connection:
+        return connection.execute(
+            "SELECT m.text, r.text FROM messages m JOIN users u ON u.id = m.user_id "
+            "LEFT JOIN messages r ON r.reply_to_id = m.id "
+            "WHERE u.telegram_id = ? AND m.role = 'user' ORDER BY m.id",
             (telegram_id,),
         ).fetchall()

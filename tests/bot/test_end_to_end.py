@@ -8,7 +8,16 @@ import asyncio
 import sys
 
 from bot import texts
-from tests.bot.harness import ALICE, BOB, ROOT, TOKEN, BotProcess, stored_messages
+from tests.bot.harness import (
+    ALICE,
+    BOB,
+    ROOT,
+    TOKEN,
+    BotProcess,
+    bot_replies,
+    eventually,
+    stored_messages,
+)
 
 
 async def test_the_bot_as_users_see_it(fake, bot_env, tmp_path):
@@ -24,11 +33,12 @@ async def test_the_bot_as_users_see_it(fake, bot_env, tmp_path):
         assert "Привет" in (await fake.wait_replies(ALICE, 1))[0]
 
         fake.send_text(ALICE, "Как дела?")
-        await fake.wait_replies(ALICE, 2)
-        await asyncio.sleep(0.5)
-        assert len(fake.sent_to(ALICE)) == 2  # exactly one reply to one message
-        assert fake.count("sendChatAction") >= 1
+        # A reply is stored once the user has all of it: the state to wait for (the first
+        # message the fake sees may be the streamed start of the reply).
+        await eventually(lambda: len(bot_replies(db, ALICE)) == 1, "Alice's reply")
         assert [r for r, _ in stored_messages(db, ALICE)] == ["user", "bot"]
+        assert fake.sent_to(ALICE)[1:] == bot_replies(db, ALICE)  # one reply, as stored
+        assert fake.count("sendChatAction") >= 1
 
         for command in ("/temp", "/temp 0,5", "/temp abc", "/temp 7", "/temp"):
             fake.send_text(ALICE, command)
@@ -44,10 +54,9 @@ async def test_the_bot_as_users_see_it(fake, bot_env, tmp_path):
         # two users at once: each gets their own single reply
         fake.send_text(ALICE, "Что посоветуешь почитать?")
         fake.send_text(BOB, "Привет, я Боб!")
-        await fake.wait_replies(ALICE, 9)
-        await fake.wait_replies(BOB, 1)
-        await asyncio.sleep(0.5)
-        assert len(fake.sent_to(ALICE)) == 9 and len(fake.sent_to(BOB)) == 1
+        await eventually(lambda: len(bot_replies(db, ALICE)) == 2, "Alice's second reply")
+        await eventually(lambda: len(bot_replies(db, BOB)) == 1, "Bob's reply")
+        assert len(fake.sent_to(ALICE)) == 9 and fake.sent_to(BOB) == bot_replies(db, BOB)
         assert [t for r, t in stored_messages(db, BOB) if r == "user"] == ["Привет, я Боб!"]
 
         # restart: the history is still there and goes into the next prompt

@@ -11,7 +11,15 @@ import pytest
 
 from bot import texts
 from tests.bot.fake_telegram import FakeTelegram
-from tests.bot.harness import ALICE, BOB, BotProcess, stored_messages
+from tests.bot.harness import (
+    ALICE,
+    BOB,
+    BotProcess,
+    answered,
+    bot_replies,
+    eventually,
+    stored_messages,
+)
 
 GROUP = -5001
 
@@ -68,19 +76,16 @@ async def test_a_user_not_on_the_allowlist_gets_one_refusal_and_nothing_is_store
     fake, running, tmp_path
 ):
     await running(ALLOWED_USER_IDS=f"{ALICE}")
+    # One getUpdates batch, handled as tasks in order: Bob's second message is decided (with
+    # no await: he is already refused) before Alice's /start is even read, let alone answered.
     fake.send_text(BOB, "Привет!")
     fake.send_text(BOB, "Ну ответь!")
     fake.send_text(ALICE, "/start")
     await fake.wait_replies(ALICE, 1)
-    await asyncio.sleep(0.5)
+    await fake.wait_replies(BOB, 1)
     assert fake.sent_to(BOB) == [texts.NOT_ALLOWED]
     assert stored_messages(tmp_path / "bot.db", BOB) == []
     with sqlite3.connect(tmp_path / "bot.db") as db:
-        assert (
-            db.execute("SELECT count(*) FROM users WHERE telegram_id = ?", (BOB,)).one()
-            if False
-            else True
-        )
         assert (
             db.execute("SELECT count(*) FROM users WHERE telegram_id = ?", (BOB,)).fetchone()[0]
             == 0
@@ -103,11 +108,12 @@ async def test_group_chat_answers_only_when_addressed_and_remembers_per_chat(
     }
     fake.send_text(ALICE, "а это ответ боту", chat_id=GROUP, reply_to_message=bot_message)
     fake.send_text(ALICE, "/temp@test_bot 0.4", chat_id=GROUP)
-    await fake.wait_replies(GROUP, 3)
-    await asyncio.sleep(0.5)
+    db = tmp_path / "bot.db"
+    await eventually(lambda: len(bot_replies(db, GROUP)) == 2, "both replies in the group")
+    await fake.wait_replies(GROUP, 3)  # and the /temp answer
     replies = fake.sent_to(GROUP)
     assert len(replies) == 3 and any("0.4" in r for r in replies)
-    memory = stored_messages(tmp_path / "bot.db", GROUP)  # kept under the chat, not the users
+    memory = stored_messages(db, GROUP)  # kept under the chat, not the users
     assert [t for r, t in memory if r == "user"] == ["привет, бот!", "а это ответ боту"]
     assert stored_messages(tmp_path / "bot.db", ALICE) == []
 
@@ -118,7 +124,8 @@ async def test_forget_deletes_everything_about_the_user(fake, running, tmp_path)
     fake.send_text(ALICE, "/temp 0.3")
     fake.send_text(BOB, "Я Боб")
     await fake.wait_replies(ALICE, 2)
-    await fake.wait_replies(BOB, 1)
+    # Bob's reply is stored after he has all of it: wait for that state, not his first message.
+    await eventually(lambda: len(bot_replies(tmp_path / "bot.db", BOB)) == 1, "Bob's reply")
     fake.send_text(ALICE, "/forget")
     assert (await fake.wait_replies(ALICE, 3))[-1] == texts.FORGET_DONE
     with sqlite3.connect(tmp_path / "bot.db") as db:
@@ -130,10 +137,10 @@ async def test_forget_deletes_everything_about_the_user(fake, running, tmp_path)
     assert len(stored_messages(tmp_path / "bot.db", BOB)) == 2
 
 
-async def test_stats_for_admins_only(fake, running):
+async def test_stats_for_admins_only(fake, running, tmp_path):
     await running(ADMIN_USER_IDS=str(ALICE))
     fake.send_text(ALICE, "Привет!")
-    await fake.wait_replies(ALICE, 1)
+    await eventually(lambda: len(bot_replies(tmp_path / "bot.db", ALICE)) == 1, "the reply")
     fake.send_text(BOB, "/stats")
     fake.send_text(ALICE, "/stats")
     assert (await fake.wait_replies(BOB, 1))[0] == texts.ADMINS_ONLY
@@ -158,9 +165,13 @@ async def test_health_before_and_after_the_model_loads_and_metrics(fake, running
         assert statuses[0] == 503 and statuses[-1] == 200
         await fake.wait_for(lambda: fake.count("getUpdates") > 0)
         fake.send_text(ALICE, "Привет!")
-        await fake.wait_replies(ALICE, 1)
-        async with http.get(f"http://127.0.0.1:{port}/metrics") as response:
-            body = await response.text()
+        body = ""
+        deadline = time.monotonic() + 60
+        while "bot_replies_total 1.0" not in body:  # counted once the reply is delivered
+            assert time.monotonic() < deadline, body
+            await asyncio.sleep(0.05)
+            async with http.get(f"http://127.0.0.1:{port}/metrics") as response:
+                body = await response.text()
     assert "bot_updates_total 1.0" in body and "bot_replies_total 1.0" in body
     assert "bot_generation_seconds_bucket" in body and "bot_queue_depth 0.0" in body
 
@@ -175,6 +186,7 @@ async def test_webhook_checks_the_secret_and_serves_health(fake, running, tmp_pa
     )
     await fake.wait_for(lambda: fake.count("setWebhook") == 1, timeout=90)
     call = next(c for c in fake.calls if c.method == "setWebhook")
+    db = tmp_path / "bot.db"
     assert call.params["secret_token"] == "s3cret-Token"
     url = f"http://127.0.0.1:{port}/webhook"
     update = FakeTelegram.update(1, ALICE, **FakeTelegram.text_content("Привет!"))
@@ -184,38 +196,112 @@ async def test_webhook_checks_the_secret_and_serves_health(fake, running, tmp_pa
         wrong = {"X-Telegram-Bot-Api-Secret-Token": "guess"}
         async with http.post(url, json=update, headers=wrong) as response:
             assert response.status in (401, 403)
-        await asyncio.sleep(0.5)
-        assert fake.sent_to(ALICE) == [] and stored_messages(tmp_path / "bot.db", ALICE) == []
+        # The refusal is the answer to the request: nothing was fed to the dispatcher.
+        assert fake.sent_to(ALICE) == [] and stored_messages(db, ALICE) == []
         right = {"X-Telegram-Bot-Api-Secret-Token": "s3cret-Token"}
         async with http.post(url, json=update, headers=right) as response:
             assert response.status == 200
-        await fake.wait_replies(ALICE, 1)
+        # Telegram delivers the same update again (our 200 came too late for it): answered once.
+        async with http.post(url, json=update, headers=right) as response:
+            assert response.status == 200
+        later = FakeTelegram.update(2, ALICE, **FakeTelegram.text_content("Как дела?"))
+        async with http.post(url, json=later, headers=right) as response:
+            assert response.status == 200
+        # Alice's turns are answered in order, so once the later message is answered the
+        # repeated update has been handled too.
+        await eventually(lambda: len(bot_replies(db, ALICE)) == 2, "both replies")
+        assert [t for r, t in stored_messages(db, ALICE) if r == "user"] == ["Привет!", "Как дела?"]
+        assert fake.sent_to(ALICE) == bot_replies(db, ALICE)
         async with http.get(f"http://127.0.0.1:{port}/healthz") as response:
             assert response.status == 200
 
 
-async def test_kill_9_mid_reply_loses_nothing(fake, running, tmp_path):
-    bot = await running(REPLY_TOKENS="512")
+async def _kill_mid_reply(fake, running, db) -> None:  # type: ignore[no-untyped-def]
+    """Alice's first message is answered; the bot is killed while her second one's reply is
+    being generated and streamed (Telegram hangs on it, so the user never saw any of it)."""
+    bot = await running(REPLY_TOKENS="512", STREAM_EDIT_INTERVAL_S="0")
     fake.send_text(ALICE, "Первое сообщение")
-    await fake.wait_replies(ALICE, 1)
-    typing_before = fake.count("sendChatAction")
+    await eventually(lambda: len(bot_replies(db, ALICE)) == 1, "the first reply")
+    fake.hold("sendMessage")
+    sends = fake.count("sendMessage")
     fake.send_text(ALICE, "Это сообщение не должно потеряться")
-    await fake.wait_for(lambda: fake.count("sendChatAction") > typing_before)
+    await fake.wait_for(lambda: fake.count("sendMessage") > sends)  # the reply's first words
     bot.process.send_signal(signal.SIGKILL)
     await bot.process.wait()
-    db = tmp_path / "bot.db"
+    fake.release("sendMessage")
     with sqlite3.connect(db) as connection:
         assert connection.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
-    assert ("user", "Это сообщение не должно потеряться") in stored_messages(db, ALICE)
+    assert stored_messages(db, ALICE)[-1] == ("user", "Это сообщение не должно потеряться")
+    assert len(fake.sent_to(ALICE)) == 1  # the held reply never reached her
+
+
+async def test_kill_9_mid_reply_then_the_restarted_bot_answers_it_once(fake, running, tmp_path):
+    db = tmp_path / "bot.db"
+    await _kill_mid_reply(fake, running, db)
     await running()
     fake.send_text(ALICE, "Ты снова тут?")
-    await fake.wait_for(lambda: len(fake.sent_to(ALICE)) >= 2)
+    # Unanswered messages take their turns before the first update: the lost one is answered
+    # first, then the new one, whose prompt holds the lost message and its answer.
+    await eventually(lambda: len(bot_replies(db, ALICE)) == 3, "the two replies after restart")
+    pairs = answered(db, ALICE)
+    assert [m for m, _ in pairs] == [
+        "Первое сообщение",
+        "Это сообщение не должно потеряться",
+        "Ты снова тут?",
+    ]
+    assert all(reply is not None for _, reply in pairs)
+    assert fake.sent_to(ALICE) == bot_replies(db, ALICE)  # one answer to each message
     prompts = [
         ln
         for ln in (tmp_path / "bot.log").read_text(errors="replace").splitlines()
         if "prompt:" in ln
     ]
     assert "Это сообщение не должно потеряться" in prompts[-1]
+    assert pairs[1][1] in prompts[-1]
+
+
+async def test_a_message_older_than_the_limit_is_not_answered_after_a_restart(
+    fake, running, tmp_path
+):
+    db = tmp_path / "bot.db"
+    await _kill_mid_reply(fake, running, db)
+    await asyncio.sleep(1.5)  # the lost message is now older than the limit below
+    await running(PENDING_REPLY_MAX_AGE_S="1")
+    fake.send_text(ALICE, "Ты снова тут?")
+    await eventually(lambda: len(bot_replies(db, ALICE)) == 2, "the reply to the new message")
+    # Had the old message been answered, its answer would have come before this one.
+    assert [reply is None for _, reply in answered(db, ALICE)] == [False, True, False]
+    assert fake.sent_to(ALICE) == bot_replies(db, ALICE)
+
+
+async def test_a_reply_telegram_refused_is_sent_at_the_next_start(fake, running, tmp_path):
+    db = tmp_path / "bot.db"
+    bot = await running(STREAM_REPLIES="false")
+    fake.fail_next("sendMessage", *[500] * 5)  # longer than the bot's 5 attempts
+    fake.send_text(ALICE, "Привет!")
+    await fake.wait_for(lambda: not fake.faults["sendMessage"], timeout=60)
+    await fake.wait_replies(ALICE, 1)  # the apology for the error, once Telegram is back
+    await bot.stop()
+    assert bot_replies(db, ALICE) == []  # the refused reply is not taken for a delivered one
+    await running()
+    await eventually(lambda: len(bot_replies(db, ALICE)) == 1, "the reply after the restart")
+    assert fake.sent_to(ALICE)[-1] == bot_replies(db, ALICE)[0]
+
+
+async def test_an_update_delivered_again_after_a_restart_is_answered_once(fake, running, tmp_path):
+    db = tmp_path / "bot.db"
+    bot = await running()
+    first = fake.send_text(ALICE, "Привет!")
+    await eventually(lambda: len(bot_replies(db, ALICE)) == 1, "the first reply")
+    await bot.stop()
+    fake.redeliver(first)  # Telegram did not see it acknowledged: offered again on restart
+    await running()
+    fake.send_text(ALICE, "Как дела?")
+    # The repeated update comes first (same batch or an earlier one), and Alice's turns are
+    # answered in order: once the new message is answered, the repeat has been handled too.
+    await eventually(lambda: len(bot_replies(db, ALICE)) == 2, "the reply to the new message")
+    assert [t for r, t in stored_messages(db, ALICE) if r == "user"] == ["Привет!", "Как дела?"]
+    assert fake.sent_to(ALICE) == bot_replies(db, ALICE)
 
 
 async def test_a_locked_database_delays_but_loses_no_message(fake, running, tmp_path):

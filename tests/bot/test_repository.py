@@ -1,5 +1,6 @@
 """Storage on a real SQLite file migrated by Alembic: what the bot remembers, and forgets."""
 
+import asyncio
 import os
 import sqlite3
 
@@ -99,3 +100,89 @@ async def test_retention_prunes_only_old_messages(sessions):
     async with sessions() as session:
         user = await repository.get_or_create_user(session, 3, None)
         assert [t.text for t in await repository.recent_turns(session, user, 10)] == ["свежее"]
+
+
+async def test_history_is_in_conversation_order_whatever_order_replies_were_stored(sessions):
+    """A user wrote twice before the first reply was stored (rows u1 u2 b1 b2): the history is
+    the conversation u1 b1 u2 b2, and the reply to u2 sees b1 but not its own answer."""
+    async with sessions.begin() as session:
+        user = await repository.get_or_create_user(session, 7, None)
+        u1 = await repository.add_message(session, user, "user", "u1", telegram_message_id=1)
+        u2 = await repository.add_message(session, user, "user", "u2", telegram_message_id=2)
+        await repository.add_message(session, user, "bot", "b1", reply_to_id=u1.id)
+        await repository.add_message(session, user, "bot", "b2", reply_to_id=u2.id)
+        everything = await repository.recent_turns(session, user, 10)
+        for_u2 = await repository.recent_turns(session, user, 10, up_to_id=u2.id)
+        last_two = await repository.recent_turns(session, user, 2)
+    assert [t.text for t in everything] == ["u1", "b1", "u2", "b2"]
+    assert [t.text for t in for_u2] == ["u1", "b1", "u2"]
+    assert [t.text for t in last_two] == ["u2", "b2"]
+
+
+async def test_a_telegram_message_is_stored_once(sessions):
+    from sqlalchemy.exc import IntegrityError
+
+    async with sessions.begin() as session:
+        user = await repository.get_or_create_user(session, 7, None)
+        await repository.add_message(session, user, "user", "раз", telegram_message_id=5)
+    with pytest.raises(IntegrityError):
+        async with sessions.begin() as session:
+            user = await repository.get_or_create_user(session, 7, None)
+            await repository.add_message(session, user, "user", "раз", telegram_message_id=5)
+    async with sessions.begin() as session:  # another chat may have the same message id
+        other = await repository.get_or_create_user(session, 8, None)
+        await repository.add_message(session, other, "user", "два", telegram_message_id=5)
+        user = await repository.get_or_create_user(session, 7, None)
+        assert await repository.has_telegram_message(session, user, 5)
+        assert not await repository.has_telegram_message(session, user, 6)
+        assert await repository.count_messages(session, user) == 1
+
+
+async def test_unanswered_lists_recent_telegram_messages_without_a_reply(sessions):
+    from datetime import UTC, datetime, timedelta
+
+    async with sessions.begin() as session:
+        alice = await repository.get_or_create_user(session, 1, "Alice")
+        bob = await repository.get_or_create_user(session, 2, "Bob")
+        old = await repository.add_message(session, alice, "user", "old", telegram_message_id=1)
+        old.created_at = datetime.now(UTC) - timedelta(hours=1)
+        answered = await repository.add_message(session, alice, "user", "a", telegram_message_id=2)
+        await repository.add_message(session, alice, "bot", "reply", reply_to_id=answered.id)
+        lost = await repository.add_message(session, bob, "user", "b", telegram_message_id=3)
+        await repository.add_message(session, alice, "user", "console")  # not from Telegram
+        lost_too = await repository.add_message(session, alice, "user", "c", telegram_message_id=4)
+    async with sessions() as session:
+        pending = await repository.unanswered_messages(
+            session, datetime.now(UTC) - timedelta(minutes=10)
+        )
+    assert [(p.message_id, p.telegram_id) for p in pending] == [(lost.id, 2), (lost_too.id, 1)]
+
+
+async def test_migrating_old_rows_links_each_reply_to_its_message(tmp_path):
+    """Rows from before the delivery-state migration are not taken for unanswered messages."""
+    from alembic import command
+    from bot.db.engine import _alembic_config
+
+    db = tmp_path / "old.db"
+    url = f"sqlite+aiosqlite:///{db}"
+    await asyncio.to_thread(command.upgrade, _alembic_config(url), "0001")
+    with sqlite3.connect(db) as connection:
+        connection.execute(
+            "INSERT INTO users (id, telegram_id, created_at) VALUES (1, 7, '2026-01-01')"
+        )
+        for role, text in [("user", "u1"), ("bot", "b1"), ("user", "u2"), ("user", "u3")]:
+            connection.execute(
+                "INSERT INTO messages (user_id, role, text, created_at) "
+                "VALUES (1, ?, ?, '2026-01-01')",
+                (role, text),
+            )
+        connection.execute(
+            "INSERT INTO messages (user_id, role, text, created_at) "
+            "VALUES (1, 'bot', 'b3', '2026-01-01')"
+        )
+    await upgrade_to_head(url)
+    with sqlite3.connect(db) as connection:
+        links = connection.execute(
+            "SELECT m.text, u.text FROM messages m JOIN messages u ON u.id = m.reply_to_id"
+        ).fetchall()
+    assert links == [("b1", "u1"), ("b3", "u3")]

@@ -7,7 +7,6 @@ import time
 import pytest
 from aiogram import Bot
 from aiogram.methods import EditMessageText, SendMessage
-from aiogram.types import Chat, Message, User
 
 from bot.streaming import ReplyStream
 from tests.bot.harness import stored_messages
@@ -54,20 +53,13 @@ def recording_bot():
     return Bot("42:TEST", session=session), session
 
 
-def _user_message(bot: Bot) -> Message:
-    return Message(
-        message_id=1,
-        date=int(time.time()),
-        chat=Chat(id=5, type="private"),
-        from_user=User(id=5, is_bot=False, first_name="Тест"),
-        text="Расскажи что-нибудь длинное",
-    ).as_(bot)
+CHAT = 5
 
 
 async def test_edits_keep_to_one_per_interval_and_end_with_the_final_text(recording_bot):
     bot, session = recording_bot
     interval = 0.2
-    stream = ReplyStream(bot, _user_message(bot), interval)
+    stream = ReplyStream(bot, CHAT, interval)
     started = time.monotonic()
     words = []
     while time.monotonic() - started < 1.0:  # a token every 10 ms for a second
@@ -82,25 +74,25 @@ async def test_edits_keep_to_one_per_interval_and_end_with_the_final_text(record
     gaps = [b - a for a, b in itertools.pairwise(times)]
     assert min(gaps) >= interval - 0.02
     assert len(times) <= 1.0 / interval + 2  # ~100 updates became a handful of requests
-    assert what_the_user_sees(session, 5) == [final]
+    assert what_the_user_sees(session, CHAT) == [final]
 
 
 async def test_a_quick_reply_is_sent_once_without_edits(recording_bot):
     bot, session = recording_bot
-    stream = ReplyStream(bot, _user_message(bot), interval_s=1.0)
+    stream = ReplyStream(bot, CHAT, interval_s=1.0)
     stream.update("Быстрый")
     stream.update("Быстрый ответ")
     await stream.finish("Быстрый ответ.")
     assert [type(m) for m in session.requests] == [SendMessage]
-    assert what_the_user_sees(session, 5) == ["Быстрый ответ."]
+    assert what_the_user_sees(session, CHAT) == ["Быстрый ответ."]
 
 
 async def test_a_final_text_longer_than_a_message_continues_in_new_messages(recording_bot):
     bot, session = recording_bot
-    stream = ReplyStream(bot, _user_message(bot), interval_s=0.0)
+    stream = ReplyStream(bot, CHAT, interval_s=0.0)
     stream.update("начало")
     await asyncio.sleep(0.01)
     await stream.finish("слово " * 1200)
-    seen = what_the_user_sees(session, 5)
+    seen = what_the_user_sees(session, CHAT)
     assert len(seen) == 2 and all(len(text) <= 4096 for text in seen)
     assert " ".join(seen).split() == ["слово"] * 1200
