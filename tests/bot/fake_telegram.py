@@ -41,6 +41,7 @@ class FakeTelegram:
         self.faults: dict[str, list[int]] = {}  # method -> HTTP statuses to answer next
         self.held: dict[str, asyncio.Event] = {}  # method -> released when set
         self.delivered: dict[int, dict[str, Any]] = {}  # update id -> the update, once sent
+        self._closing = False
         self.shown: dict[int, str] = {}  # message id -> its text now (after the bot's edits)
 
     def fail_next(self, method: str, *statuses: int) -> None:
@@ -72,6 +73,12 @@ class FakeTelegram:
         return self.base_url
 
     async def stop(self) -> None:
+        """Answer the calls still waiting (long polls, held calls) and close: a bot killed
+        mid-poll would otherwise keep the server's shutdown waiting out its poll timeout."""
+        self._closing = True
+        self._new_update.set()
+        for event in self.held.values():
+            event.set()
         if self._runner is not None:
             await self._runner.cleanup()
 
@@ -199,7 +206,7 @@ class FakeTelegram:
     async def _api_getUpdates(self, params: dict[str, Any]) -> Any:
         offset = int(params.get("offset") or 0)
         self.pending = [u for u in self.pending if u["update_id"] >= offset]
-        if not self.pending:
+        if not self.pending and not self._closing:
             self._new_update.clear()
             try:
                 await asyncio.wait_for(self._new_update.wait(), float(params.get("timeout") or 0))

@@ -6,6 +6,7 @@ so the slot decoder, the cache and the batching are checked against the library,
 
 import asyncio
 import shutil
+import time
 from pathlib import Path
 
 import pytest
@@ -57,6 +58,14 @@ def persona_tokens(engine: GenerationEngine) -> int:
     return engine.count_tokens(render_dialogue([], PERSONA, add_eos=False))
 
 
+async def until(predicate, timeout: float = 30.0) -> None:  # type: ignore[no-untyped-def]
+    """Wait for a state of the engine (the very one the test relies on next)."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out waiting for the engine"
+        await asyncio.sleep(0.001)
+
+
 async def ask(engine, turns, params=GREEDY, key=None, on_text=None) -> tuple[str, RequestStats]:
     stats = RequestStats()
     reply = await engine.generate(turns, params, key=key, on_text=on_text, stats=stats)
@@ -75,7 +84,7 @@ async def test_greedy_replies_match_generate_alone_and_inside_a_batch(tiny):
         engine.close()
     batched_engine = _engine(tiny)  # queued first, then started: all four share every step
     tasks = [asyncio.create_task(ask(batched_engine, turns)) for turns in DIALOGUES]
-    await asyncio.sleep(0.05)
+    await until(lambda: batched_engine.queue_depth == len(DIALOGUES))
     batched_engine.start()
     try:
         together = await asyncio.gather(*tasks)
@@ -178,7 +187,7 @@ async def test_each_row_keeps_its_own_temperature_inside_one_batch(tiny):
     )
     turns = ["Одинаковый вопрос"]
     tasks = [asyncio.create_task(ask(engine, turns, params)) for params in (cold, hot)]
-    await asyncio.sleep(0.05)
+    await until(lambda: engine.queue_depth == 2)
     engine.start()
     try:
         (_, cold_stats), (_, hot_stats) = await asyncio.gather(*tasks)
@@ -214,8 +223,9 @@ async def test_streaming_sends_growing_text_that_ends_in_the_reply(chatty):
     seen: list[str] = []
     try:
         params = SamplingParams(temperature=0.0, max_new_tokens=30)
+        # The worker schedules each on_text before it settles the reply, on the same loop:
+        # every callback has run by the time the reply is returned.
         reply, _ = await ask(engine, ["Привет!"], params, on_text=seen.append)
-        await asyncio.sleep(0.05)  # callbacks run on the loop, maybe just after the reply
     finally:
         engine.close()
     assert len(seen) > 1

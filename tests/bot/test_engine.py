@@ -49,7 +49,8 @@ async def test_reply_is_a_clean_string_and_the_event_loop_stays_free(tiny):
 async def test_full_queue_answers_busy_at_once(tiny):
     engine = _engine(tiny, queue_size=1)  # worker not started: nothing drains the queue
     first = asyncio.create_task(engine.generate(["раз"], SamplingParams()))
-    await asyncio.sleep(0.01)
+    while engine.queue_depth < 1:  # the first request has taken the only place
+        await asyncio.sleep(0.001)
     with pytest.raises(EngineBusy):
         await engine.generate(["два"], SamplingParams())
     first.cancel()
