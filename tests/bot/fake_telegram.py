@@ -42,6 +42,7 @@ class FakeTelegram:
         self.held: dict[str, asyncio.Event] = {}  # method -> released when set
         self.delivered: dict[int, dict[str, Any]] = {}  # update id -> the update, once sent
         self._closing = False
+        self._forced: list[dict[str, Any]] = []
         self.shown: dict[int, str] = {}  # message id -> its text now (after the bot's edits)
 
     def fail_next(self, method: str, *statuses: int) -> None:
@@ -56,9 +57,11 @@ class FakeTelegram:
     def release(self, method: str) -> None:
         self.held.pop(method).set()
 
-    def redeliver(self, update_id: int) -> None:
-        """Offer an update again, as Telegram does when it has not seen it acknowledged."""
-        self.pending.append(self.delivered[update_id])
+    def redeliver(self, update_id: int, *, now: bool = False) -> None:
+        """Offer an update again, as Telegram does when it has not seen it acknowledged: to the
+        next poll without an offset (a restarted bot), or with ``now`` to the very next poll
+        whatever its offset (the running bot gets it a second time)."""
+        (self._forced if now else self.pending).append(self.delivered[update_id])
         self._new_update.set()
 
     async def start(self) -> str:
@@ -206,6 +209,9 @@ class FakeTelegram:
     async def _api_getUpdates(self, params: dict[str, Any]) -> Any:
         offset = int(params.get("offset") or 0)
         self.pending = [u for u in self.pending if u["update_id"] >= offset]
+        if self._forced:
+            forced, self._forced = self._forced, []
+            return forced
         if not self.pending and not self._closing:
             self._new_update.clear()
             try:

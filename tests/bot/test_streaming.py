@@ -33,9 +33,29 @@ async def test_a_streamed_reply_is_edited_into_the_stored_text(tmp_path, chatty_
         system_prompt="",
         stream_edit_interval_s=0.0,
     )
+    forwards = 0
+
+    def after_the_first_token_is_shown(module, args):  # type: ignore[no-untyped-def]
+        """Runs in the worker before each forward pass: the second one (the first decoding
+        step) waits until the first token's text has reached Telegram. On a busy machine the
+        event loop may otherwise get no time until the whole short reply is done, and the reply
+        would then be sent once, whole: correct, but not the streaming this test is about."""
+        nonlocal forwards
+        forwards += 1
+        deadline = time.monotonic() + 10
+        while forwards == 2 and time.monotonic() < deadline:
+            if any(isinstance(m, SendMessage) for m in session.requests):
+                break
+            time.sleep(0.001)
+
+    model = dp["dialogue"].engine.model
+    hook = model.transformer.h[0].attn.c_attn.register_forward_pre_hook(
+        after_the_first_token_is_shown
+    )
     try:
         await dp.feed_raw_update(bot, text_update(1, 7, "Привет!"))
     finally:
+        hook.remove()
         dp["dialogue"].engine.close()
         await db.dispose()
     sends = [m for m in session.requests if isinstance(m, SendMessage)]

@@ -20,7 +20,7 @@ from pathlib import Path
 from dataset_tools.dialogue_format import render_dialogue
 from dataset_tools.sample_data import generate_dialogues
 from tests.bot.fake_telegram import FakeTelegram
-from tests.bot.harness import TOKEN, BotProcess, stored_messages
+from tests.bot.harness import TOKEN, BotProcess, answered, bot_replies
 from trainer.modeling import build_scratch_model, train_scratch_tokenizer
 
 
@@ -66,8 +66,10 @@ async def run(users: int, messages: int, reply_tokens: int) -> int:
             fake.send_text(user, f"пользователь {user} сообщение {k}")
     total = users * messages
     try:
-        await fake.wait_for(lambda: sum(len(fake.sent_to(u)) for u in ids) >= total, timeout=1800)
-        await asyncio.sleep(2)  # anything extra would show up now
+        # A reply is stored once it is delivered whole: when every message has one, the bot has
+        # nothing left to send, and the counts below are final (no sleep-and-hope).
+        db = workdir / "bot.db"
+        await fake.wait_for(lambda: sum(len(bot_replies(db, u)) for u in ids) >= total, 1800)
     finally:
         await bot.stop()
         await fake.stop()
@@ -83,9 +85,11 @@ async def run(users: int, messages: int, reply_tokens: int) -> int:
         if len(replies) != messages:
             problems.append(f"user {user}: {len(replies)} replies to {messages} messages")
         latencies += [c.at - sent_at[(user, k)] for k, c in enumerate(replies[:messages])]
-        stored = [t for r, t in stored_messages(workdir / "bot.db", user) if r == "user"]
-        if stored != [f"пользователь {user} сообщение {k}" for k in range(messages)]:
-            problems.append(f"user {user}: stored messages lost or out of order")
+        pairs = answered(workdir / "bot.db", user)
+        if [m for m, _ in pairs] != [f"пользователь {user} сообщение {k}" for k in range(messages)]:
+            problems.append(f"user {user}: stored messages lost, doubled or out of order")
+        if any(reply is None for _, reply in pairs) or len(bot_replies(db, user)) != messages:
+            problems.append(f"user {user}: stored replies missing or doubled")
     # per-user order: the k-th prompt of a user ends with that user's message k
     prompts = re.findall(
         r"пользователь (\d+) сообщение (\d+) @@ВТОРОЙ@@\s*$",
