@@ -78,7 +78,9 @@ async def answer(
 
     The one path for a new message and for one left unanswered by a crash (bot.pending). The
     reply is stored only after Telegram took all of it: a reply that never reached the user
-    leaves the message unanswered, to be answered at the next start.
+    leaves the message unanswered, to be answered at the next start. The chat is
+    ``user.telegram_id``: a memory is a private chat's user or a group (see ``user_ref``), and
+    a private chat's id is its user's id.
     """
     await turn.wait_to_answer()
     started = time.perf_counter()
