@@ -13,12 +13,14 @@ history unanswered (a reply hours late would confuse more than help).
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
+from collections.abc import Awaitable, Callable
 
 from aiogram import Bot
 
 from bot.config import Settings
-from bot.dialogue import DialogueService, Turn, UserRef
+from bot.dialogue import DialogueService, Turn
 from bot.handlers.chat import answer
 from bot.metrics import BotMetrics
 
@@ -42,25 +44,19 @@ async def answer_unanswered(
     for user, message_id in pending:
         turn = dialogue.take_turn(user)
         turn.mark_stored()
-        tasks.append(
-            asyncio.create_task(
-                _answer_one(bot, dialogue, metrics, settings, turn, user, message_id)
-            )
+        answering = functools.partial(
+            answer, bot, dialogue, metrics, settings, turn, user, message_id
         )
+        tasks.append(asyncio.create_task(_settle(answering, turn, metrics)))
     return tasks
 
 
-async def _answer_one(
-    bot: Bot,
-    dialogue: DialogueService,
-    metrics: BotMetrics,
-    settings: Settings,
-    turn: Turn,
-    user: UserRef,
-    message_id: int,
+async def _settle(
+    answering: Callable[[], Awaitable[None]], turn: Turn, metrics: BotMetrics
 ) -> None:
+    """Run one answer; whatever happens, the user's next turn may go on."""
     try:
-        await answer(bot, dialogue, metrics, settings, turn, user, message_id)
+        await answering()
     except Exception:  # it stays unanswered in the database: the next start tries again
         metrics.errors.inc()
         logger.exception("could not answer a message left from before the start")
