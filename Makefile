@@ -60,7 +60,7 @@ evaluate: install
 # Serving: USERS x TURNS conversations at once, the naive design vs the engine
 # (SHAPE=tiny|small|medium; e.g. make bench SHAPE=medium ARGS="--users 8 --json bench.json").
 bench: install
-	$(PY) -m bot.bench --shape $(SHAPE) $(ARGS)
+	$(PY) -m bot.engine.bench --shape $(SHAPE) $(ARGS)
 
 # Training throughput: packed data path vs the naive recipe (TRAIN_SHAPE=tiny|small|medium).
 bench-train: install

@@ -1,7 +1,9 @@
-"""`python -m bot` runs the Telegram bot (long polling); `python -m bot chat`: console chat."""
+"""`python -m bot`: the Telegram bot; `python -m bot chat`: console chat; `python -m bot serve
+[--host H] [--port P]`: the OpenAI-compatible model server (bot.engine.server)."""
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import logging
 import sys
@@ -9,18 +11,26 @@ import sys
 from dotenv import load_dotenv
 from pydantic import ValidationError
 
-from bot.app import ConfigError, configure_logging, run_bot
-from bot.config import Settings
-from bot.console import run_console
+from bot.config import ConfigError, Settings
 from bot.engine import ModelLoadError
+from bot.logs import configure_logging
 
-USAGE = "usage: python -m bot [chat]"
+USAGE = "usage: python -m bot [chat | serve [--host HOST] [--port PORT]]"
+
+
+def parse_serve(args: list[str], settings: Settings) -> tuple[str, int]:
+    """``serve``'s options; the defaults come from SERVE_HOST / SERVE_PORT."""
+    parser = argparse.ArgumentParser(prog="python -m bot serve")
+    parser.add_argument("--host", default=settings.serve_host)
+    parser.add_argument("--port", type=int, default=settings.serve_port)
+    options = parser.parse_args(args)
+    return options.host, options.port
 
 
 def main(argv: list[str] | None = None) -> int:
     """Start the bot; a configuration problem is one line on stderr and exit code 2."""
     args = sys.argv[1:] if argv is None else argv
-    if args not in ([], ["chat"]):
+    if args not in ([], ["chat"]) and args[:1] != ["serve"]:
         print(USAGE, file=sys.stderr)
         return 2
     load_dotenv()
@@ -34,8 +44,22 @@ def main(argv: list[str] | None = None) -> int:
     configure_logging(settings)
     if args == ["chat"]:
         logging.getLogger().setLevel(logging.WARNING)  # keep the terminal for the conversation
+    # Each entry point imported when chosen: the model server needs no aiogram (a faster start).
+    if args[:1] == ["serve"]:
+        from bot.engine.server import run_server
+
+        host, port = parse_serve(args[1:], settings)
+        main_task = run_server(settings, host, port)
+    elif args == ["chat"]:
+        from bot.console import run_console
+
+        main_task = run_console(settings)
+    else:
+        from bot.app import run_bot
+
+        main_task = run_bot(settings)
     try:
-        asyncio.run(run_console(settings) if args == ["chat"] else run_bot(settings))
+        asyncio.run(main_task)
     except (ConfigError, ModelLoadError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -21,10 +21,10 @@ from aiohttp import web
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from bot import texts
-from bot.config import Settings
+from bot.config import ConfigError, Settings
 from bot.db.engine import create_engine, create_sessionmaker, upgrade_to_head
 from bot.dialogue import DialogueService
-from bot.engine import GenerationEngine, ModelLoadError, load_model, run_in_own_thread
+from bot.engine.factory import open_backend
 from bot.handlers import make_routers
 from bot.metrics import BotMetrics, Health
 from bot.middlewares.access import AllowlistMiddleware, CountUpdatesMiddleware
@@ -36,79 +36,16 @@ logger = logging.getLogger(__name__)
 RETENTION_INTERVAL_S = 3600.0
 
 
-class ConfigError(Exception):
-    """A setting is missing or wrong; the message is one line saying what to set."""
-
-
-class RedactSecrets(logging.Filter):
-    """Removes the bot token from every log record, tracebacks included."""
-
-    def __init__(self, *secrets: str) -> None:
-        super().__init__()
-        self.secrets = [s for s in secrets if s]
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        message = record.getMessage()
-        if record.exc_info and not record.exc_text:
-            record.exc_text = logging.Formatter().formatException(record.exc_info)
-        for secret in self.secrets:
-            message = message.replace(secret, "<token>")
-            if record.exc_text:
-                record.exc_text = record.exc_text.replace(secret, "<token>")
-        record.msg, record.args = message, None
-        return True
-
-
-def configure_logging(settings: Settings) -> None:
-    logging.basicConfig(
-        level=settings.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
-    token = settings.telegram_bot_token.get_secret_value() if settings.telegram_bot_token else ""
-    for handler in logging.getLogger().handlers:
-        handler.addFilter(RedactSecrets(token))
-    logging.getLogger("aiogram.event").setLevel(logging.WARNING)  # one line per update otherwise
-
-
 async def open_services(settings: Settings) -> tuple[AsyncEngine, DialogueService]:
-    """Migrate the database, load the model, start the engine: what both front-ends need."""
+    """Migrate the database, open the model backend: what both front-ends need."""
     db_engine = create_engine(settings.database_url)
     await upgrade_to_head(settings.database_url)
-    model, tokenizer = await run_in_own_thread(
-        load_model,
-        settings.model_path,
-        settings.model_device,
-        settings.model_dtype,
-        settings.model_quantize,
-        settings.model_cpu_onednn,
-    )
-    engine = GenerationEngine(
-        model,
-        tokenizer,
-        persona=settings.system_prompt or None,
-        context_tokens=settings.context_tokens,
-        reply_tokens=settings.reply_tokens,
-        queue_size=settings.queue_size,
-        timeout_s=settings.request_timeout_s,
-        max_batch=settings.max_batch,
-        cache_mb=settings.kv_cache_mb,
-    )
-    engine.start(warm_up=True)
     try:
-        await engine.ready()
-    except Exception as error:
-        engine.close()
-        raise ModelLoadError(
-            f"the model at MODEL_PATH={settings.model_path!r} loaded but could not generate "
-            f"(warm-up failed: {error}); check MODEL_DEVICE, MODEL_DTYPE and free memory"
-        ) from error
-    logger.info(
-        "model %s ready: context %d tokens, reply %d tokens",
-        settings.model_path,
-        engine.context_tokens,
-        engine.reply_tokens,
-    )
-    return db_engine, DialogueService(create_sessionmaker(db_engine), engine, settings)
+        backend = await open_backend(settings)
+    except BaseException:
+        await db_engine.dispose()
+        raise
+    return db_engine, DialogueService(create_sessionmaker(db_engine), backend, settings)
 
 
 def build_bot(settings: Settings) -> Bot:
@@ -134,7 +71,7 @@ def build_dispatcher(
     metrics: BotMetrics | None = None,
 ) -> Dispatcher:
     metrics = metrics or BotMetrics()
-    metrics.watch_queue(lambda: dialogue.engine.queue_depth)
+    metrics.watch_queue(lambda: dialogue.backend.queue_depth)
     dp = Dispatcher(dialogue=dialogue, settings=settings, metrics=metrics)
     dp.update.outer_middleware(CountUpdatesMiddleware(metrics))
     dp.message.outer_middleware(AllowlistMiddleware(settings.allowed_ids))
@@ -179,7 +116,7 @@ def build_dispatcher(
     async def on_shutdown() -> None:
         for task in background:
             task.cancel()
-        await asyncio.to_thread(dialogue.engine.close)
+        await dialogue.backend.aclose()
         await db_engine.dispose()
         logger.info("stopped: model released, database closed")
 

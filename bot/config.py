@@ -15,6 +15,10 @@ DEFAULT_PERSONA = (
 )
 
 
+class ConfigError(Exception):
+    """A setting is missing or wrong; the message is one line saying what to set."""
+
+
 class Settings(BaseSettings):
     """Everything the bot can be told. Names are the environment variables, case-insensitive."""
 
@@ -29,7 +33,7 @@ class Settings(BaseSettings):
     model_device: str = "auto"  # auto | cpu | cuda | cuda:1 ...
     model_dtype: str = "float32"  # float32 | bfloat16 | float16 (the last two for GPUs)
     model_quantize: str = "none"  # none | int8 (dynamic int8 projections, for CPUs)
-    model_cpu_onednn: bool = True  # float32 projections through oneDNN on a CPU (bot.onednn)
+    model_cpu_onednn: bool = True  # float32 projections through oneDNN on a CPU (bot.engine.onednn)
     context_tokens: int | None = Field(None, ge=32, description="default: the model's window")
     reply_tokens: int = Field(64, ge=1, le=1024)
     temperature: float = Field(0.8, ge=0.1, le=2.0)
@@ -62,6 +66,19 @@ class Settings(BaseSettings):
     pending_reply_max_age_s: float = Field(
         600, ge=0, description="at start, answer unanswered messages this recent; 0: none"
     )
+    # The model behind an OpenAI-compatible server (`python -m bot serve`, vLLM): when
+    # LLM_BASE_URL is set the bot loads no model and sends each turn there (bot.engine.remote).
+    llm_base_url: str | None = Field(None, description="e.g. http://127.0.0.1:8000/v1")
+    llm_api_key: SecretStr | None = None
+    llm_model: str | None = Field(None, description="default: the first model the server lists")
+    tokenizer_path: str | None = Field(None, description="local tokenizer; default: MODEL_PATH")
+    llm_timeout_s: float = Field(30.0, gt=0, description="longest wait for the next chunk")
+    llm_connect_timeout_s: float = Field(2.0, gt=0)
+    # `python -m bot serve`: the OpenAI-compatible server over the local engine (bot.engine.server).
+    serve_host: str = "127.0.0.1"
+    serve_port: int = Field(8000, ge=1, le=65535)
+    served_model_name: str | None = Field(None, description="default: the model directory's name")
+    api_keys: SecretStr | None = Field(None, description="comma-separated bearer keys; none: open")
     # Webhook mode (when WEBHOOK_URL is set) and the health/metrics server.
     webhook_url: str | None = None
     webhook_secret: SecretStr | None = None
@@ -104,10 +121,16 @@ class Settings(BaseSettings):
             raise ValueError("MODEL_QUANTIZE must be none or int8")
         return value
 
-    @field_validator("telegram_api_url")
+    @field_validator("telegram_api_url", "llm_base_url")
     @classmethod
     def _strip_slash(cls, value: str | None) -> str | None:
         return value.rstrip("/") if value else None
+
+    @property
+    def server_api_keys(self) -> frozenset[str]:
+        """The bearer keys `python -m bot serve` accepts (empty: no key needed)."""
+        raw = self.api_keys.get_secret_value() if self.api_keys else ""
+        return frozenset(k.strip() for k in raw.split(",") if k.strip())
 
     @model_validator(mode="after")
     def _temperature_range(self) -> Settings:

@@ -60,6 +60,6 @@ async def run_console(settings: Settings) -> None:
             if line:
                 print("бот>", await _handle(line, user, dialogue, settings), flush=True)
     finally:
-        await asyncio.to_thread(dialogue.engine.close)
+        await dialogue.backend.aclose()
         await db_engine.dispose()
     sys.stdout.flush()

@@ -27,7 +27,7 @@ from sqlalchemy.ext.asyncio import async_sessionmaker
 from bot import texts
 from bot.config import Settings
 from bot.db import repository
-from bot.engine import GenerationEngine, SamplingParams
+from bot.engine import ReplyBackend, SamplingParams
 from bot.memory import build_prompt_turns
 from dataset_tools.dialogue_format import sanitize_utterance
 
@@ -114,10 +114,10 @@ class DialogueService:
     """Memory + prompt + engine, shared by the Telegram handlers and the console chat."""
 
     def __init__(
-        self, sessions: async_sessionmaker, engine: GenerationEngine, settings: Settings
+        self, sessions: async_sessionmaker, backend: ReplyBackend, settings: Settings
     ) -> None:
         self.sessions = sessions
-        self.engine = engine
+        self.backend = backend
         self.settings = settings
         self._turns = _TurnQueues()
 
@@ -207,9 +207,9 @@ class DialogueService:
             temperature = row.temperature or self.settings.temperature
         turns = build_prompt_turns(
             history,
-            self.engine.count_tokens,
-            self.engine.prompt_budget,
-            self.engine.persona,
+            self.backend.count_tokens,
+            self.backend.prompt_budget,
+            self.backend.persona,
             self.settings.history_trim_step,
         )
         params = SamplingParams(
@@ -220,7 +220,7 @@ class DialogueService:
             max_new_tokens=self.settings.reply_tokens,
             num_beams=self.settings.num_beams,
         )
-        reply = await self.engine.generate(turns, params, key=user.telegram_id, on_text=on_text)
+        reply = await self.backend.generate(turns, params, key=user.telegram_id, on_text=on_text)
         return reply or texts.FALLBACK_REPLY
 
     async def store_reply(self, user: UserRef, reply: str, reply_to_id: int | None) -> None:
@@ -235,14 +235,14 @@ class DialogueService:
         async with self.sessions.begin() as session:
             row = await repository.get_or_create_user(session, user.telegram_id, user.name)
             cleared = await repository.clear_history(session, row)
-        self.engine.forget(user.telegram_id)
+        self.backend.forget(user.telegram_id)
         return cleared
 
     async def forget(self, user: UserRef) -> bool:
         """Delete everything stored about the user (``/forget``)."""
         async with self.sessions.begin() as session:
             deleted = await repository.delete_user(session, user.telegram_id)
-        self.engine.forget(user.telegram_id)
+        self.backend.forget(user.telegram_id)
         return deleted
 
     async def prune(self, older_than_days: float) -> int:
@@ -258,12 +258,12 @@ class DialogueService:
         return texts.STATS.format(
             users=users,
             messages=messages,
-            queue=self.engine.queue_depth,
+            queue=self.backend.queue_depth,
             uptime=timedelta(seconds=int(uptime)),
-            replies=self.engine.replies,
-            replies_per_s=self.engine.replies / uptime,
-            tokens=self.engine.tokens,
-            tokens_per_s=self.engine.tokens / uptime,
+            replies=self.backend.replies,
+            replies_per_s=self.backend.replies / uptime,
+            tokens=self.backend.tokens,
+            tokens_per_s=self.backend.tokens / uptime,
         )
 
     async def get_temperature(self, user: UserRef) -> float:

@@ -51,7 +51,21 @@ def build_prompt_turns(
     every turn would re-encode the whole context; dropping several at once keeps the start stable
     for several turns, at the price of a few exchanges of memory.
     """
-    turns = alternate(history)
+    return fit_turns(alternate(history), count_tokens, budget, persona, trim_step)
+
+
+def fit_turns(
+    turns: list[str],
+    count_tokens: Callable[[str], int],
+    budget: int,
+    persona: str | None,
+    trim_step: int = 1,
+) -> list[str]:
+    """:func:`build_prompt_turns` for turns that already alternate (user first and last).
+
+    Also what a remote backend calls when the server says the prompt is still too long for it
+    (another tokenizer or a shorter context there): the same turns, a smaller budget.
+    """
     if not turns or len(turns) % 2 == 0:
         raise ValueError("history must end with the user's message")
 

@@ -6,6 +6,11 @@ import pytest
 
 from tests.bot.fake_telegram import FakeTelegram
 from tests.bot.harness import TOKEN
+from tests.bot.model_server import ModelServer
+
+#: The keys `python -m bot serve` accepts in the tests (API_KEYS).
+SERVER_KEYS = ("test-key-1", "test-key-2")
+SERVER_PERSONA = "Я бот."
 
 
 @pytest.fixture
@@ -30,3 +35,42 @@ def bot_env(tmp_path, tiny_model_dir, fake):
         }
     )
     return env
+
+
+@pytest.fixture(scope="session")
+def long_model_dir(tiny_model_dir, tmp_path_factory):
+    """The tiny model's shape with an 8192-token window (random weights, the same tokenizer):
+    a row asked for thousands of tokens keeps the server busy for seconds, so a full queue is a
+    state that lasts, not a moment to catch."""
+    import torch
+    from transformers import AutoTokenizer
+
+    from trainer.modeling import build_scratch_model
+
+    path = tmp_path_factory.mktemp("long-model")
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    torch.manual_seed(0)
+    model = build_scratch_model(
+        tokenizer, {"n_layer": 2, "n_embd": 64, "n_head": 2, "n_positions": 8192}
+    )
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def model_server(long_model_dir, tmp_path_factory):
+    """One real `python -m bot serve` for the session: two keys, two rows, one waiting place."""
+    log = tmp_path_factory.mktemp("model-server") / "serve.log"
+    server = ModelServer(
+        long_model_dir,
+        log,
+        API_KEYS=",".join(SERVER_KEYS),
+        MAX_BATCH="2",
+        QUEUE_SIZE="1",
+        SYSTEM_PROMPT=SERVER_PERSONA,
+        SERVED_MODEL_NAME="long-model",
+        LOG_LEVEL="INFO",
+    ).start()
+    yield server
+    assert server.stop() == 0, server.log_text()[-3000:]

@@ -84,7 +84,7 @@ async def in_process_bot(db_url: str, model_dir: Path, reply_tokens: int = 8, **
     """The real dispatcher, services, database and model, with only HTTP recorded.
 
     Returns (dispatcher, bot, recording session, database engine); the caller closes the
-    generation engine (``dp["dialogue"].engine.close()``) and disposes the database.
+    generation engine (``dp["dialogue"].backend.close()``) and disposes the database.
     """
     from bot.app import build_dispatcher
     from bot.config import Settings

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from bot.decoder import SlotDecoder
 from bot.engine import GenerationEngine, RequestStats, SamplingParams, load_model
+from bot.engine.decoder import SlotDecoder
 from dataset_tools.dialogue_format import render_dialogue
 
 GREEDY = SamplingParams(

@@ -22,7 +22,7 @@ def wired(tiny_model_dir, tmp_path_factory):
     dp, bot, session, db = loop.run_until_complete(in_process_bot(url, tiny_model_dir, 4))
     counter = iter(range(1, 10**9))
     yield lambda text: _feed(loop, dp, bot, session, next(counter), text)
-    dp["dialogue"].engine.close()
+    dp["dialogue"].backend.close()
     loop.run_until_complete(db.dispose())
     loop.close()
 

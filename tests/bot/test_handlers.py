@@ -13,7 +13,7 @@ async def wired(tmp_path, tiny_model_dir):
         f"sqlite+aiosqlite:///{tmp_path / 'bot.db'}", tiny_model_dir
     )
     yield dp, bot, session, db
-    dp["dialogue"].engine.close()
+    dp["dialogue"].backend.close()
     await db.dispose()
 
 
@@ -59,7 +59,7 @@ async def test_reset_and_forget_drop_the_cached_dialogue(wired):
     """The engine keeps each dialogue's keys/values between turns; /reset and /forget must
     drop them, or the next reply would still be conditioned on the forgotten history."""
     dp, bot, _, _ = wired
-    cache = dp["dialogue"].engine.prefix_cache
+    cache = dp["dialogue"].backend.prefix_cache
     for update_id, command in ((1, "/reset"), (3, "/forget")):
         await dp.feed_raw_update(bot, text_update(update_id, 7, "Запомни: меня зовут Вася"))
         assert 7 in cache

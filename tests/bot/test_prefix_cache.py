@@ -2,7 +2,7 @@
 
 import torch
 
-from bot.prefix_cache import MAX_CHUNKS, CachedDialogue, PrefixCache
+from bot.engine.prefix_cache import MAX_CHUNKS, CachedDialogue, PrefixCache
 
 
 def positions(start: int, end: int) -> torch.Tensor:

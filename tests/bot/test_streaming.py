@@ -48,7 +48,7 @@ async def test_a_streamed_reply_is_edited_into_the_stored_text(tmp_path, chatty_
                 break
             time.sleep(0.001)
 
-    model = dp["dialogue"].engine.model
+    model = dp["dialogue"].backend.model
     hook = model.transformer.h[0].attn.c_attn.register_forward_pre_hook(
         after_the_first_token_is_shown
     )
@@ -56,7 +56,7 @@ async def test_a_streamed_reply_is_edited_into_the_stored_text(tmp_path, chatty_
         await dp.feed_raw_update(bot, text_update(1, 7, "Привет!"))
     finally:
         hook.remove()
-        dp["dialogue"].engine.close()
+        dp["dialogue"].backend.close()
         await db.dispose()
     sends = [m for m in session.requests if isinstance(m, SendMessage)]
     edits = [m for m in session.requests if isinstance(m, EditMessageText)]

@@ -38,7 +38,7 @@ from typing import Any
 
 import torch
 
-from bot.bench_decode import SHAPES, peak_rss_kb
+from bot.engine.bench_decode import SHAPES, peak_rss_kb
 
 KEYS = ("tokens_per_s", "p50_s", "p95_s", "first_token_p50_s", "peak_rss_mb")
 PERSONA_TOKENS = 60
@@ -245,7 +245,9 @@ async def run_design(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bot.bench", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m bot.engine.bench", description=__doc__.split("\n")[0]
+    )
     parser.add_argument("--shape", choices=sorted(SHAPES), default="tiny")
     parser.add_argument("--users", type=int, default=8)
     parser.add_argument("--turns", type=int, default=4)
@@ -281,7 +283,7 @@ def main(argv: list[str] | None = None) -> int:
         results: dict[str, dict[str, Any]] = {}
         for design in args.designs.split(","):
             print(f"{design}: {args.users} users x {args.turns} turns ...", flush=True)
-            child = [sys.executable, "-m", "bot.bench", *(argv or sys.argv[1:])]
+            child = [sys.executable, "-m", "bot.engine.bench", *(argv or sys.argv[1:])]
             child += ["--model", str(model_dir), "--only", design]
             done = subprocess.run(
                 child, capture_output=True, text=True, env=os.environ.copy(), check=False

@@ -129,6 +129,31 @@ class PrefixCache:
             self._entries[key] = entry
             self.used_bytes += entry.nbytes
 
+    def take_longest_prefix(self, prompt: str | list[int]) -> CachedDialogue | None:
+        """Remove and return the entry with the longest text (or tokens) that ``prompt`` extends.
+
+        For clients that name no dialogue (an HTTP client that sends the whole conversation
+        each time): the entry its previous turn left is found by content. One pass over the
+        entries; each comparison stops at the first differing character, in C.
+        """
+        with self._lock:
+            best: Hashable | None = None
+            longest = 0
+            for key, entry in self._entries.items():
+                if isinstance(prompt, str):
+                    size = len(entry.text)
+                    extends = size < len(prompt) and prompt.startswith(entry.text)
+                else:
+                    size = len(entry.ids)
+                    extends = size < len(prompt) and prompt[:size] == entry.ids
+                if extends and size > longest:
+                    best, longest = key, size
+            if best is None:
+                return None
+            entry = self._entries.pop(best)
+            self.used_bytes -= entry.nbytes
+            return entry
+
     def forget(self, key: Hashable) -> None:
         """Drop a dialogue's entry (its history was reset or deleted)."""
         with self._lock:

@@ -6,17 +6,24 @@ What it does for a chat server on one machine (the figures in the README come fr
 - **Continuous batching.** Requests wait in a bounded queue (a full queue answers "busy" at once
   rather than letting everyone wait longer and longer). Between two decoding steps the worker
   admits whatever has arrived, up to ``MAX_BATCH`` rows; a row that finishes leaves at once. Each
-  row keeps its own sampling settings (``bot.sampling``), so a user's ``/temp`` holds inside a
-  shared batch. On a CPU a decoding step is bound by reading the weights, so eight rows cost
-  about twice one row, not eight times.
+  row keeps its own sampling settings (``bot.engine.sampling``), so a user's ``/temp`` holds
+  inside a shared batch. On a CPU a decoding step is bound by reading the weights, so eight
+  rows cost about twice one row, not eight times.
 - **Prefix caching.** After a reply the dialogue's keys/values stay in a
-  :class:`~bot.prefix_cache.PrefixCache` (LRU, ``KV_CACHE_MB``); the next turn encodes only the
-  new user message. The persona exchange that opens every prompt is encoded once and shared by
-  all dialogues. ``/reset`` drops the entry; when trimming the history changes the start of
-  the prompt, the cache is used only up to where the prompts differ (the persona), which is why
-  the history is trimmed in steps of several exchanges (``bot.memory``).
-- **Streaming.** A request may pass ``on_text``; it is called on the event loop with the clean
-  reply so far whenever it grows (the handler throttles Telegram edits).
+  :class:`~bot.engine.prefix_cache.PrefixCache` (LRU, ``KV_CACHE_MB``); the next turn encodes
+  only the new user message. The persona exchange that opens every prompt is encoded once and
+  shared by all dialogues. ``/reset`` drops the entry; when trimming the history changes the
+  start of the prompt, the cache is used only up to where the prompts differ (the persona),
+  which is why the history is trimmed in steps of several exchanges (``bot.memory``).
+- **Two ways in.** :meth:`GenerationEngine.generate` takes a dialogue's turns and returns the
+  bot's clean reply (what the bot calls, through :class:`~bot.engine.backend.ReplyBackend`);
+  :meth:`GenerationEngine.complete` takes a raw prompt (text or token ids) with stop strings and
+  stop tokens and returns a :class:`Completion` with its finish reason (what ``python -m bot
+  serve`` calls for the OpenAI-compatible API). Both share the batch and the prefix cache: a
+  request without a dialogue key reuses the cached entry whose text its prompt extends.
+- **Streaming.** A request may pass ``on_text``; it is called on the event loop with the text so
+  far whenever it grows (the handler throttles Telegram edits, the server sends the difference).
+  Text that could still turn into a stop string, or an incomplete UTF-8 character, is held back.
 - **Fallbacks.** Beam search (``NUM_BEAMS`` > 1) and models other than GPT-2 go through
   ``model.generate``, one request at a time, between decoding steps.
 
@@ -34,26 +41,19 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Hashable
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import TypeVar
+from dataclasses import dataclass, field, replace
 
 import torch
 from transformers import (
-    AutoModelForCausalLM,
-    AutoTokenizer,
     PreTrainedModel,
     PreTrainedTokenizerBase,
     StoppingCriteria,
     StoppingCriteriaList,
 )
 
-from bot import onednn
-from bot.allocator import returning_freed_memory
-from bot.decoder import SlotDecoder, supports
-from bot.prefix_cache import CachedDialogue, Prefix, PrefixCache, common_prefix
-from bot.quantize import load_int8_low_memory, quantize_int8
-from bot.sampling import SamplingParams, choose_tokens
+from bot.engine.decoder import SlotDecoder, supports
+from bot.engine.prefix_cache import CachedDialogue, Prefix, PrefixCache, common_prefix
+from bot.engine.sampling import SamplingParams, choose_tokens
 from dataset_tools.dialogue_format import (
     BOT_TAG,
     USER_TAG,
@@ -62,28 +62,11 @@ from dataset_tools.dialogue_format import (
     render_prompt,
 )
 
-__all__ = [
-    "EngineBusy",
-    "EngineClosed",
-    "EngineTimeout",
-    "GenerationEngine",
-    "ModelLoadError",
-    "RequestStats",
-    "SamplingParams",
-    "load_model",
-    "run_in_own_thread",
-    "stop_token_ids",
-]
-
 logger = logging.getLogger(__name__)
 
-T = TypeVar("T")
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-class ModelLoadError(Exception):
-    """The model cannot be loaded; the message is one line telling the operator what to set."""
+#: A Unicode replacement character ends decoded text while a multi-byte character is split
+#: between tokens: such a tail is not streamed until the next token completes it.
+_PARTIAL = "\ufffd"
 
 
 class EngineBusy(Exception):
@@ -98,6 +81,32 @@ class EngineClosed(Exception):
     """The engine is shutting down."""
 
 
+class ContextLengthError(ValueError):
+    """The prompt and the tokens asked for do not fit the context window."""
+
+    def __init__(self, context: int, prompt_tokens: int, max_tokens: int) -> None:
+        # vLLM's wording: clients that already handle vLLM's 400 recognise it.
+        super().__init__(
+            f"This model's maximum context length is {context} tokens. However, your request has "
+            f"{prompt_tokens} input tokens plus {max_tokens} 'max_tokens' "
+            f"({prompt_tokens + max_tokens} in all). Please reduce the length of the input "
+            "or of max_tokens."
+        )
+        self.context, self.prompt_tokens, self.max_tokens = context, prompt_tokens, max_tokens
+
+
+@dataclass(frozen=True)
+class Completion:
+    """A raw completion: the generated text (cut at a stop string) and why it ended."""
+
+    text: str
+    token_ids: list[int]
+    finish_reason: str  # "stop" (a stop token or string) or "length" (max tokens or context)
+    stop_reason: str | int | None  # the stop string or token that ended it; None for EOS/length
+    prompt_tokens: int
+    cached_tokens: int  # prompt tokens whose keys/values came from the prefix cache
+
+
 @dataclass
 class RequestStats:
     """What serving one request took (filled in by the worker; read by the bench and tests)."""
@@ -107,28 +116,30 @@ class RequestStats:
     batch_rows: int = 0  # the most rows decoded together while this one was active
     prompt_ids: list[int] = field(default_factory=list)  # the tokens the model was given
     reply_ids: list[int] = field(default_factory=list)  # the tokens it chose (no stop token)
-
-    @property
-    def prompt_tokens(self) -> int:
-        return len(self.prompt_ids)
-
-    @property
-    def new_tokens(self) -> int:
-        return len(self.reply_ids)
+    prompt_tokens: int = 0  # how many: a remote server reports counts, not ids
+    new_tokens: int = 0
 
 
 @dataclass
 class _Request:
-    prompt: str
+    prompt: str | list[int]  # text, or token ids as given
     params: SamplingParams
     key: Hashable | None
     loop: asyncio.AbstractEventLoop | None
-    future: asyncio.Future[str] | None
+    future: asyncio.Future[Completion] | None
     on_text: Callable[[str], None] | None = None
+    stop_ids: frozenset[int] = frozenset()
+    stop: tuple[str, ...] = ()
     stats: RequestStats = field(default_factory=RequestStats)
     cancelled: threading.Event = field(default_factory=threading.Event)
-    result: str | None = None  # for requests served without an event loop (warm-up)
+    keep: bool = True  # keep its keys/values in the prefix cache when it finishes
+    result: Completion | None = None  # for requests served without an event loop (warm-up)
     error: BaseException | None = None  # likewise
+
+    @property
+    def holdback(self) -> int:
+        """Characters kept from the stream: the start of a stop string may be arriving."""
+        return max((len(s) for s in self.stop), default=1) - 1
 
 
 @dataclass
@@ -141,7 +152,11 @@ class _Row:
     computed: int  # tokens whose keys/values are in the slot
     seen: torch.Tensor  # [vocab] tokens in this row, for the repetition penalty
     start: Prefix = field(default_factory=Prefix)  # cached keys/values it was started from
+    generator: torch.Generator | None = None  # the request's own, when it gave a seed
+    text: str = ""  # the reply decoded so far, up to a stop string
     shown: str = ""
+    finish_reason: str = "length"
+    stop_reason: str | int | None = None
 
     @property
     def generated(self) -> list[int]:
@@ -154,110 +169,6 @@ class _Cancelled(StoppingCriteria):
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs) -> bool:  # type: ignore[override]
         return self.event.is_set()
-
-
-def pick_device(setting: str) -> torch.device:
-    if setting == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(setting)
-
-
-def load_model(
-    path: str,
-    device: str = "auto",
-    dtype: str = "float32",
-    quantize: str = "none",
-    cpu_onednn: bool = False,
-) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """Load any Hugging Face causal-LM directory or hub id, or fail with one clear line.
-
-    ``quantize="int8"`` converts the projections to dynamic int8 (CPU only, see bot.quantize);
-    ``cpu_onednn`` runs float32 projections through oneDNN on a CPU (see bot.onednn). What the
-    conversions free goes back to the system (see bot.allocator).
-    """
-    with returning_freed_memory():
-        return _load_model(path, device, dtype, quantize, cpu_onednn)
-
-
-def _load_model(
-    path: str, device: str, dtype: str, quantize: str, cpu_onednn: bool
-) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    local = Path(path)
-    looks_local = local.is_absolute() or path.startswith(".") or local.parent.exists()
-    if not local.exists() and (looks_local or path.count("/") != 1):  # not a hub id either
-        raise ModelLoadError(
-            f"no model at {path!r}: train one (`make finetune PROFILE=tiny-scratch`) or set "
-            "MODEL_PATH to a Hugging Face model directory or hub id"
-        )
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(path)
-        target = pick_device(device)
-        use_onednn = (
-            cpu_onednn and quantize == "none" and target.type == "cpu" and dtype == "float32"
-        ) and onednn.available()
-        # int8 from local safetensors: quantized while loading, the float32 model never whole
-        model = load_int8_low_memory(local) if local.is_dir() and quantize == "int8" else None
-        converted = model is not None
-        if model is None:
-            model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype])
-    except (OSError, ValueError) as error:
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise ModelLoadError(
-            f"cannot load the model from MODEL_PATH={path!r}: {reason}. Set MODEL_PATH to a "
-            "Hugging Face model directory (e.g. checkpoints/latest after `make finetune`)"
-        ) from None
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    if quantize == "int8":
-        if target.type != "cpu":
-            raise ModelLoadError(
-                "MODEL_QUANTIZE=int8 is for CPUs; on a GPU use MODEL_DTYPE=bfloat16"
-            )
-        if dtype != "float32":
-            raise ModelLoadError("MODEL_QUANTIZE=int8 needs MODEL_DTYPE=float32")
-        if not converted:
-            quantize_int8(model)
-    elif use_onednn and not converted:
-        onednn.to_onednn(model)
-    model.to(target)
-    model.eval()
-    return model, tokenizer
-
-
-async def run_in_own_thread(function: Callable[..., T], *args: object) -> T:
-    """``function(*args)`` in a new thread that ends when it returns (for loading the model).
-
-    Why not ``asyncio.to_thread``: its threads live on, and so does the OpenMP thread team of any
-    thread that ran a parallel torch operation (loading and converting weights does). With more
-    OpenMP threads alive than cores, libgomp stops spin-waiting between parallel regions and puts
-    its threads to sleep instead, and every matrix product of the engine's worker pays for the
-    wake-ups: measured on the 2-core machine, a batch-8 decoding step took ~30% longer after the
-    model was loaded in a thread that stayed alive. A thread that has ended takes its team with it.
-    """
-    loop = asyncio.get_running_loop()
-    future: asyncio.Future[T] = loop.create_future()
-
-    def settle(result: T | None, error: BaseException | None) -> None:
-        if not future.done():
-            if error is not None:
-                future.set_exception(error)
-            else:
-                future.set_result(result)  # type: ignore[arg-type]
-
-    def run() -> None:
-        try:
-            result = function(*args)
-        except BaseException as error:  # handed to the awaiting coroutine
-            loop.call_soon_threadsafe(settle, None, error)
-        else:
-            loop.call_soon_threadsafe(settle, result, None)
-
-    thread = threading.Thread(target=run, name=f"run-{getattr(function, '__name__', 'call')}")
-    thread.start()
-    try:
-        return await future
-    finally:
-        thread.join()  # already returned: the thread only has to exit
 
 
 def stop_token_ids(tokenizer: PreTrainedTokenizerBase) -> list[int]:
@@ -379,6 +290,8 @@ class GenerationEngine:
             None,
             None,
             None,
+            stop_ids=frozenset(self._stop_ids),
+            keep=False,
         )
         self._take([request])
         while self._rows:
@@ -403,15 +316,70 @@ class GenerationEngine:
     ) -> str:
         """The model's clean reply to ``turns`` (which end with the user's message).
 
-        ``key`` names the dialogue whose cached prefix may be reused (``None``: no caching);
-        ``on_text`` receives the reply so far as it grows, on the event loop.
+        ``key`` names the dialogue whose cached prefix may be reused (``None``: the longest cached
+        prefix of the prompt, if any); ``on_text`` receives the clean reply so far as it grows, on
+        the event loop. The reply ends at EOS or at either speaker's tag.
+        """
+        prompt = render_prompt(turns, self.persona)
+        logger.debug("prompt: %s", prompt)  # message texts are logged only at DEBUG
+        shown = ""
+
+        def show(raw: str) -> None:
+            nonlocal shown
+            text = parse_reply(raw, eos_token=self.tokenizer.eos_token)
+            if text and text != shown and on_text is not None:
+                shown = text
+                on_text(text)
+
+        completion = await self.complete(
+            prompt,
+            replace(params, max_new_tokens=min(params.max_new_tokens, self.reply_tokens)),
+            key=key,
+            stop_token_ids=self._stop_ids,
+            on_text=show if on_text is not None else None,
+            stats=stats,
+            truncate=True,
+        )
+        return parse_reply(completion.text, eos_token=self.tokenizer.eos_token)
+
+    async def complete(
+        self,
+        prompt: str | list[int],
+        params: SamplingParams,
+        *,
+        key: Hashable | None = None,
+        stop: tuple[str, ...] = (),
+        stop_token_ids: list[int] | None = None,
+        on_text: Callable[[str], None] | None = None,
+        stats: RequestStats | None = None,
+        truncate: bool = False,
+    ) -> Completion:
+        """A raw completion of ``prompt`` (text, or token ids as they are).
+
+        It ends at a token of ``stop_token_ids`` (default: EOS), at a string of ``stop`` (cut from
+        the text), or after ``params.max_new_tokens``. A prompt that leaves no room for them
+        raises :class:`ContextLengthError`, unless ``truncate`` keeps its end instead (the bot's
+        history is trimmed to fit beforehand; this is only a safety net).
         """
         if self._closed:
             raise EngineClosed
-        prompt = render_prompt(turns, self.persona)
-        logger.debug("prompt: %s", prompt)  # message texts are logged only at DEBUG
+        if isinstance(prompt, list) or not truncate:
+            count = len(prompt) if isinstance(prompt, list) else self.count_tokens(prompt)
+            if count + params.max_new_tokens > self.context_tokens:
+                raise ContextLengthError(self.context_tokens, count, params.max_new_tokens)
         loop = asyncio.get_running_loop()
-        request = _Request(prompt, params, key, loop, loop.create_future(), on_text)
+        request = _Request(
+            prompt,
+            params,
+            key,
+            loop,
+            loop.create_future(),
+            on_text,
+            stop_ids=frozenset(
+                stop_token_ids if stop_token_ids is not None else [self.tokenizer.eos_token_id]
+            ),
+            stop=tuple(s for s in stop if s),
+        )
         if stats is not None:
             request.stats = stats
         try:
@@ -427,6 +395,10 @@ class GenerationEngine:
         except asyncio.CancelledError:
             request.cancelled.set()
             raise
+
+    async def aclose(self) -> None:
+        """:meth:`close` off the event loop (the worker may take a step to stop)."""
+        await asyncio.to_thread(self.close)
 
     def close(self, timeout_s: float = 5.0) -> None:
         """Cancel queued and running work and stop the worker (within ``timeout_s``)."""
@@ -500,18 +472,23 @@ class GenerationEngine:
                 self.busy_s["admit"] += time.perf_counter() - started
         return True
 
-    def _encode(self, prompt: str, cached: CachedDialogue | None) -> list[int]:
+    def _encode(self, request: _Request, cached: CachedDialogue | None) -> list[int]:
         """The prompt's tokens, reusing the cached dialogue's own tokens where it is a prefix.
 
         The cached tokens are those the model produced, which a fresh tokenization of the same
         reply text often would not reproduce (BPE prefers its own merges): matching on text
-        keeps the whole previous turn reusable. Anything else is tokenized afresh.
+        keeps the whole previous turn reusable. Anything else is tokenized afresh. Token ids
+        given by the client are used as they are.
         """
+        prompt = request.prompt
+        if isinstance(prompt, list):
+            return list(prompt)
+        room = self.context_tokens - request.params.max_new_tokens
         if cached is not None and prompt.startswith(cached.text) and len(prompt) > len(cached.text):
             ids = cached.ids + self._tokenize(prompt[len(cached.text) :])
-            if len(ids) <= self.prompt_budget:
+            if len(ids) <= room:
                 return ids
-        return self._tokenize(prompt)[-self.prompt_budget :]
+        return self._tokenize(prompt)[-room:]
 
     def _shared_persona(self, slot: int) -> CachedDialogue | None:
         """The persona exchange's keys/values, computed once (in ``slot``, which is free)."""
@@ -526,19 +503,28 @@ class GenerationEngine:
                 self._persona_entry = CachedDialogue(self._persona_text, ids, (past,), shared=1)
         return self._persona_entry
 
+    def _cached_start(self, request: _Request, slot: int) -> CachedDialogue | None:
+        """Where a request's prompt may start from: its dialogue's entry, else the longest
+        cached entry its prompt extends (a client that names no dialogue), else the persona."""
+        if request.key is not None:
+            own = self.prefix_cache.take(request.key)
+            if own is not None:
+                return own
+        found = self.prefix_cache.take_longest_prefix(request.prompt)
+        return found or self._shared_persona(slot)
+
     def _admit(self, requests: list[_Request]) -> None:
         """Encode the new part of each prompt (all rows in one pass) and join the batch."""
         assert self.decoder is not None
         plans = []
         for request in requests:
             slot = len(self._rows) + len(plans)
-            own = self.prefix_cache.take(request.key) if request.key is not None else None
-            cached = own or self._shared_persona(slot)
-            ids = self._encode(request.prompt, cached)
+            cached = self._cached_start(request, slot)
+            ids = self._encode(request, cached)
             reuse = 0
             if cached is not None:
                 reuse = min(common_prefix(cached.ids[: cached.computed], ids), len(ids) - 1)
-            max_new = min(request.params.max_new_tokens, self.reply_tokens)
+            max_new = request.params.max_new_tokens
             self.decoder.reserve(slot + 1, min(len(ids) + max_new, self.context_tokens))
             start = cached.prefix(reuse) if cached is not None and reuse else Prefix()
             self.decoder.load_slot(slot, start.chunks)
@@ -550,11 +536,15 @@ class GenerationEngine:
         rows = []
         for request, ids, reuse, _, start in plans:
             request.stats.reused_tokens, request.stats.prompt_ids = reuse, list(ids)
+            request.stats.prompt_tokens = len(ids)
             self.prefilled_tokens += len(ids) - reuse
             self.reused_tokens += reuse
             seen = torch.zeros(self._vocab_size, dtype=torch.bool, device=logits.device)
             seen[torch.tensor(ids, device=logits.device)] = True
-            rows.append(_Row(request, ids, len(ids), len(ids), seen, start))
+            generator = None
+            if request.params.seed is not None:
+                generator = torch.Generator(device=logits.device).manual_seed(request.params.seed)
+            rows.append(_Row(request, ids, len(ids), len(ids), seen, start, generator))
         first = len(self._rows)
         self._rows.extend(rows)
         for index in sorted(self._choose(rows, logits), reverse=True):
@@ -595,14 +585,15 @@ class GenerationEngine:
             [len(row.generated) < row.request.params.min_new_tokens for row in rows],
             device=logits.device,
         )
+        generators = [row.generator or self._generator for row in rows]
         with torch.inference_mode():
             chosen = choose_tokens(
                 logits,
                 params,
                 torch.stack([r.seen for r in rows]),
                 ban,
-                self._stop_mask,
-                self._generator,
+                self._stop_mask_for(rows),
+                generators,
             ).tolist()
         now = time.perf_counter()
         done = []
@@ -610,24 +601,62 @@ class GenerationEngine:
             request = row.request
             if request.stats.first_token_at is None:
                 request.stats.first_token_at = now
-            if request.cancelled.is_set() or token in self._stop_ids:
+            if request.cancelled.is_set():
+                done.append(index)
+                continue
+            if token in request.stop_ids:
+                row.finish_reason = "stop"
+                row.stop_reason = None if token == self.tokenizer.eos_token_id else token
                 done.append(index)
                 continue
             row.ids.append(token)
             row.seen[token] = True
-            max_new = min(request.params.max_new_tokens, self.reply_tokens)
-            if len(row.generated) >= max_new or len(row.ids) >= self.context_tokens:
+            if (request.stop or request.on_text is not None) and self._read(row):
                 done.append(index)
+                continue
+            max_new = request.params.max_new_tokens
+            if len(row.generated) >= max_new or len(row.ids) >= self.context_tokens:
+                done.append(index)  # finish_reason stays "length"
             elif request.on_text is not None:
                 self._stream(row)
         return done
 
+    def _stop_mask_for(self, rows: list[_Row]) -> torch.Tensor:
+        """``[vocab]`` or ``[rows, vocab]``: the stop tokens that rows under their minimum length
+        may not choose. The engine's own set unless a request brought its own."""
+        if all(row.request.stop_ids <= self._stop_set for row in rows):
+            return self._stop_mask
+        mask = torch.zeros(len(rows), self._vocab_size, dtype=torch.bool, device=self.model.device)
+        for index, row in enumerate(rows):
+            ids = [t for t in row.request.stop_ids if 0 <= t < self._vocab_size]
+            if ids:
+                mask[index, torch.tensor(ids, device=mask.device)] = True
+        return mask
+
+    @functools.cached_property
+    def _stop_set(self) -> frozenset[int]:
+        return frozenset(self._stop_ids)
+
+    def _read(self, row: _Row) -> bool:
+        """Decode the row's reply so far; ``True`` when it now contains a stop string."""
+        text = self._decode(row.generated)
+        for stop in row.request.stop:
+            # Only the tail can hold a new match (2 more characters: a split one may have changed).
+            at = text.find(stop, max(0, len(row.text) - len(stop) - 2))
+            if at >= 0:
+                text, row.finish_reason, row.stop_reason = text[:at], "stop", stop
+        row.text = text
+        return row.finish_reason == "stop"
+
     def _stream(self, row: _Row) -> None:
-        text = parse_reply(self._decode(row.generated), eos_token=self.tokenizer.eos_token)
-        if text and text != row.shown:
+        """Show the text so far, less what may yet become a stop string or a whole character."""
+        request = row.request
+        text = row.text[: len(row.text) - request.holdback] if request.holdback else row.text
+        text = text.rstrip(_PARTIAL)
+        if text and text != row.shown and text.startswith(row.shown):
             row.shown = text
-            callback = row.request.on_text
-            loop = row.request.loop
+            callback = request.on_text
+            loop = request.loop
             if callback is not None and loop is not None:
                 with contextlib.suppress(RuntimeError):
                     loop.call_soon_threadsafe(callback, text)
@@ -641,28 +670,52 @@ class GenerationEngine:
         row = self._rows[index]
         request = row.request
         generated = row.generated
-        text = self._decode(generated)
-        if request.key is not None and not request.cancelled.is_set():
+        full = self._decode(generated)
+        if request.keep and not request.cancelled.is_set():
             # Only the positions this turn computed are copied out; the rest it started from.
+            # The entry's text is what its tokens spell, stop string included; a request that
+            # names no dialogue is found again by that text (see PrefixCache.take_longest_prefix).
             new = self.decoder.save_slot(index, row.start.length, row.computed)
-            entry = row.start.extended(request.prompt + text, row.ids, new)
-            self.prefix_cache.put(request.key, entry)
+            prompt_text = (
+                request.prompt
+                if isinstance(request.prompt, str)
+                else self._decode(row.ids[: row.prompt_len])
+            )
+            entry = row.start.extended(prompt_text + full, row.ids, new)
+            self.prefix_cache.put(request.key if request.key is not None else object(), entry)
         last = len(self._rows) - 1
         if index != last:
             self.decoder.move_slot(last, index, self._rows[last].computed)
             self._rows[index] = self._rows[last]
         self._rows.pop()
-        self._deliver(request, generated, text)
+        text = row.text if row.finish_reason == "stop" and row.stop_reason in request.stop else full
+        self._deliver(request, row.ids[: row.prompt_len], generated, text, row)
 
-    def _deliver(self, request: _Request, generated: list[int], text: str) -> None:
+    def _deliver(
+        self,
+        request: _Request,
+        prompt_ids: list[int],
+        generated: list[int],
+        text: str,
+        row: _Row | None,
+    ) -> None:
         request.stats.reply_ids = list(generated)
+        request.stats.prompt_tokens, request.stats.new_tokens = len(prompt_ids), len(generated)
         self.replies += 1
         self.tokens += len(generated)
-        self._resolve(request, result=parse_reply(text, eos_token=self.tokenizer.eos_token))
+        completion = Completion(
+            text=text,
+            token_ids=list(generated),
+            finish_reason=row.finish_reason if row is not None else "stop",
+            stop_reason=row.stop_reason if row is not None else None,
+            prompt_tokens=len(prompt_ids),
+            cached_tokens=request.stats.reused_tokens,
+        )
+        self._resolve(request, result=completion)
 
     def _serve_apart(self, request: _Request) -> None:
         """Beam search, or a model the slot decoder does not cover: ``model.generate`` alone."""
-        ids = self._tokenize(request.prompt)[-self.prompt_budget :]
+        ids = self._encode(request, None)
         params = request.params
         device = self.model.device
         input_ids = torch.tensor([ids], device=device)
@@ -675,27 +728,32 @@ class GenerationEngine:
                 "top_p": params.top_p,
                 "top_k": params.top_k,
             }
+        stop_ids = sorted(request.stop_ids)
         with torch.inference_mode():
             output = self.model.generate(
                 input_ids=input_ids,
                 attention_mask=torch.ones_like(input_ids),
                 num_beams=params.num_beams,
                 repetition_penalty=params.repetition_penalty,
-                max_new_tokens=min(params.max_new_tokens, self.reply_tokens),
+                max_new_tokens=params.max_new_tokens,
                 min_new_tokens=params.min_new_tokens,
-                eos_token_id=self._stop_ids,
+                eos_token_id=stop_ids,
                 pad_token_id=self.tokenizer.pad_token_id,
                 stopping_criteria=StoppingCriteriaList([_Cancelled(request.cancelled)]),
                 **sampling,
             )
-        generated = [t for t in output[0, len(ids) :].tolist() if t not in self._stop_ids]
+        new = output[0, len(ids) :].tolist()
+        generated = [t for t in new if t not in request.stop_ids]
         request.stats.prompt_ids = ids
         request.stats.first_token_at = request.stats.first_token_at or time.perf_counter()
-        self._deliver(request, generated, self._decode(generated))
+        row = _Row(request, ids + generated, len(ids), len(ids), torch.empty(0))
+        row.finish_reason = "stop" if len(generated) < len(new) else "length"
+        text = row.text if request.stop and self._read(row) else self._decode(generated)
+        self._deliver(request, ids, generated, text, row)
 
     @staticmethod
     def _resolve(
-        request: _Request, result: str | None = None, error: BaseException | None = None
+        request: _Request, result: Completion | None = None, error: BaseException | None = None
     ) -> None:
         if request.loop is None or request.future is None:
             request.result, request.error = result, error
@@ -708,7 +766,8 @@ class GenerationEngine:
             if error is not None:
                 future.set_exception(error)
             else:
-                future.set_result(result or "")
+                assert result is not None
+                future.set_result(result)
 
         with contextlib.suppress(RuntimeError):  # the loop is already closed (shutdown)
             request.loop.call_soon_threadsafe(settle)

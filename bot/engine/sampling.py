@@ -26,6 +26,7 @@ class SamplingParams:
     max_new_tokens: int = 64
     min_new_tokens: int = 0
     num_beams: int = 1
+    seed: int | None = None  # this request's own random stream (repeatable sampling)
 
 
 def choose_tokens(
@@ -34,14 +35,16 @@ def choose_tokens(
     seen: torch.Tensor,
     ban_stop: torch.Tensor,
     stop_mask: torch.Tensor,
-    generator: torch.Generator | None = None,
+    generator: torch.Generator | list[torch.Generator | None] | None = None,
 ) -> torch.Tensor:
     """The next token of each row.
 
     ``logits`` ``[rows, vocab]`` (float32); ``seen`` ``[rows, vocab]`` marks tokens already in
     each row (prompt and reply), which the repetition penalty discourages; ``ban_stop`` ``[rows]``
     marks rows that have not reached their minimum length, for which the stop tokens (``True``
-    in ``stop_mask`` ``[vocab]``) are banned.
+    in ``stop_mask``, ``[vocab]`` or per row ``[rows, vocab]``) are banned. ``generator`` is one
+    for all rows or one per row (a request with a seed samples from its own, so its reply does
+    not depend on what else shares the batch).
     """
     device = logits.device
     vocab = logits.shape[1]
@@ -51,7 +54,8 @@ def choose_tokens(
         logits = torch.where(seen, penalised, logits)
     if bool(ban_stop.any()):
         logits = logits.clone()
-        logits[ban_stop[:, None] & stop_mask[None, :]] = float("-inf")
+        mask = stop_mask if stop_mask.dim() == 2 else stop_mask[None, :]
+        logits[ban_stop[:, None] & mask] = float("-inf")
     greedy_rows = torch.tensor([p.temperature <= GREEDY_BELOW for p in params], device=device)
     greedy = logits.argmax(dim=-1)
     if bool(greedy_rows.all()):
@@ -71,6 +75,13 @@ def choose_tokens(
     top_p = torch.tensor([p.top_p for p in params], device=device)[:, None]
     before = probs.cumsum(dim=-1) - probs  # probability mass of the better candidates
     probs = probs.masked_fill((before >= top_p) & (rank > 0), 0.0)
-    choice = torch.multinomial(probs, 1, generator=generator)
+    if isinstance(generator, list) and len({id(g) for g in generator}) > 1:
+        # Rows with their own stream draw one by one; a shared stream draws for all at once.
+        choice = torch.cat(
+            [torch.multinomial(probs[i : i + 1], 1, generator=g) for i, g in enumerate(generator)]
+        )
+    else:
+        shared = generator[0] if isinstance(generator, list) else generator
+        choice = torch.multinomial(probs, 1, generator=shared)
     sampled = indices.gather(1, choice)[:, 0]
     return torch.where(greedy_rows, greedy, sampled)

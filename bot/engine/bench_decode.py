@@ -1,6 +1,6 @@
 """Single-user decode speed and serving memory of one model configuration.
 
-``python -m bot.bench_decode --shape medium --quantize int8`` builds a random-weight model of
+``python -m bot.engine.bench_decode --shape medium --quantize int8`` builds a random-weight model of
 RuGPT-3 medium's shape (24 layers, 1024 wide, vocab 50264), saves it, loads it the way the bot
 does (``bot.engine.load_model``, so memory-mapped safetensors and the same quantization path),
 and prints decode tokens/s for one user and the process's peak RSS. Run it once per
@@ -29,8 +29,10 @@ SHAPES = {
 
 
 def build(shape: str, path: Path) -> None:
-    """The random-weight model of ``shape`` that ``make bench`` uses (``bot.bench.build``)."""
-    from bot.bench import build as build_model  # imported here: bot.bench imports this module
+    """The random-weight model of ``shape`` that ``make bench`` uses (``bench.build``)."""
+    from bot.engine.bench import (
+        build as build_model,  # imported here: bot.engine.bench imports this module
+    )
 
     build_model(shape, path)
 
@@ -67,7 +69,7 @@ def measure(path: Path, quantize: str, prompt_tokens: int, new_tokens: int) -> d
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bot.bench_decode", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m bot.engine.bench_decode", description=__doc__)
     parser.add_argument("--shape", choices=sorted(SHAPES), default="medium")
     parser.add_argument("--quantize", choices=["none", "int8"], default="none")
     parser.add_argument("--model", type=Path, help="an existing model directory instead of --shape")
@@ -89,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
                     [
                         sys.executable,
                         "-m",
-                        "bot.bench_decode",
+                        "bot.engine.bench_decode",
                         "--model",
                         str(path),
                         "--quantize",

@@ -18,7 +18,7 @@ with ``mkldnn._linear_pointwise``, the kernels PyTorch's own compiler (inductor)
 linears. Dense tensors go in and out (no per-call format conversions), and GPT-2's tanh-GELU is
 fused into the MLP's first projection. Same weights, same float32 arithmetic (results agree with
 ``F.linear`` to ~1e-6; the tests check greedy replies token for token), so this is a kernel
-choice, not a different model. Like ``bot.quantize``, each GPT-2 ``Conv1D`` is rewritten as a
+choice, not a different model. Like ``bot.engine.quantize``, each GPT-2 ``Conv1D`` is rewritten as a
 linear layer, one module at a time, and ``lm_head`` gets its own copy of the (tied) embedding.
 
 Memory: the packed copies replace the projections, and the remaining weights are copied out of

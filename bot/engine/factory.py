@@ -1,0 +1,76 @@
+"""Which backend the settings ask for, built and started: the one place that decides.
+
+``LLM_BASE_URL`` set → :class:`~bot.engine.remote.RemoteBackend` (no model in this process);
+otherwise the local :class:`~bot.engine.generation.GenerationEngine`, loaded and warmed up, as
+the bot, the console chat and ``python -m bot serve`` all run it.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from bot.config import Settings
+from bot.engine.backend import ReplyBackend
+from bot.engine.generation import GenerationEngine
+from bot.engine.loading import ModelLoadError, load_model, run_in_own_thread
+from bot.engine.remote import RemoteBackend
+
+logger = logging.getLogger(__name__)
+
+
+async def open_local_engine(settings: Settings) -> GenerationEngine:
+    """Load ``MODEL_PATH`` and start the engine with the settings' batch, cache and limits."""
+    model, tokenizer = await run_in_own_thread(
+        load_model,
+        settings.model_path,
+        settings.model_device,
+        settings.model_dtype,
+        settings.model_quantize,
+        settings.model_cpu_onednn,
+    )
+    engine = GenerationEngine(
+        model,
+        tokenizer,
+        persona=settings.system_prompt or None,
+        context_tokens=settings.context_tokens,
+        reply_tokens=settings.reply_tokens,
+        queue_size=settings.queue_size,
+        timeout_s=settings.request_timeout_s,
+        max_batch=settings.max_batch,
+        cache_mb=settings.kv_cache_mb,
+    )
+    engine.start(warm_up=True)
+    try:
+        await engine.ready()
+    except Exception as error:
+        engine.close()
+        raise ModelLoadError(
+            f"the model at MODEL_PATH={settings.model_path!r} loaded but could not generate "
+            f"(warm-up failed: {error}); check MODEL_DEVICE, MODEL_DTYPE and free memory"
+        ) from error
+    logger.info(
+        "model %s ready: context %d tokens, reply %d tokens",
+        settings.model_path,
+        engine.context_tokens,
+        engine.reply_tokens,
+    )
+    return engine
+
+
+async def open_backend(settings: Settings) -> ReplyBackend:
+    """The remote backend when ``LLM_BASE_URL`` is set, else the local engine."""
+    if not settings.llm_base_url:
+        return await open_local_engine(settings)
+    if settings.num_beams > 1:
+        logger.warning("NUM_BEAMS is ignored with LLM_BASE_URL: the server samples")
+    return await RemoteBackend.connect(
+        settings.llm_base_url,
+        api_key=settings.llm_api_key.get_secret_value() if settings.llm_api_key else None,
+        model=settings.llm_model,
+        tokenizer_path=settings.tokenizer_path or settings.model_path,
+        persona=settings.system_prompt or None,
+        context_tokens=settings.context_tokens,
+        reply_tokens=settings.reply_tokens,
+        timeout_s=settings.llm_timeout_s,
+        connect_timeout_s=settings.llm_connect_timeout_s,
+    )

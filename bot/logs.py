@@ -1,0 +1,38 @@
+"""Logging for every entry point: one format, and the bot token never written anywhere."""
+
+from __future__ import annotations
+
+import logging
+
+from bot.config import Settings
+
+
+class RedactSecrets(logging.Filter):
+    """Removes the bot token and API keys from every log record, tracebacks included."""
+
+    def __init__(self, *secrets: str) -> None:
+        super().__init__()
+        self.secrets = [s for s in secrets if s]
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if record.exc_info and not record.exc_text:
+            record.exc_text = logging.Formatter().formatException(record.exc_info)
+        for secret in self.secrets:
+            message = message.replace(secret, "<token>")
+            if record.exc_text:
+                record.exc_text = record.exc_text.replace(secret, "<token>")
+        record.msg, record.args = message, None
+        return True
+
+
+def configure_logging(settings: Settings) -> None:
+    logging.basicConfig(
+        level=settings.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    secrets = [settings.telegram_bot_token, settings.llm_api_key]
+    known = [s.get_secret_value() for s in secrets if s is not None]
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(RedactSecrets(*known, *settings.server_api_keys))
+    logging.getLogger("aiogram.event").setLevel(logging.WARNING)  # one line per update otherwise
