@@ -88,7 +88,20 @@ class Turn:
             self.previous = None  # let the finished chain be collected
 
     def finish(self) -> None:
+        """This turn is over; it counts as done once every earlier turn is done too.
+
+        Why not at once: a turn that ends early (a re-delivered update, a sticker) would let
+        the next message be answered while an earlier one still is, and the replies would
+        overtake each other (seen under load in the webhook test)."""
         self.mark_stored()
+        previous = self.previous
+        if previous is not None and not previous.done.done():
+            previous.done.add_done_callback(lambda _: self._set_done())
+        else:
+            self._set_done()
+
+    def _set_done(self) -> None:
+        self.previous = None
         if not self.done.done():
             self.done.set_result(None)
 
