@@ -256,8 +256,10 @@ class RemoteBackend:
                     self._count(chunk.usage, stats)
         except openai.APITimeoutError:
             raise EngineTimeout from None
-        except openai.APIError as error:
-            raise RemoteError(f"the model server failed mid-reply: {error}") from None
+        except Exception as error:  # an error event, a dropped connection, a broken chunk
+            raise RemoteError(
+                f"the model server failed mid-reply: {error.__class__.__name__}: {error}"
+            ) from None
         finally:
             await stream.close()  # on cancellation too: the server drops the request
         self.replies += 1

@@ -2,12 +2,17 @@
 
 Only TELEGRAM_BOT_TOKEN, TELEGRAM_API_URL, DATABASE_URL and MODEL_PATH are set (plus LOG_LEVEL to
 read the prompt the model was given), exactly as an operator's acceptance check would run it.
+The same test runs with the model in the bot's process and with the bot on a running
+`python -m bot serve` (LLM_BASE_URL; MODEL_PATH then only gives the tokenizer).
 """
 
 import asyncio
 import sys
 
+import pytest
+
 from bot import texts
+from tests.bot.conftest import SERVER_KEYS
 from tests.bot.harness import (
     ALICE,
     BOB,
@@ -20,9 +25,19 @@ from tests.bot.harness import (
 )
 
 
-async def test_the_bot_as_users_see_it(fake, bot_env, tmp_path):
+@pytest.fixture(params=["local", "remote"])
+def backend_env(request, bot_env):
+    """The bot's environment for the model in its process, or on the session's model server."""
+    env = {**bot_env, "STREAM_EDIT_INTERVAL_S": "0"}  # every reply streams as it grows
+    if request.param == "remote":
+        server = request.getfixturevalue("model_server")
+        env |= {"LLM_BASE_URL": server.base_url, "LLM_API_KEY": SERVER_KEYS[0]}
+    return env
+
+
+async def test_the_bot_as_users_see_it(fake, backend_env, tmp_path):
     db, log = tmp_path / "bot.db", tmp_path / "bot.log"
-    bot = BotProcess(bot_env, log)
+    bot = BotProcess(backend_env, log)
     try:
         await bot.start(fake)
         assert fake.count("setMyCommands") == 1
@@ -76,8 +91,12 @@ async def test_the_bot_as_users_see_it(fake, bot_env, tmp_path):
         assert stored_messages(db, ALICE) == []
         assert len(stored_messages(db, BOB)) == 2
 
+        assert fake.edits_to(ALICE), "replies are streamed: shown first, then edited as they grow"
+        if "LLM_BASE_URL" in backend_env:  # no model loaded here: the server answered
+            assert "remote model long-model" in log.read_text(errors="replace")
         await bot.stop()
         assert TOKEN not in log.read_text(errors="replace")
+        assert SERVER_KEYS[0] not in log.read_text(errors="replace")
     finally:
         bot.kill()
 
