@@ -16,7 +16,7 @@ SHAPE ?= tiny
 TRAIN_SHAPE ?= small
 ARGS ?=
 
-.PHONY: install test test-stress lint dataset sample finetune evaluate bench bench-train run chat migrate demo loadtest clean
+.PHONY: install test test-stress lint dataset sample finetune evaluate bench bench-train run serve chat migrate demo loadtest clean
 
 install: $(STAMP)
 
@@ -57,7 +57,8 @@ finetune: install
 evaluate: install
 	$(PY) -m trainer evaluate --model $(MODEL) --data $(DATA_DIR)/test.parquet $(ARGS)
 
-# Serving: USERS x TURNS conversations at once, the naive design vs the engine
+# Serving: USERS x TURNS conversations at once, the naive design vs the engine (ARGS="--designs
+# naive,engine,remote" adds the bot on `bot serve` over HTTP)
 # (SHAPE=tiny|small|medium; e.g. make bench SHAPE=medium ARGS="--users 8 --json bench.json").
 bench: install
 	$(PY) -m bot.engine.bench --shape $(SHAPE) $(ARGS)
@@ -77,6 +78,10 @@ loadtest: install
 # The Telegram bot (long polling); settings from .env (see .env.example).
 run: install
 	$(PY) -m bot
+
+# The model behind an OpenAI-compatible API (SERVE_HOST/SERVE_PORT, API_KEYS; README "Scaling out").
+serve: install
+	$(PY) -m bot serve $(ARGS)
 
 # Talk to MODEL_PATH (default checkpoints/latest) in the terminal, with the bot's memory.
 chat: install

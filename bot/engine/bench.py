@@ -7,7 +7,10 @@ turn), all users active at once. The same messages go to:
 - **naive**: the design this product replaces. Every turn re-encodes the whole context and calls
   ``model.generate`` from ``loop.run_in_executor(None, ...)`` (the default executor: min(32,
   cores + 4) threads sharing the cores);
-- **engine**: ``bot.engine.GenerationEngine`` (continuous batching, per-dialogue prefix cache).
+- **engine**: ``bot.engine.GenerationEngine`` (continuous batching, per-dialogue prefix cache);
+- **remote**: the bot's remote backend (``bot.engine.remote``, the ``openai`` client, streamed)
+  over HTTP to a ``python -m bot serve`` process on 127.0.0.1 with the same engine settings:
+  what a bot pointed at a model server pays for the network hop. Its peak RSS is the server's.
 
 Each design runs in its own child process (peak RSS is per process) on the same model, built
 from a config with random weights (``--shape medium`` is RuGPT-3 medium's: 24 layers, 1024 wide,
@@ -111,8 +114,116 @@ def summarise(
     }
 
 
+async def run_remote(args: argparse.Namespace) -> dict[str, Any]:
+    """The remote design: a ``bot serve`` child with the engine, users here on the backend."""
+    import signal
+    import urllib.request
+
+    from transformers import AutoTokenizer
+
+    from bot.engine import RequestStats, SamplingParams
+    from bot.engine.remote import RemoteBackend
+
+    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    persona, messages = conversations(tokenizer, args.users, args.turns)
+    reply = args.reply_tokens
+    port = free_port()
+    env = os.environ | {
+        "MODEL_PATH": str(args.model),
+        "MODEL_DEVICE": args.device,
+        "MODEL_DTYPE": args.dtype,
+        "MODEL_QUANTIZE": args.quantize,
+        "MODEL_CPU_ONEDNN": str(args.cpu_onednn).lower(),
+        "MAX_BATCH": str(args.max_batch),
+        "KV_CACHE_MB": str(args.cache_mb),
+        "QUEUE_SIZE": str(args.users * 2),
+        "REQUEST_TIMEOUT_S": "3600",
+        "SYSTEM_PROMPT": persona,
+        "LOG_LEVEL": "WARNING",
+    }
+    server = subprocess.Popen(
+        [sys.executable, "-m", "bot", "serve", "--port", str(port)],
+        env=env,
+        stdin=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 600
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=5):
+                    break
+            except OSError:
+                if server.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError("bot serve did not start") from None
+                await asyncio.sleep(0.2)
+        backend = await RemoteBackend.connect(
+            f"http://127.0.0.1:{port}/v1",
+            api_key=None,
+            model=None,
+            tokenizer_path=str(args.model),
+            persona=persona,
+            context_tokens=None,
+            reply_tokens=reply,
+            timeout_s=3600,
+            connect_timeout_s=5,
+        )
+        params = SamplingParams(max_new_tokens=reply, min_new_tokens=reply)
+        latencies: list[float] = []
+        firsts: list[float] = []
+        per_turn: list[list[float]] = [[] for _ in range(args.turns)]
+        produced = 0
+
+        async def user(index: int) -> None:
+            nonlocal produced
+            turns: list[str] = []
+            for turn, message in enumerate(messages[index]):
+                turns.append(message)
+                stats = RequestStats()
+                started = time.perf_counter()
+                text = await backend.generate(turns, params, key=index, stats=stats)
+                took = time.perf_counter() - started
+                latencies.append(took)
+                per_turn[turn].append(took)
+                firsts.append((stats.first_token_at or started) - started)
+                produced += stats.new_tokens
+                turns.append(text or "…")
+
+        started = time.perf_counter()
+        await asyncio.gather(*(user(i) for i in range(args.users)))
+        wall = time.perf_counter() - started
+        await backend.aclose()
+        server_peak_mb = process_peak_rss_mb(server.pid)
+    finally:
+        server.send_signal(signal.SIGTERM)
+        server.wait(60)
+    result = summarise(latencies, firsts, produced, wall, [statistics.mean(t) for t in per_turn])
+    result["client_peak_rss_mb"] = result["peak_rss_mb"]
+    result["peak_rss_mb"] = server_peak_mb
+    total = backend.prefilled_tokens + backend.reused_tokens
+    result["prompt_tokens_reused"] = round(backend.reused_tokens / max(total, 1), 3)
+    return result
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def process_peak_rss_mb(pid: int) -> float:
+    """Another process's peak resident memory (``VmHWM``), read while it still runs."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return round(int(line.split()[1]) / 1024, 1)
+    return float("nan")
+
+
 async def run_design(args: argparse.Namespace) -> dict[str, Any]:
     """One design, in this process: load, warm up, serve every user's conversation."""
+    if args.only == "remote":
+        return await run_remote(args)
     from transformers.generation.streamers import BaseStreamer
 
     from bot.engine import (
@@ -265,10 +376,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--json", type=Path, help="also write the figures to this file")
     parser.add_argument(
-        "--designs", default="naive,engine", help="which to run (the naive one is slow at scale)"
+        "--designs",
+        default="naive,engine",
+        help="naive, engine, remote: which to run (the naive one is slow at scale)",
     )
     parser.add_argument("--model", type=Path, help=argparse.SUPPRESS)  # set for the children
-    parser.add_argument("--only", choices=["naive", "engine"], help=argparse.SUPPRESS)
+    parser.add_argument("--only", choices=["naive", "engine", "remote"], help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     args.max_batch = args.max_batch or args.users
 
@@ -292,37 +405,48 @@ def main(argv: list[str] | None = None) -> int:
                 sys.stderr.write(done.stderr)
                 return done.returncode
             results[design] = json.loads(done.stdout.strip().splitlines()[-1])
-    if {"naive", "engine"} <= results.keys():
-        print_table(args, results)
-    else:
-        print(json.dumps(results, indent=2))
+    print_table(args, results)
     if args.json:
         args.json.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
     return 0
 
 
 def print_table(args: argparse.Namespace, results: dict[str, dict[str, Any]]) -> None:
-    naive, engine = results["naive"], results["engine"]
+    """One column per design, then each design against the first one run (a ratio)."""
+    names = list(results)
+    base = names[0]
     print(
         f"\n{args.shape} shape, {args.users} users x {args.turns} turns, "
         f"{args.reply_tokens}-token replies, {args.dtype}, quantize={args.quantize}"
     )
     rows = [
-        ("wall time, s", "wall_s", False),
-        ("new tokens / s", "tokens_per_s", True),
-        ("turn latency p50, s", "p50_s", False),
-        ("turn latency p95, s", "p95_s", False),
-        ("first token p50, s", "first_token_p50_s", False),
-        ("peak RSS, MB", "peak_rss_mb", False),
+        ("wall time, s", "wall_s"),
+        ("new tokens / s", "tokens_per_s"),
+        ("turn latency p50, s", "p50_s"),
+        ("turn latency p95, s", "p95_s"),
+        ("first token p50, s", "first_token_p50_s"),
+        ("peak RSS, MB", "peak_rss_mb"),
     ]
-    print(f"{'':24}{'naive':>10}{'engine':>10}{'engine/naive':>14}")
-    for label, key, _ in rows:
-        ratio = engine[key] / naive[key] if naive[key] else float("nan")
-        print(f"{label:24}{naive[key]:>10}{engine[key]:>10}{ratio:>13.2f}x")
-    print(f"mean latency per turn, naive:  {naive['turn_latency_s']}")
-    print(f"mean latency per turn, engine: {engine['turn_latency_s']}")
-    print(f"prompt tokens served from the prefix cache: {engine['prompt_tokens_reused']:.0%}")
-    print(f"engine worker: {engine['engine_steps']} steps, busy (s): {engine['engine_busy_s']}")
+    ratios = [f"{name}/{base}" for name in names[1:]]
+    print(f"{'':24}" + "".join(f"{n:>10}" for n in names) + "".join(f"{r:>16}" for r in ratios))
+    for label, key in rows:
+        values = "".join(f"{results[n][key]:>10}" for n in names)
+        against = "".join(
+            f"{results[n][key] / results[base][key]:>15.2f}x" if results[base][key] else " " * 16
+            for n in names[1:]
+        )
+        print(f"{label:24}{values}{against}")
+    for name in names:
+        print(f"mean latency per turn, {name}: {results[name]['turn_latency_s']}")
+        if "prompt_tokens_reused" in results[name]:
+            share = results[name]["prompt_tokens_reused"]
+            print(f"prompt tokens served from the prefix cache, {name}: {share:.0%}")
+    if "engine" in results:
+        engine = results["engine"]
+        print(f"engine worker: {engine['engine_steps']} steps, busy (s): {engine['engine_busy_s']}")
+    if "remote" in results:
+        client = results["remote"]["client_peak_rss_mb"]
+        print(f"remote: peak RSS is the server's; the bot side's: {client} MB")
 
 
 if __name__ == "__main__":
