@@ -114,6 +114,47 @@ def summarise(
     }
 
 
+class Tally:
+    """Each turn's latency, time to first token and new tokens, per turn index."""
+
+    def __init__(self, turns: int) -> None:
+        self.latencies: list[float] = []
+        self.firsts: list[float] = []
+        self.per_turn: list[list[float]] = [[] for _ in range(turns)]
+        self.produced = 0
+
+    def record(self, turn: int, took: float, first: float, tokens: int) -> None:
+        self.latencies.append(took)
+        self.per_turn[turn].append(took)
+        self.firsts.append(first)
+        self.produced += tokens
+
+    def summary(self, wall: float) -> dict[str, Any]:
+        means = [statistics.mean(t) for t in self.per_turn]
+        return summarise(self.latencies, self.firsts, self.produced, wall, means)
+
+
+async def converse(backend: Any, messages: list[list[str]], params: Any, tally: Tally) -> float:
+    """Every user's conversation at once through a ReplyBackend (the bot's own call); the wall
+    time it took."""
+    from bot.engine import RequestStats
+
+    async def user(index: int) -> None:
+        turns: list[str] = []
+        for turn, message in enumerate(messages[index]):
+            turns.append(message)
+            stats = RequestStats()
+            started = time.perf_counter()
+            text = await backend.generate(turns, params, key=index, stats=stats)
+            first = (stats.first_token_at or started) - started
+            tally.record(turn, time.perf_counter() - started, first, stats.new_tokens)
+            turns.append(text or "…")
+
+    started = time.perf_counter()
+    await asyncio.gather(*(user(i) for i in range(len(messages))))
+    return time.perf_counter() - started
+
+
 async def run_remote(args: argparse.Namespace) -> dict[str, Any]:
     """The remote design: a ``bot serve`` child with the engine, users here on the backend."""
     import signal
@@ -121,7 +162,7 @@ async def run_remote(args: argparse.Namespace) -> dict[str, Any]:
 
     from transformers import AutoTokenizer
 
-    from bot.engine import RequestStats, SamplingParams
+    from bot.engine import SamplingParams
     from bot.engine.remote import RemoteBackend
 
     tokenizer = AutoTokenizer.from_pretrained(args.model)
@@ -168,35 +209,14 @@ async def run_remote(args: argparse.Namespace) -> dict[str, Any]:
             connect_timeout_s=5,
         )
         params = SamplingParams(max_new_tokens=reply, min_new_tokens=reply)
-        latencies: list[float] = []
-        firsts: list[float] = []
-        per_turn: list[list[float]] = [[] for _ in range(args.turns)]
-        produced = 0
-
-        async def user(index: int) -> None:
-            nonlocal produced
-            turns: list[str] = []
-            for turn, message in enumerate(messages[index]):
-                turns.append(message)
-                stats = RequestStats()
-                started = time.perf_counter()
-                text = await backend.generate(turns, params, key=index, stats=stats)
-                took = time.perf_counter() - started
-                latencies.append(took)
-                per_turn[turn].append(took)
-                firsts.append((stats.first_token_at or started) - started)
-                produced += stats.new_tokens
-                turns.append(text or "…")
-
-        started = time.perf_counter()
-        await asyncio.gather(*(user(i) for i in range(args.users)))
-        wall = time.perf_counter() - started
+        tally = Tally(args.turns)
+        wall = await converse(backend, messages, params, tally)
         await backend.aclose()
         server_peak_mb = process_peak_rss_mb(server.pid)
     finally:
         server.send_signal(signal.SIGTERM)
         server.wait(60)
-    result = summarise(latencies, firsts, produced, wall, [statistics.mean(t) for t in per_turn])
+    result = tally.summary(wall)
     result["client_peak_rss_mb"] = result["peak_rss_mb"]
     result["peak_rss_mb"] = server_peak_mb
     total = backend.prefilled_tokens + backend.reused_tokens
@@ -228,7 +248,6 @@ async def run_design(args: argparse.Namespace) -> dict[str, Any]:
 
     from bot.engine import (
         GenerationEngine,
-        RequestStats,
         SamplingParams,
         load_model,
         run_in_own_thread,
@@ -246,10 +265,7 @@ async def run_design(args: argparse.Namespace) -> dict[str, Any]:
     reply = args.reply_tokens
     params = SamplingParams(max_new_tokens=reply, min_new_tokens=reply)
     torch.manual_seed(1)
-    latencies: list[float] = []
-    firsts: list[float] = []
-    per_turn: list[list[float]] = [[] for _ in range(args.turns)]
-    produced = 0
+    tally = Tally(args.turns)
     stop_ids = stop_token_ids(tokenizer)
 
     class FirstToken(BaseStreamer):
@@ -289,7 +305,6 @@ async def run_design(args: argparse.Namespace) -> dict[str, Any]:
         return tokenizer.decode(new, skip_special_tokens=False), len(new)
 
     async def naive_user(index: int) -> None:
-        nonlocal produced
         from dataset_tools.dialogue_format import parse_reply
 
         loop = asyncio.get_running_loop()
@@ -301,28 +316,8 @@ async def run_design(args: argparse.Namespace) -> dict[str, Any]:
             text, count = await loop.run_in_executor(
                 None, naive_generate, render_prompt(turns, persona), streamer
             )
-            took = time.perf_counter() - started
-            latencies.append(took)
-            per_turn[turn].append(took)
-            firsts.append(streamer.at - started)
-            produced += count
+            tally.record(turn, time.perf_counter() - started, streamer.at - started, count)
             turns.append(parse_reply(text, eos_token=tokenizer.eos_token) or "…")
-
-    async def engine_user(index: int) -> None:
-        nonlocal produced
-        assert engine is not None
-        turns: list[str] = []
-        for turn, message in enumerate(messages[index]):
-            turns.append(message)
-            stats = RequestStats()
-            started = time.perf_counter()
-            text = await engine.generate(turns, params, key=index, stats=stats)
-            took = time.perf_counter() - started
-            latencies.append(took)
-            per_turn[turn].append(took)
-            firsts.append((stats.first_token_at or started) - started)
-            produced += stats.new_tokens
-            turns.append(text or "…")
 
     engine = None
     if args.only == "engine":
@@ -338,14 +333,13 @@ async def run_design(args: argparse.Namespace) -> dict[str, Any]:
         )
         engine.start(warm_up=True)
         await engine.ready()
-        user = engine_user
+        wall = await converse(engine, messages, params, tally)
     else:
         naive_generate(render_prompt(["Привет"], persona), FirstToken())  # the same warm-up
-        user = naive_user
-    started = time.perf_counter()
-    await asyncio.gather(*(user(i) for i in range(args.users)))
-    wall = time.perf_counter() - started
-    result = summarise(latencies, firsts, produced, wall, [statistics.mean(t) for t in per_turn])
+        started = time.perf_counter()
+        await asyncio.gather(*(naive_user(i) for i in range(args.users)))
+        wall = time.perf_counter() - started
+    result = tally.summary(wall)
     if engine is not None:
         engine.close()
         total = engine.prefilled_tokens + engine.reused_tokens

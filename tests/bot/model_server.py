@@ -10,8 +10,18 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
+from typing import Any
 
-from tests.bot.harness import ROOT
+from tests.bot.harness import ROOT, eventually
+
+#: A request that keeps a row of the session's server (8192-token window) busy for seconds.
+ENDLESS = {
+    "model": "long-model",
+    "prompt": "Привет",
+    "max_tokens": 8000,
+    "stream": True,
+    "extra_body": {"min_tokens": 8000},
+}
 
 
 def free_port() -> int:
@@ -86,3 +96,27 @@ class ModelServer:
                 self.process.kill()
                 self.process.wait()
         return self.process.returncode
+
+
+async def fill_queue(client: Any, server: ModelServer) -> list[Any]:
+    """Two rows decoding (MAX_BATCH=2) and one request waiting (QUEUE_SIZE=1): the next request
+    finds the queue full. Returns the open streams; closing them frees the rows."""
+    streams = []
+    for _ in range(2):
+        streams.append(await client.completions.create(**ENDLESS))
+        await anext(aiter(streams[-1]))  # a streamed token: its row is decoding
+    streams.append(await client.completions.create(**ENDLESS))
+    await eventually(lambda: server.metric("server_queue_depth") == 1, "a full queue")
+    return streams
+
+
+async def release(streams: list[Any], server: ModelServer) -> None:
+    """Close the streams (the clients leave) and wait until their rows are gone."""
+    for stream in streams:
+        await stream.close()
+    await eventually(
+        lambda: (
+            server.metric("server_running_rows") == 0 and server.metric("server_queue_depth") == 0
+        ),
+        "the rows of the clients that left to be dropped",
+    )

@@ -12,8 +12,7 @@ from transformers import AutoTokenizer
 from bot.engine import EngineBusy, SamplingParams
 from bot.engine.remote import RemoteBackend, RemoteError
 from tests.bot.conftest import SERVER_KEYS, SERVER_PERSONA
-from tests.bot.harness import eventually
-from tests.bot.model_server import free_port
+from tests.bot.model_server import fill_queue, free_port, release
 
 
 @pytest.fixture(scope="module")
@@ -75,29 +74,13 @@ async def test_a_full_server_and_no_server_are_busy(model_server, tiny_model_dir
     async with AsyncOpenAI(
         base_url=model_server.base_url, api_key=SERVER_KEYS[1], max_retries=0
     ) as client:
-        endless = {
-            "model": "long-model",
-            "prompt": "Привет",
-            "max_tokens": 8000,
-            "stream": True,
-            "extra_body": {"min_tokens": 8000},
-        }
-        streams = []
+        streams = await fill_queue(client, model_server)
         try:
-            for _ in range(2):
-                streams.append(await client.completions.create(**endless))
-                await anext(aiter(streams[-1]))
-            streams.append(await client.completions.create(**endless))
-            await eventually(lambda: model_server.metric("server_queue_depth") == 1, "a full queue")
             with pytest.raises(EngineBusy):  # 429, retried once after Retry-After, 429 again
                 await backend.generate(["Привет!"], SamplingParams(max_new_tokens=4))
         finally:
-            for stream in streams:
-                await stream.close()
+            await release(streams, model_server)
             await backend.aclose()
-    await eventually(
-        lambda: model_server.metric("server_running_rows") == 0, "the streams' rows to go"
-    )
 
     nobody = RemoteBackend(
         AsyncOpenAI(base_url=f"http://127.0.0.1:{free_port()}/v1", api_key="x", max_retries=0),

@@ -13,7 +13,7 @@ from openai import AsyncOpenAI
 
 from bot.engine import GenerationEngine, SamplingParams, load_model
 from tests.bot.conftest import SERVER_KEYS, SERVER_PERSONA
-from tests.bot.harness import eventually
+from tests.bot.model_server import fill_queue, release
 
 GREEDY = {"temperature": 0, "top_p": 1.0, "extra_body": {"repetition_penalty": 1.0}}
 LOCAL_GREEDY = SamplingParams(temperature=0, top_p=1.0, top_k=0, repetition_penalty=1.0)
@@ -232,21 +232,7 @@ async def test_full_queue_is_429_and_a_client_that_leaves_frees_its_row(client, 
     with Retry-After. Then the clients go away mid-stream, and their rows go with them long
     before 8000 tokens each."""
     generated_before = model_server.metric("server_generation_tokens_total")
-    endless = {
-        "model": "long-model",
-        "prompt": "Привет",
-        "max_tokens": 8000,
-        "stream": True,
-        "extra_body": {"min_tokens": 8000},
-    }
-    streams = []
-    for _ in range(2):
-        streams.append(await client.completions.create(**endless))
-        await anext(aiter(streams[-1]))  # a streamed token: its row is decoding
-    streams.append(await client.completions.create(**endless))
-    await eventually(
-        lambda: model_server.metric("server_queue_depth") == 1, "the third request to wait"
-    )
+    streams = await fill_queue(client, model_server)
     assert model_server.metric("server_running_rows") == 2
     body = json.dumps({"prompt": "Привет", "max_tokens": 5}).encode()
     status, headers, refused = await asyncio.to_thread(
@@ -255,14 +241,6 @@ async def test_full_queue_is_429_and_a_client_that_leaves_frees_its_row(client, 
     assert status == 429 and int(headers["Retry-After"]) >= 1
     assert "busy" in refused["error"]["message"]
 
-    for stream in streams:
-        await stream.close()
-    await eventually(
-        lambda: (
-            model_server.metric("server_running_rows") == 0
-            and model_server.metric("server_queue_depth") == 0
-        ),
-        "the rows of the clients that left to be dropped",
-    )
+    await release(streams, model_server)
     generated = model_server.metric("server_generation_tokens_total") - generated_before
     assert generated < 3 * 8000
