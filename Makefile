@@ -91,8 +91,10 @@ chat: install
 demo: install
 	@test -f $(DATA_DIR)/train.parquet || $(MAKE) --no-print-directory dataset
 	@if [ -e checkpoints/latest/config.json ]; then echo "using the trained model in checkpoints/latest"; \
-	else $(PY) -m trainer finetune --profile tiny-scratch --data-dir $(DATA_DIR) --no-progress; fi
+	else $(PY) -m trainer finetune --profile tiny-scratch --data-dir $(DATA_DIR); fi
 	MODEL_PATH=$${MODEL_PATH:-checkpoints/latest} $(PY) -m bot chat
+	@echo "That was a 4M-parameter model trained from scratch in minutes: its replies are not meant to make sense."
+	@echo "For real replies: make dataset INPUT=<your russian_dialogues.parquet>, then make finetune (PROFILE=rugpt3-medium on a GPU) and make run."
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

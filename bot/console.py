@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import sys
+from collections.abc import Callable
+from typing import TextIO
 
 from bot import texts
 from bot.config import Settings
@@ -19,7 +21,37 @@ PROMPT = "вы> "
 HINT = "Консольный чат. Команды: /reset, /temp [значение], /help, /exit (или Ctrl-D)."
 
 
-async def _handle(line: str, user: UserRef, dialogue: DialogueService, settings: Settings) -> str:
+class ConsoleStream:
+    """Prints a reply as it is generated: the same growing text the Telegram edits show."""
+
+    def __init__(self, out: TextIO) -> None:
+        self.out = out
+        self.shown = ""
+
+    def update(self, text: str) -> None:
+        if text.startswith(self.shown) and text != self.shown:
+            self.out.write(text[len(self.shown) :])
+            self.out.flush()
+            self.shown = text
+
+    def finish(self, text: str) -> None:
+        """The final text: the rest of it, or all of it again if it differs from what streamed
+        (the busy or timeout text replaces a partial reply, as in Telegram)."""
+        if text.startswith(self.shown):
+            self.out.write(text[len(self.shown) :])
+        else:
+            self.out.write("\n" + text)
+        self.out.write("\n")
+        self.out.flush()
+
+
+async def _handle(
+    line: str,
+    user: UserRef,
+    dialogue: DialogueService,
+    settings: Settings,
+    on_text: Callable[[str], None] | None = None,
+) -> str:
     if line == "/help":
         return texts.HELP.format(low=settings.temperature_min, high=settings.temperature_max)
     if line == "/reset":
@@ -33,7 +65,7 @@ async def _handle(line: str, user: UserRef, dialogue: DialogueService, settings:
     message_id = await dialogue.remember_user_message(user, text)
     assert message_id is not None  # only a Telegram message can be delivered twice
     try:
-        reply = await dialogue.make_reply(user, message_id)
+        reply = await dialogue.make_reply(user, message_id, on_text=on_text)
     except EngineBusy:
         return texts.BUSY
     except EngineTimeout:
@@ -58,7 +90,10 @@ async def run_console(settings: Settings) -> None:
             if line in ("/exit", "/quit"):
                 break
             if line:
-                print("бот>", await _handle(line, user, dialogue, settings), flush=True)
+                print("бот> ", end="", flush=True)
+                stream = ConsoleStream(sys.stdout)
+                on_text = stream.update if settings.stream_replies else None
+                stream.finish(await _handle(line, user, dialogue, settings, on_text))
     finally:
         await dialogue.backend.aclose()
         await db_engine.dispose()

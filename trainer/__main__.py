@@ -67,6 +67,13 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--limit", type=int, help="use only the first N dialogues")
     ev.add_argument("--json", type=Path, help="also write the metrics to this file")
     ev.add_argument(
+        "--greedy",
+        action="store_true",
+        help="greedy replies with no repetition penalty (older figures); default: the bot's "
+        "sampling from the model's generation_config.json",
+    )
+    ev.add_argument("--seed", type=int, default=0, help="seed of the sampled replies")
+    ev.add_argument(
         "--quantize",
         choices=["none", "int8"],
         default="none",
@@ -131,7 +138,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from trainer.data import read_dialogues
-    from trainer.evaluation import evaluate_model
+    from trainer.evaluation import Decoding, evaluate_model
 
     if not args.model.is_dir():
         raise FileNotFoundError(f"{args.model}: model directory not found")
@@ -143,8 +150,14 @@ def _evaluate(args: argparse.Namespace) -> int:
         tokenizer = AutoTokenizer.from_pretrained(args.model)
         model = AutoModelForCausalLM.from_pretrained(args.model)
     dialogues = read_dialogues(args.data, args.limit)
+    decoding = Decoding.greedy() if args.greedy else Decoding.of_model(model, seed=args.seed)
     metrics = evaluate_model(
-        model, tokenizer, dialogues, max_length=args.max_length, n_generate=args.n_generate
+        model,
+        tokenizer,
+        dialogues,
+        max_length=args.max_length,
+        n_generate=args.n_generate,
+        decoding=decoding,
     )
     for sample in metrics.pop("samples", []):
         print("контекст:", " | ".join(sample["context"]))

@@ -7,6 +7,11 @@ short batches). It is reported twice: over reply tokens (what the bot will say) 
 Reply metrics come from generation: for a sample of dialogues the model answers the context before
 the last reply, and its answer is compared with the reference by BLEU and chrF (sacrebleu), and
 judged for variety by distinct-1/2 (the share of unique words / word pairs among all generated).
+Replies are generated the way the bot generates them: sampling with the temperature, top-p, top-k
+and repetition penalty of the model's ``generation_config.json`` (what ``make finetune`` writes,
+the bot's defaults), seeded per pair so that a run repeats exactly. Greedy decoding with no
+repetition control (``--greedy``) describes a decoder the bot never uses; it stays as an option
+for comparison with older figures. ``metrics.json`` records which decoding produced them.
 """
 
 from __future__ import annotations
@@ -14,11 +19,11 @@ from __future__ import annotations
 import math
 import random
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import sacrebleu
 import torch
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 from dataset_tools.dialogue_format import USER_TAG, parse_reply, render_prompt
 from trainer.data import IGNORE_INDEX, PadCollator, tokenize_dialogue
@@ -108,28 +113,81 @@ def context_reply_pairs(
     return pairs[:n]
 
 
+@dataclass(frozen=True)
+class Decoding:
+    """How evaluation generates replies; ``metrics.json`` keeps it beside the figures."""
+
+    mode: str  # "sampled" (the bot's settings) or "greedy" (no randomness, no penalty)
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    repetition_penalty: float = 1.0
+    seed: int | None = None
+    max_new_tokens: int = 40
+
+    @classmethod
+    def greedy(cls, max_new_tokens: int = 40) -> Decoding:
+        return cls("greedy", max_new_tokens=max_new_tokens)
+
+    @classmethod
+    def of_model(cls, model: PreTrainedModel, seed: int = 0, max_new_tokens: int = 40) -> Decoding:
+        """The sampling the model's ``generation_config.json`` sets (the bot's defaults where it
+        sets nothing, as for a base model)."""
+        config = getattr(model, "generation_config", None) or GenerationConfig()
+        if not config.do_sample:  # a base model's config: the bot samples anyway
+            config = GenerationConfig(temperature=0.8, top_p=0.9, top_k=50, repetition_penalty=1.15)
+        return cls(
+            "sampled",
+            temperature=float(config.temperature or 1.0),
+            top_p=float(config.top_p or 1.0),
+            top_k=int(config.top_k or 0),
+            repetition_penalty=float(config.repetition_penalty or 1.0),
+            seed=seed,
+            max_new_tokens=max_new_tokens,
+        )
+
+    def as_dict(self) -> dict[str, object]:
+        return asdict(self)
+
+
 @torch.no_grad()
 def generate_reply(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
     context: Sequence[str],
     *,
-    max_new_tokens: int = 40,
+    decoding: Decoding | None = None,
     max_length: int = 512,
+    seed_offset: int = 0,
 ) -> str:
-    """Greedy reply to a context (deterministic, so metrics are comparable run to run)."""
+    """The reply to a context, decoded as ``decoding`` says (greedy when not given). A sampled
+    reply draws from its own seed (``decoding.seed + seed_offset``), so that a run repeats and
+    one pair's reply does not depend on the others."""
+    decoding = decoding or Decoding.greedy()
     device = next(model.parameters()).device
     ids = tokenizer(render_prompt(context), add_special_tokens=False)["input_ids"]
-    ids = ids[-(max_length - max_new_tokens) :]
+    ids = ids[-(max_length - decoding.max_new_tokens) :]
     stop = [tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids(USER_TAG)]
-    output = model.generate(
-        input_ids=torch.tensor([ids], device=device),
-        attention_mask=torch.ones(1, len(ids), dtype=torch.long, device=device),
-        max_new_tokens=max_new_tokens,
-        do_sample=False,
-        eos_token_id=stop,
-        pad_token_id=tokenizer.pad_token_id,
-    )
+    sampling: dict[str, object] = {"do_sample": False}
+    if decoding.mode == "sampled":
+        sampling = {
+            "do_sample": True,
+            "temperature": decoding.temperature,
+            "top_p": decoding.top_p,
+            "top_k": decoding.top_k,
+            "repetition_penalty": decoding.repetition_penalty,
+        }
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        if decoding.seed is not None:
+            torch.manual_seed(decoding.seed + seed_offset)
+        output = model.generate(
+            input_ids=torch.tensor([ids], device=device),
+            attention_mask=torch.ones(1, len(ids), dtype=torch.long, device=device),
+            max_new_tokens=decoding.max_new_tokens,
+            eos_token_id=stop,
+            pad_token_id=tokenizer.pad_token_id,
+            **sampling,
+        )
     return parse_reply(
         tokenizer.decode(output[0, len(ids) :], skip_special_tokens=False),
         eos_token=tokenizer.eos_token,
@@ -144,11 +202,17 @@ def evaluate_model(
     max_length: int = 512,
     n_generate: int = 50,
     n_show: int = 3,
+    decoding: Decoding | None = None,
 ) -> dict[str, object]:
-    """Everything ``metrics.json`` and ``trainer evaluate`` report about a model on a split."""
+    """Everything ``metrics.json`` and ``trainer evaluate`` report about a model on a split;
+    replies decoded as the bot decodes (see the module docstring) unless ``decoding`` says."""
+    decoding = decoding or Decoding.of_model(model)
     ppl = perplexity(model, tokenizer, dialogues, max_length=max_length)
     pairs = context_reply_pairs(dialogues, n_generate)
-    generated = [generate_reply(model, tokenizer, c, max_length=max_length) for c, _ in pairs]
+    generated = [
+        generate_reply(model, tokenizer, c, decoding=decoding, max_length=max_length, seed_offset=i)
+        for i, (c, _) in enumerate(pairs)
+    ]
     references = [reference for _, reference in pairs]
     metrics: dict[str, object] = {
         "dialogues": len(dialogues),
@@ -158,6 +222,7 @@ def evaluate_model(
         "tokens_replies": ppl.tokens_replies,
         "tokens_all": ppl.tokens_all,
         "generated_pairs": len(pairs),
+        "decoding": decoding.as_dict(),
     }
     if pairs:
         metrics["bleu"] = sacrebleu.corpus_bleu(generated, [references]).score

@@ -38,6 +38,7 @@ from trainer.modeling import (
     train_scratch_tokenizer,
 )
 from trainer.profiles import Profile
+from trainer.progress import use_progress
 
 logger = logging.getLogger(__name__)
 
@@ -71,6 +72,39 @@ class FinetuneOptions:
     n_generate: int = 50
     logging_steps: int = 10
     progress: bool = True
+
+
+def declare_tied_weights(model: PreTrainedModel) -> None:
+    """Say which weights a checkpoint leaves out because they are tied (GPT-2's ``lm_head``).
+
+    ``save_pretrained`` drops a tied weight; when the Trainer loads the best checkpoint at the
+    end it compares what was missing with ``_keys_to_ignore_on_save`` and, on a match, re-ties
+    the weights in silence. GPT-2 leaves that list empty, so every correct run ended with
+    "There were missing keys in the checkpoint model loaded: ['lm_head.weight']". Declaring the
+    tied keys makes the comparison match (what is saved does not change: they were dropped).
+    """
+    if getattr(model.config, "tie_word_embeddings", False):
+        tied = getattr(model, "all_tied_weights_keys", None) or model._tied_weights_keys or {}
+        model._keys_to_ignore_on_save = set(tied)
+
+
+def agree_with_tokenizer(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> None:
+    """Give the model's configs the tokenizer's special tokens and name its loss, before the
+    Trainer looks: otherwise it "aligns" them itself and warns that the tokenizer has new
+    PAD/BOS/EOS tokens, and GPT-2 (whose class name names no loss) warns that ``loss_type=None``
+    is unrecognized, on every correct run. Both would use these very values."""
+    for name in ("bos_token_id", "pad_token_id"):
+        value = getattr(tokenizer, name)
+        if value is not None:
+            setattr(model.config, name, value)
+            setattr(model.generation_config, name, value)
+    eos = tokenizer.eos_token_id
+    model.config.eos_token_id = eos
+    stops = model.generation_config.eos_token_id
+    stops = stops if isinstance(stops, list) else [stops]
+    model.generation_config.eos_token_id = [eos, *(t for t in stops if t not in (None, eos))]
+    if getattr(model, "loss_type", None) is None:
+        model.loss_type = "ForCausalLM"  # what Transformers falls back to, after its warning
 
 
 class ThroughputCallback(TrainerCallback):
@@ -155,6 +189,8 @@ def finetune(options: FinetuneOptions) -> dict[str, Any]:
         pad_token_id=tokenizer.pad_token_id,
     )
     logger.info("model: %s parameters", f"{count_parameters(model):,}")
+    declare_tied_weights(model)
+    agree_with_tokenizer(model, tokenizer)
 
     def blocks(dialogues: list[list[str]]) -> training_data.BlockDataset:
         tokenized = training_data.tokenize_all(
@@ -190,7 +226,7 @@ def finetune(options: FinetuneOptions) -> dict[str, Any]:
         seed=options.seed,
         data_seed=options.seed,
         report_to="none",
-        disable_tqdm=not options.progress,
+        disable_tqdm=True,  # progress is TrainingProgress's (trainer.progress)
         remove_unused_columns=False,
         dataloader_num_workers=0,
         **_precision(),
@@ -205,6 +241,7 @@ def finetune(options: FinetuneOptions) -> dict[str, Any]:
         processing_class=tokenizer,
         callbacks=[throughput],
     )
+    use_progress(trainer, options.progress)
     started = time.perf_counter()
     result = trainer.train(resume_from_checkpoint=True if options.resume else None)
     train_time = time.perf_counter() - started
