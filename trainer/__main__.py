@@ -128,6 +128,8 @@ def _finetune(args: argparse.Namespace) -> int:
     )
     for key in keys:
         print(f"{key:28} {metrics.get(key)}")
+    decoding = metrics.get("decoding") or {}
+    print(f"{'replies decoded':28} {decoding.get('mode')} (seed {decoding.get('seed')})")
     print(
         f"model saved in {args.checkpoints_dir / metrics['run']} (checkpoints/latest points here)"
     )
