@@ -13,12 +13,15 @@ from pathlib import Path
 from typing import TypeVar
 
 import torch
+from huggingface_hub import constants as hub_constants
+from huggingface_hub import utils as hub_utils
 from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
     PreTrainedModel,
     PreTrainedTokenizerBase,
 )
+from transformers.utils import logging as hf_logging
 
 from bot.engine import onednn
 from bot.engine.allocator import returning_freed_memory
@@ -66,6 +69,13 @@ def _load_model(
             f"no model at {path!r}: train one (`make finetune PROFILE=tiny-scratch`) or set "
             "MODEL_PATH to a Hugging Face model directory or hub id"
         )
+    # Transformers' "Loading weights" bar would land in the service's log, or under the console
+    # chat's prompt; the log lines around loading already say what is loaded and how long it took.
+    # A first download from the hub (1.5 GB for RuGPT-3 medium) keeps its bar: minutes of silence
+    # would look like a hang.
+    hf_logging.disable_progress_bar()
+    if not hub_constants.HF_HUB_DISABLE_PROGRESS_BARS:
+        hub_utils.enable_progress_bars()
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
         target = pick_device(device)

@@ -45,6 +45,7 @@ def test_console_chat_answers_and_remembers(tmp_path, tiny_model_dir):
         check=False,
     )
     assert done.returncode == 0, done.stderr[-2000:]
+    assert "Loading weights" not in done.stderr  # no loader bar under the chat prompt
     shown = [line for line in done.stdout.splitlines() if "бот> " in line]
     assert len(shown) == 1
     with sqlite3.connect(db) as connection:
