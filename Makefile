@@ -15,8 +15,9 @@ MODEL ?= checkpoints/latest
 SHAPE ?= tiny
 TRAIN_SHAPE ?= small
 ARGS ?=
+COMPOSE ?= docker compose
 
-.PHONY: install test test-stress lint dataset sample finetune evaluate bench bench-train run serve chat migrate demo loadtest clean
+.PHONY: install test test-stress lint dataset sample finetune evaluate bench bench-train run serve chat migrate demo loadtest up down clean
 
 install: $(STAMP)
 
@@ -95,6 +96,15 @@ demo: install
 	MODEL_PATH=$${MODEL_PATH:-checkpoints/latest} $(PY) -m bot chat
 	@echo "That was a 4M-parameter model trained from scratch in minutes: its replies are not meant to make sense."
 	@echo "For real replies: make dataset INPUT=<your russian_dialogues.parquet>, then make finetune (PROFILE=rugpt3-medium on a GPU) and make run."
+
+# The deployment of compose.yaml (PostgreSQL, Redis, the model server, two bot replicas in
+# webhook mode behind nginx); settings from .env. README: "Deploying with Docker Compose".
+up:
+	@test -e checkpoints/latest/config.json || { echo "no model in checkpoints/latest: run make finetune first (or set MODEL_PATH to a hub id in .env)"; exit 1; }
+	$(COMPOSE) -p tgbot up -d --build --wait
+
+down:
+	$(COMPOSE) -p tgbot down
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

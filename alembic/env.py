@@ -7,7 +7,7 @@ DATABASE_URL setting, so `alembic upgrade head` and `make migrate` hit the bot's
 import asyncio
 from logging.config import fileConfig
 
-from sqlalchemy import pool
+from sqlalchemy import pool, text
 from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import async_engine_from_config
 
@@ -25,6 +25,11 @@ if not config.get_main_option("sqlalchemy.url"):
 
 target_metadata = Base.metadata
 
+#: Several bot replicas start at once against one PostgreSQL: one migrates, the others wait for
+#: it under this advisory lock, then find the schema at head (without it, two replicas both
+#: created the tables and one crashed on a duplicate key).
+MIGRATION_LOCK_KEY = 7_301_202_614
+
 
 def run_migrations_offline() -> None:
     context.configure(
@@ -40,6 +45,8 @@ def run_migrations_offline() -> None:
 def do_run_migrations(connection: Connection) -> None:
     context.configure(connection=connection, target_metadata=target_metadata, render_as_batch=True)
     with context.begin_transaction():
+        if connection.dialect.name == "postgresql":  # released when the transaction ends
+            connection.execute(text(f"SELECT pg_advisory_xact_lock({MIGRATION_LOCK_KEY})"))
         context.run_migrations()
 
 

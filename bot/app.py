@@ -29,7 +29,8 @@ from bot.handlers import make_routers
 from bot.metrics import BotMetrics, Health
 from bot.middlewares.access import AllowlistMiddleware, CountUpdatesMiddleware
 from bot.middlewares.retry import RetryMiddleware
-from bot.pending import answer_unanswered
+from bot.pending import OwedReplies, answer_unanswered
+from bot.replicas import ReplicaCoordinator
 
 logger = logging.getLogger(__name__)
 
@@ -69,7 +70,11 @@ def build_dispatcher(
     settings: Settings,
     db_engine: AsyncEngine,
     metrics: BotMetrics | None = None,
+    replicas: ReplicaCoordinator | None = None,
 ) -> Dispatcher:
+    """The dispatcher and its life cycle. With ``replicas`` (REDIS_URL), messages are answered
+    under each user's lease by :class:`bot.pending.OwedReplies`, and its sweep replaces the
+    start-up pass over unanswered messages."""
     metrics = metrics or BotMetrics()
     metrics.watch_queue(lambda: dialogue.backend.queue_depth)
     dp = Dispatcher(dialogue=dialogue, settings=settings, metrics=metrics)
@@ -110,13 +115,23 @@ def build_dispatcher(
             logger.warning("could not register the command menu: %s", error)
         if settings.retention_days > 0:
             background.append(asyncio.create_task(prune_forever()))
+        if replicas is not None:
+            owed = OwedReplies(bot, dialogue, metrics, settings, replicas)
+            dp["owed"] = owed  # handlers store, then leave the answer to it
+            background.append(asyncio.create_task(owed.sweep_forever()))
+            return
         # Before the first update: what the last run left unanswered goes first, in order.
         background.extend(await answer_unanswered(bot, dialogue, metrics, settings))
 
     async def on_shutdown() -> None:
         for task in background:
             task.cancel()
+        owed = dp.workflow_data.get("owed")
+        if owed is not None:
+            await owed.aclose()
         await dialogue.backend.aclose()
+        if replicas is not None:
+            await replicas.aclose()
         await db_engine.dispose()
         logger.info("stopped: model released, database closed")
 
@@ -164,9 +179,19 @@ async def run_bot(settings: Settings) -> None:
             raise ConfigError("WEBHOOK_SECRET is not set: webhook mode needs a secret token")
     elif settings.health_port:
         runner = await _serve(app, settings)  # answers 503 while the model loads
+    replicas = None
+    if settings.redis_url is not None:
+        replicas = await ReplicaCoordinator.connect(
+            settings.redis_url.get_secret_value(),
+            lease_s=settings.replica_lease_s,
+            wait_s=max(4 * settings.replica_lease_s, 2 * settings.request_timeout_s),
+            keep_s=settings.pending_reply_max_age_s,
+        )
+        health.redis = replicas.redis
     db_engine, dialogue = await open_services(settings)
+    dialogue.replicas = replicas
     health.db, health.model_ready = db_engine, True
-    dp = build_dispatcher(dialogue, settings, db_engine, metrics)
+    dp = build_dispatcher(dialogue, settings, db_engine, metrics, replicas)
     me = await bot.get_me()
     if not webhook:
         logger.info("polling as @%s", me.username)
@@ -182,9 +207,11 @@ async def run_bot(settings: Settings) -> None:
             if runner is not None:
                 await runner.cleanup()
         return
-    SimpleRequestHandler(dispatcher=dp, bot=bot, secret_token=secret).register(
-        app, path=settings.webhook_path
-    )
+    # With replicas the update is stored before it is acknowledged (bot.replicas): Telegram
+    # sends the chat's next update only then, so stored order is sent order across replicas.
+    SimpleRequestHandler(
+        dispatcher=dp, bot=bot, secret_token=secret, handle_in_background=replicas is None
+    ).register(app, path=settings.webhook_path)
     setup_application(app, dp, bot=bot)
     runner = await _serve(app, settings)
     await bot.set_webhook(

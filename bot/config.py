@@ -79,6 +79,14 @@ class Settings(BaseSettings):
     serve_port: int = Field(8000, ge=1, le=65535)
     served_model_name: str | None = Field(None, description="default: the model directory's name")
     api_keys: SecretStr | None = Field(None, description="comma-separated bearer keys; none: open")
+    # Several replicas in webhook mode (bot.replicas): they agree through Redis when it is set.
+    redis_url: SecretStr | None = Field(None, description="e.g. redis://127.0.0.1:6379/0")
+    replica_lease_s: float = Field(
+        15.0, ge=1, description="a dead replica's users are answered by others after this"
+    )
+    replica_sweep_interval_s: float = Field(
+        5.0, gt=0, description="how often each replica looks for owed replies nobody answers"
+    )
     # Webhook mode (when WEBHOOK_URL is set) and the health/metrics server.
     webhook_url: str | None = None
     webhook_secret: SecretStr | None = None

@@ -20,6 +20,7 @@ import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from typing import TYPE_CHECKING
 
 from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.ext.asyncio import async_sessionmaker
@@ -30,6 +31,9 @@ from bot.db import repository
 from bot.engine import ReplyBackend, SamplingParams
 from bot.memory import build_prompt_turns
 from dataset_tools.dialogue_format import sanitize_utterance
+
+if TYPE_CHECKING:
+    from bot.replicas import ReplicaCoordinator
 
 logger = logging.getLogger(__name__)
 
@@ -133,6 +137,7 @@ class DialogueService:
         self.backend = backend
         self.settings = settings
         self._turns = _TurnQueues()
+        self.replicas: ReplicaCoordinator | None = None  # set when replicas share the users
 
     def take_turn(self, user: UserRef) -> Turn:
         """Call before any await in a handler: it fixes this message's place in line."""
@@ -140,13 +145,22 @@ class DialogueService:
 
     @contextlib.asynccontextmanager
     async def exclusive(self, user: UserRef) -> AsyncIterator[None]:
-        """Run after this user's earlier messages are answered (for /reset, /forget)."""
-        turn = self.take_turn(user)
-        try:
-            await turn.wait_to_answer()
-            yield
-        finally:
-            turn.finish()
+        """Run after this user's earlier messages are answered (for /reset, /forget); with
+        replicas, under the user's lease, so that no replica is answering meanwhile."""
+        lease = (
+            self.replicas.lease(user.telegram_id)
+            if self.replicas is not None
+            else contextlib.nullcontext(True)
+        )
+        async with lease as held:
+            if not held:
+                logger.warning("user %s: went ahead without the lease", user.telegram_id)
+            turn = self.take_turn(user)
+            try:
+                await turn.wait_to_answer()
+                yield
+            finally:
+                turn.finish()
 
     async def remember_user_message(
         self, user: UserRef, text: str, telegram_message_id: int | None = None
@@ -192,12 +206,20 @@ class DialogueService:
             row = await repository.get_or_create_user(session, user.telegram_id, user.name)
             return await repository.has_telegram_message(session, row, telegram_message_id)
 
-    async def unanswered(self, max_age_s: float) -> list[tuple[UserRef, int]]:
-        """(user, message id) of each Telegram message younger than ``max_age_s`` with no
-        delivered reply (the bot died mid-reply, or Telegram refused the reply), oldest first."""
-        since = datetime.now(UTC) - timedelta(seconds=max_age_s)
+    async def unanswered(
+        self, max_age_s: float, telegram_id: int | None = None, min_age_s: float = 0.0
+    ) -> list[tuple[UserRef, int]]:
+        """(user, message id) of each Telegram message younger than ``max_age_s`` (and older
+        than ``min_age_s``) with no delivered reply (the bot died mid-reply, or Telegram refused
+        the reply), oldest first; only ``telegram_id``'s when it is given."""
+        now = datetime.now(UTC)
         async with self.sessions() as session:
-            pending = await repository.unanswered_messages(session, since)
+            pending = await repository.unanswered_messages(
+                session,
+                now - timedelta(seconds=max_age_s),
+                until=now - timedelta(seconds=min_age_s) if min_age_s > 0 else None,
+                telegram_id=telegram_id,
+            )
         return [(UserRef(p.telegram_id, p.name), p.message_id) for p in pending]
 
     async def make_reply(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from urllib.parse import urlsplit
 
 from bot.config import Settings
 
@@ -33,6 +34,9 @@ def configure_logging(settings: Settings) -> None:
     )
     secrets = [settings.telegram_bot_token, settings.llm_api_key]
     known = [s.get_secret_value() for s in secrets if s is not None]
+    if settings.redis_url is not None:  # its password, as redis-py's errors may print the URL
+        password = urlsplit(settings.redis_url.get_secret_value()).password
+        known += [password] if password else []
     for handler in logging.getLogger().handlers:
         handler.addFilter(RedactSecrets(*known, *settings.server_api_keys))
     logging.getLogger("aiogram.event").setLevel(logging.WARNING)  # one line per update otherwise

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from sqlalchemy import text
@@ -40,11 +41,12 @@ class BotMetrics:
 
 
 class Health:
-    """Ready when the model is loaded and the database answers."""
+    """Ready when the model is loaded and the database answers (and Redis, with replicas)."""
 
     def __init__(self) -> None:
         self.model_ready = False
         self.db: AsyncEngine | None = None
+        self.redis: Any = None  # redis.asyncio.Redis when replicas share users
 
     async def check(self) -> dict[str, bool]:
         database = False
@@ -55,4 +57,10 @@ class Health:
                 database = True
             except Exception:
                 database = False
-        return {"model": self.model_ready, "database": database}
+        state = {"model": self.model_ready, "database": database}
+        if self.redis is not None:
+            try:
+                state["redis"] = bool(await self.redis.ping())
+            except Exception:
+                state["redis"] = False
+        return state

@@ -8,6 +8,10 @@ each such message younger than ``PENDING_REPLY_MAX_AGE_S`` takes its user's turn
 the messages were stored, and is answered through the same path as a new message: a message the
 user sends meanwhile is answered after it, and sees it in its history. Older ones stay in the
 history unanswered (a reply hours late would confuse more than help).
+
+With several replicas (``REDIS_URL``, bot.replicas) there is no "start" to wait for: a replica
+may die at any moment while others go on. :class:`OwedReplies` answers a user's owed messages
+under the user's lease, and its sweep keeps looking for owed messages whose lease is free.
 """
 
 from __future__ import annotations
@@ -20,11 +24,14 @@ from collections.abc import Awaitable, Callable
 from aiogram import Bot
 
 from bot.config import Settings
-from bot.dialogue import DialogueService, Turn
+from bot.dialogue import DialogueService, Turn, UserRef
 from bot.handlers.chat import answer
 from bot.metrics import BotMetrics
+from bot.replicas import ReplicaCoordinator
 
 logger = logging.getLogger(__name__)
+
+SHUTDOWN_GRACE_S = 10.0
 
 
 async def answer_unanswered(
@@ -62,3 +69,119 @@ async def _settle(
         logger.exception("could not answer a message left from before the start")
     finally:
         turn.finish()
+
+
+class OwedReplies:
+    """Answers users' owed messages in order, on whichever replica holds the user's lease."""
+
+    def __init__(
+        self,
+        bot: Bot,
+        dialogue: DialogueService,
+        metrics: BotMetrics,
+        settings: Settings,
+        replicas: ReplicaCoordinator,
+    ) -> None:
+        self.bot, self.dialogue, self.metrics = bot, dialogue, metrics
+        self.settings, self.replicas = settings, replicas
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._swept: set[int] = set()  # users this replica's sweep is answering now
+
+    def answer_soon(
+        self, user: UserRef, thread_ids: dict[int, int | None] | None = None, wait: bool = True
+    ) -> None:
+        """Answer what ``user`` is owed, in the background (the update is acknowledged first).
+
+        ``thread_ids``: the forum topic of a message, where it is known."""
+        task = asyncio.create_task(self._drain(user, thread_ids or {}, wait))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _drain(self, user: UserRef, thread_ids: dict[int, int | None], wait: bool) -> None:
+        try:
+            async with self.replicas.lease(user.telegram_id, wait=wait) as held:
+                if held:
+                    await self._answer_all(user, thread_ids)
+                elif wait:
+                    logger.warning(
+                        "user %s: lease busy too long, left to the sweep", user.telegram_id
+                    )
+        except Exception:  # still owed in the database: the sweep tries again
+            self.metrics.errors.inc()
+            logger.exception("could not answer user %s", user.telegram_id)
+        finally:
+            self._swept.discard(user.telegram_id)
+
+    async def _answer_all(self, user: UserRef, thread_ids: dict[int, int | None]) -> None:
+        """Under the lease: each owed message, oldest first, each seeing the history before it."""
+        tried: set[int] = set()
+        while True:
+            owed = await self.dialogue.unanswered(
+                self.settings.pending_reply_max_age_s, telegram_id=user.telegram_id
+            )
+            message_id = None
+            for _, candidate in owed:
+                if candidate not in tried and not await self.replicas.is_settled(candidate):
+                    message_id = candidate
+                    break
+            if message_id is None:
+                return
+            tried.add(message_id)
+            turn = self.dialogue.take_turn(user)  # in line with this replica's /reset and the like
+            turn.mark_stored()
+            try:
+                replied = await answer(
+                    self.bot,
+                    self.dialogue,
+                    self.metrics,
+                    self.settings,
+                    turn,
+                    user,
+                    message_id,
+                    thread_ids.get(message_id),
+                    self.replicas,
+                )
+            finally:
+                turn.finish()
+            if replied:
+                await self.replicas.forget_draft(message_id)
+            else:
+                await self.replicas.settle(message_id)
+
+    async def sweep_forever(self) -> None:
+        """Every REPLICA_SWEEP_INTERVAL_S: answer owed messages nobody is answering (a replica
+        died holding them, Redis was briefly down, Telegram refused a reply), and at start what
+        the whole deployment left owed."""
+        interval = self.settings.replica_sweep_interval_s
+        while True:
+            try:
+                await self.sweep_once(older_than_s=interval)
+            except Exception:
+                logger.exception("sweep for owed replies failed")
+            await asyncio.sleep(interval)
+
+    async def sweep_once(self, older_than_s: float = 0.0) -> None:
+        if self.settings.pending_reply_max_age_s <= 0:
+            return
+        owed = await self.dialogue.unanswered(
+            self.settings.pending_reply_max_age_s, min_age_s=older_than_s
+        )
+        users: dict[int, UserRef] = {}
+        for user, message_id in owed:
+            if user.telegram_id in users or user.telegram_id in self._swept:
+                continue
+            if not await self.replicas.is_settled(message_id):
+                users[user.telegram_id] = user
+        for user in users.values():
+            self._swept.add(user.telegram_id)
+            self.answer_soon(user, wait=False)  # a held lease: someone is answering them
+
+    async def aclose(self, grace_s: float = SHUTDOWN_GRACE_S) -> None:
+        """Stop (a rolling update's SIGTERM): replies under way get ``grace_s`` to finish; what
+        is cut off stays owed, its lease is released at once, and another replica's sweep
+        writes the reply into the message this one had started."""
+        if self._tasks:
+            await asyncio.wait(list(self._tasks), timeout=grace_s)
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)

@@ -18,7 +18,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 from aiogram import Bot
 from aiogram.exceptions import TelegramBadRequest
@@ -30,7 +30,13 @@ logger = logging.getLogger(__name__)
 
 
 class ReplyStream:
-    """One reply being streamed into one Telegram message (then more, if it is long)."""
+    """One reply being streamed into one Telegram message (then more, if it is long).
+
+    ``resume_message_id``: a message of the bot's that an earlier attempt at this same reply
+    was writing into (a replica that died mid-reply, bot.replicas); the reply is written into it
+    instead of a second message. ``on_sent`` learns the id of the message the reply goes into,
+    as soon as it exists, so that another replica can do just that.
+    """
 
     def __init__(
         self,
@@ -39,13 +45,16 @@ class ReplyStream:
         interval_s: float = 1.0,
         clock: Callable[[], float] = time.monotonic,
         thread_id: int | None = None,
+        resume_message_id: int | None = None,
+        on_sent: Callable[[int], Awaitable[None]] | None = None,
     ) -> None:
         self.bot = bot
         self.chat_id = chat_id  # the reply goes to this chat (and forum topic, if any)
         self.thread_id = thread_id
         self.interval_s = interval_s
         self.clock = clock
-        self.sent: Message | None = None
+        self.sent: int | None = resume_message_id  # the message the reply is written into
+        self._on_sent = on_sent
         self._latest = ""
         self._shown = ""
         self._last_send = clock()  # the user's message counts as the chat's last exchange
@@ -68,21 +77,30 @@ class ReplyStream:
             self._sending = True
             try:
                 await self._show(self._latest)
+            except TelegramBadRequest as error:  # finish() sends the final text once more
+                logger.debug("stream update refused: %s", error.message)
             finally:
                 self._sending = False
 
     async def _show(self, text: str) -> None:
         self._last_send = self.clock()
         self._shown = text
-        try:
-            if self.sent is None:
-                self.sent = await self._send(text)
-            else:
+        if self.sent is not None:
+            try:
                 await self.bot.edit_message_text(
-                    text=text, chat_id=self.sent.chat.id, message_id=self.sent.message_id
+                    text=text, chat_id=self.chat_id, message_id=self.sent
                 )
-        except TelegramBadRequest as error:  # e.g. "message is not modified": nothing to lose
-            logger.debug("stream edit skipped: %s", error.message)
+                return
+            except TelegramBadRequest as error:
+                if "not modified" in error.message:  # the same text again: nothing to lose
+                    logger.debug("stream edit skipped: %s", error.message)
+                    return
+                # The message is gone (deleted by the user, or a draft too old to edit): the
+                # reply goes into a new one, so the user never misses it.
+                logger.info("cannot edit the reply's message (%s): sending anew", error.message)
+        self.sent = (await self._send(text)).message_id
+        if self._on_sent is not None:
+            await self._on_sent(self.sent)
 
     async def finish(self, final: str) -> None:
         """Replace the streamed text with ``final`` (and send what does not fit as more messages).
@@ -100,7 +118,8 @@ class ReplyStream:
                     await self._pump
         pieces = split_message(final) or [final]
         if self.sent is None:
-            for piece in pieces:
+            await self._show(pieces[0])
+            for piece in pieces[1:]:
                 await self._send(piece)
             return
         if pieces[0] != self._shown:

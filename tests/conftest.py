@@ -91,3 +91,27 @@ def _unlearned_replies(model, tokenizer) -> list[tuple[str, str]]:
                 if reply != dialogue[end]:
                     wrong.append((dialogue[end], reply))
     return wrong
+
+
+@pytest.fixture
+def redis_url():
+    """A real redis-server of the test's own (skipped, saying why, where it is not installed)."""
+    from tests.servers import redis_server
+
+    with redis_server() as url:
+        yield url
+
+
+@pytest.fixture(scope="session")
+def postgres_server():
+    """One real PostgreSQL cluster for the session; each test takes a database of its own."""
+    from tests.servers import PostgresServer
+
+    server = PostgresServer()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def postgres_url(postgres_server) -> str:
+    return postgres_server.new_database()

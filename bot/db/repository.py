@@ -83,11 +83,17 @@ class PendingMessage:
     name: str | None
 
 
-async def unanswered_messages(session: AsyncSession, since: datetime) -> list[PendingMessage]:
-    """Telegram messages newer than ``since`` that no stored reply answers, oldest first."""
+async def unanswered_messages(
+    session: AsyncSession,
+    since: datetime,
+    until: datetime | None = None,
+    telegram_id: int | None = None,
+) -> list[PendingMessage]:
+    """Telegram messages stored from ``since`` (to ``until``) that no stored reply answers,
+    oldest first; only the user ``telegram_id``'s when given."""
     reply = aliased(Message)
     answered = exists().where(reply.reply_to_id == Message.id)
-    rows = await session.execute(
+    query = (
         select(Message.id, User.telegram_id, User.name)
         .join(User, User.id == Message.user_id)
         .where(
@@ -98,6 +104,11 @@ async def unanswered_messages(session: AsyncSession, since: datetime) -> list[Pe
         )
         .order_by(Message.id)
     )
+    if until is not None:
+        query = query.where(Message.created_at <= until)
+    if telegram_id is not None:
+        query = query.where(User.telegram_id == telegram_id)
+    rows = await session.execute(query)
     return [PendingMessage(*row) for row in rows.all()]
 
 

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import re
 import time
+from typing import TYPE_CHECKING
 
 from aiogram import Bot, F, Router
 from aiogram.filters import BaseFilter
@@ -18,6 +20,10 @@ from bot.engine import EngineBusy, EngineTimeout
 from bot.handlers.commands import user_ref
 from bot.metrics import BotMetrics
 from bot.streaming import ReplyStream
+
+if TYPE_CHECKING:
+    from bot.pending import OwedReplies
+    from bot.replicas import ReplicaCoordinator
 
 logger = logging.getLogger(__name__)
 
@@ -40,8 +46,15 @@ class AddressedToBot(BaseFilter):
 
 
 async def chat(
-    message: Message, bot: Bot, dialogue: DialogueService, metrics: BotMetrics, settings: Settings
+    message: Message,
+    bot: Bot,
+    dialogue: DialogueService,
+    metrics: BotMetrics,
+    settings: Settings,
+    owed: OwedReplies | None = None,
 ) -> None:
+    """Store the message, then answer it: here, or (with replicas, ``owed`` set) by whichever
+    replica holds the user's lease, after the update has been acknowledged (bot.replicas)."""
     user = user_ref(message)
     turn = dialogue.take_turn(user)  # first, before any await: fixes this message's place
     try:
@@ -59,6 +72,9 @@ async def chat(
         if message_id is None:  # the same update again: answered once already, or pending
             return
         thread_id = message.message_thread_id if message.is_topic_message else None
+        if owed is not None:
+            owed.answer_soon(user, {message_id: thread_id})
+            return
         await answer(bot, dialogue, metrics, settings, turn, user, message_id, thread_id)
     finally:
         turn.finish()
@@ -73,19 +89,35 @@ async def answer(
     user: UserRef,
     message_id: int,
     thread_id: int | None = None,
-) -> None:
-    """Answer the stored user message ``message_id`` in the user's chat, in turn.
+    replicas: ReplicaCoordinator | None = None,
+) -> bool:
+    """Answer the stored user message ``message_id`` in the user's chat, in turn; True when a
+    reply was delivered and stored, False when the user got a notice (busy, too slow) instead.
 
     The one path for a new message and for one left unanswered by a crash (bot.pending). The
     reply is stored only after Telegram took all of it: a reply that never reached the user
     leaves the message unanswered, to be answered at the next start. The chat is
     ``user.telegram_id``: a memory is a private chat's user or a group (see ``user_ref``), and
-    a private chat's id is its user's id.
+    a private chat's id is its user's id. With ``replicas``, the reply goes into the message a
+    dead replica was writing it into, if any, and its own message is made known the same way.
     """
     await turn.wait_to_answer()
     started = time.perf_counter()
+    resume, on_sent = None, None
+    if replicas is not None:
+        resume = await replicas.draft(message_id)
+        if resume is not None:
+            logger.info(
+                "message %d: an earlier attempt died mid-reply; replying in its place", message_id
+            )
+        on_sent = functools.partial(replicas.remember_draft, message_id)
     stream = ReplyStream(
-        bot, user.telegram_id, settings.stream_edit_interval_s, thread_id=thread_id
+        bot,
+        user.telegram_id,
+        settings.stream_edit_interval_s,
+        thread_id=thread_id,
+        resume_message_id=resume,
+        on_sent=on_sent,
     )
     on_text = stream.update if settings.stream_replies else None
     try:
@@ -96,15 +128,16 @@ async def answer(
     except EngineBusy:
         metrics.busy.inc()
         await stream.finish(texts.BUSY)
-        return
+        return False
     except EngineTimeout:
         metrics.busy.inc()
         await stream.finish(texts.TIMEOUT)  # replaces whatever was streamed
-        return
+        return False
     metrics.generation_seconds.observe(time.perf_counter() - started)
     await stream.finish(reply)  # the final text is the one stored next
     await dialogue.store_reply(user, reply, message_id)
     metrics.replies.inc()
+    return True
 
 
 def make_router() -> Router:

@@ -15,6 +15,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+import aiohttp
 from aiohttp import web
 
 BOT_USER = {"id": 42, "is_bot": True, "first_name": "Тестбот", "username": "test_bot"}
@@ -44,6 +45,11 @@ class FakeTelegram:
         self._closing = False
         self._forced: list[dict[str, Any]] = []
         self.shown: dict[int, str] = {}  # message id -> its text now (after the bot's edits)
+        self._webhook: tuple[str, str] | None = None  # (url, secret) once delivering
+        self._http: aiohttp.ClientSession | None = None
+        self._chat_queues: dict[int, list[dict[str, Any]]] = {}
+        self._chat_workers: dict[int, asyncio.Task[None]] = {}
+        self.webhook_attempts = 0  # POSTs to the webhook, failed ones included
 
     def fail_next(self, method: str, *statuses: int) -> None:
         """Answer the next calls of ``method`` with these errors (429 asks to retry after 1 s)."""
@@ -75,6 +81,47 @@ class FakeTelegram:
         self.base_url = f"http://127.0.0.1:{port}"
         return self.base_url
 
+    def deliver_to(self, url: str, secret: str) -> None:
+        """Push updates to a webhook from now on, as Telegram does: a chat's updates one at a
+        time, the next only once the previous was answered with 200; one that was not (an
+        error, a refused connection, a replica killed mid-request) is sent again shortly.
+        ``url`` must be on 127.0.0.1: tests never send traffic anywhere else."""
+        assert url.startswith("http://127.0.0.1:"), url
+        self._webhook = (url, secret)
+        self._http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60))
+        for update in self.pending:
+            self._push(update)
+        self.pending = []
+
+    def _push(self, update: dict[str, Any]) -> None:
+        chat_id = update["message"]["chat"]["id"]
+        self._chat_queues.setdefault(chat_id, []).append(update)
+        worker = self._chat_workers.get(chat_id)
+        if worker is None or worker.done():
+            self._chat_workers[chat_id] = asyncio.create_task(self._deliver_chat(chat_id))
+
+    async def _deliver_chat(self, chat_id: int) -> None:
+        assert self._webhook is not None and self._http is not None
+        url, secret = self._webhook
+        queue = self._chat_queues[chat_id]
+        while queue and not self._closing:
+            self.webhook_attempts += 1
+            try:
+                async with self._http.post(
+                    url, json=queue[0], headers={"X-Telegram-Bot-Api-Secret-Token": secret}
+                ) as response:
+                    delivered = response.status == 200
+            except (aiohttp.ClientError, TimeoutError):
+                delivered = False
+            if delivered:
+                queue.pop(0)
+            else:
+                await asyncio.sleep(0.2)
+
+    def webhook_backlog(self) -> int:
+        """Updates not yet acknowledged by the webhook."""
+        return sum(len(queue) for queue in self._chat_queues.values())
+
     async def stop(self) -> None:
         """Answer the calls still waiting (long polls, held calls) and close: a bot killed
         mid-poll would otherwise keep the server's shutdown waiting out its poll timeout."""
@@ -82,6 +129,11 @@ class FakeTelegram:
         self._new_update.set()
         for event in self.held.values():
             event.set()
+        for worker in self._chat_workers.values():
+            worker.cancel()
+        await asyncio.gather(*self._chat_workers.values(), return_exceptions=True)
+        if self._http is not None:
+            await self._http.close()
         if self._runner is not None:
             await self._runner.cleanup()
 
@@ -110,6 +162,9 @@ class FakeTelegram:
     def _message(self, user_id: int, chat_id: int | None = None, **content: Any) -> int:
         update_id = next(self._update_ids)
         self.delivered[update_id] = self.update(update_id, user_id, chat_id, **content)
+        if self._webhook is not None:
+            self._push(self.delivered[update_id])
+            return update_id
         self.pending.append(self.delivered[update_id])
         self._new_update.set()
         return update_id

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -13,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from tests.bot.harness import ROOT, eventually
+from tests.servers import free_port
 
 #: A request that keeps a row of the session's server (8192-token window) busy for seconds.
 ENDLESS = {
@@ -22,12 +22,6 @@ ENDLESS = {
     "stream": True,
     "extra_body": {"min_tokens": 8000},
 }
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 class ModelServer:

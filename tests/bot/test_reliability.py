@@ -2,7 +2,6 @@
 
 import asyncio
 import signal
-import socket
 import sqlite3
 import time
 
@@ -20,14 +19,9 @@ from tests.bot.harness import (
     eventually,
     stored_messages,
 )
+from tests.servers import free_port
 
 GROUP = -5001
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture
@@ -150,7 +144,7 @@ async def test_stats_for_admins_only(fake, running, tmp_path):
 
 
 async def test_health_before_and_after_the_model_loads_and_metrics(fake, running):
-    port = _free_port()
+    port = free_port()
     await running(wait=False, HEALTH_PORT=str(port))
     statuses: list[int] = []
     async with aiohttp.ClientSession() as http:
@@ -177,7 +171,7 @@ async def test_health_before_and_after_the_model_loads_and_metrics(fake, running
 
 
 async def test_webhook_checks_the_secret_and_serves_health(fake, running, tmp_path):
-    port = _free_port()
+    port = free_port()
     await running(
         wait=False,
         WEBHOOK_URL="https://bot.example/webhook",

@@ -1,0 +1,131 @@
+"""Several bot replicas behind one webhook: what they agree on through Redis (``REDIS_URL``).
+
+The rule that keeps one user's conversation in order whichever replica gets which update:
+
+- **Receiving is storing.** In webhook mode with replicas, the handler stores the message before
+  the webhook request is answered (``handle_in_background=False``). Telegram sends a chat's next
+  update only after the previous one was acknowledged, so the database ids of one user's
+  messages follow the order in which they were sent, even when consecutive updates reach
+  different replicas. A re-delivered update hits the unique Telegram message id and is dropped,
+  on whichever replica it lands.
+- **Answering is draining, under a lease.** After storing, a replica takes the user's lease
+  (a Redis lock, :meth:`ReplicaCoordinator.lease`) and answers every owed message of that user,
+  oldest first, each reply generated from exactly the history before it. Whoever holds the
+  lease answers everything owed, so it does not matter which replica's waiter gets in first (a
+  Redis lock makes no promise about that).
+- **A replica that dies** stops renewing its leases: they expire after ``REPLICA_LEASE_S``, and
+  every replica's sweep (:func:`bot.pending.sweep_forever`) picks owed messages whose lease is
+  free. The reply the dead replica was streaming is not sent again as a second message: the
+  Telegram id of the message it was writing into (the *draft*) is kept in Redis, and the
+  survivor writes its reply into that same message.
+- A message answered with a notice (the model busy or too slow) is marked *settled*, so that
+  the sweep does not answer it again and again.
+
+Why a lease of our own rather than aiogram's ``RedisEventIsolation``: that lock wraps one update's
+handler and lets waiting updates in in any order, and it cannot hand a dead replica's unfinished
+reply to another replica. The Redis primitives are redis-py's (``Lock`` with its Lua scripts for
+acquire/extend/release), nothing hand-rolled.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+
+from redis.asyncio import Redis
+from redis.exceptions import LockError, RedisError
+
+from bot.config import ConfigError
+
+logger = logging.getLogger(__name__)
+
+PREFIX = "tgbot"
+
+
+class ReplicaCoordinator:
+    """A user's lease, settled messages and reply drafts, shared by all replicas through Redis."""
+
+    def __init__(self, redis: Redis, lease_s: float, wait_s: float, keep_s: float) -> None:
+        self.redis = redis
+        self.lease_s = lease_s  # how long a dead replica's lease outlives it
+        self.wait_s = wait_s  # longest wait for a user's lease before leaving it to the sweep
+        self.keep_s = max(keep_s, 60.0)  # how long drafts and settled marks are kept
+
+    @classmethod
+    async def connect(
+        cls, url: str, lease_s: float, wait_s: float, keep_s: float
+    ) -> ReplicaCoordinator:
+        """Connect and check the server answers: a wrong REDIS_URL fails at start, in one line."""
+        redis = Redis.from_url(url, socket_connect_timeout=2, socket_timeout=5)
+        try:
+            await redis.ping()
+        except (RedisError, OSError) as error:
+            await redis.aclose()
+            raise ConfigError(f"REDIS_URL: cannot reach Redis ({error})") from None
+        return cls(redis, lease_s, wait_s, keep_s)
+
+    async def aclose(self) -> None:
+        await self.redis.aclose()
+
+    @contextlib.asynccontextmanager
+    async def lease(self, user_id: int, *, wait: bool = True) -> AsyncIterator[bool]:
+        """Hold the user's lease while the body runs; yields False when it could not be had
+        (``wait=False`` and someone holds it, or ``wait_s`` passed).
+
+        The lease is renewed every third of ``lease_s`` while held, so a reply may take as long
+        as it takes, and a replica that dies frees its users within ``lease_s``.
+        """
+        lock = self.redis.lock(
+            f"{PREFIX}:lease:{user_id}",
+            timeout=self.lease_s,
+            sleep=0.05,
+            blocking=wait,
+            blocking_timeout=self.wait_s if wait else None,
+            raise_on_release_error=False,
+        )
+        if not await lock.acquire():
+            yield False
+            return
+        renewal = asyncio.create_task(self._renew(lock, user_id))
+        try:
+            yield True
+        finally:
+            renewal.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await renewal
+            with contextlib.suppress(LockError, RedisError):
+                await lock.release()
+
+    async def _renew(self, lock: object, user_id: int) -> None:
+        while True:
+            await asyncio.sleep(self.lease_s / 3)
+            try:
+                await lock.extend(self.lease_s, replace_ttl=True)  # type: ignore[attr-defined]
+            except (LockError, RedisError) as error:
+                # Stalled longer than the lease (or Redis is gone): another replica may answer
+                # this user meanwhile. Nothing to undo here; say so.
+                logger.warning("lost the lease on user %s: %s", user_id, error)
+                return
+
+    async def settle(self, message_id: int) -> None:
+        """The message got a notice (busy, too slow) instead of a reply: not to be retried."""
+        await self.redis.set(f"{PREFIX}:settled:{message_id}", 1, ex=int(self.keep_s))
+
+    async def is_settled(self, message_id: int) -> bool:
+        return bool(await self.redis.exists(f"{PREFIX}:settled:{message_id}"))
+
+    async def remember_draft(self, message_id: int, telegram_message_id: int) -> None:
+        """The Telegram message the reply to ``message_id`` is being written into."""
+        await self.redis.set(
+            f"{PREFIX}:draft:{message_id}", telegram_message_id, ex=int(self.keep_s)
+        )
+
+    async def draft(self, message_id: int) -> int | None:
+        """The message an earlier attempt (a replica that died) was writing this reply into."""
+        value = await self.redis.get(f"{PREFIX}:draft:{message_id}")
+        return int(value) if value is not None else None
+
+    async def forget_draft(self, message_id: int) -> None:
+        await self.redis.delete(f"{PREFIX}:draft:{message_id}")

@@ -1,0 +1,194 @@
+"""Two real bot processes in webhook mode behind a round-robin proxy, sharing PostgreSQL and
+Redis (real servers): every message answered exactly once, in order, each reply generated from
+exactly the history before it; and the same when one replica is killed with ``kill -9``."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import signal
+
+import aiohttp
+import asyncpg
+import pytest
+
+from tests.bot.fake_telegram import FakeTelegram
+from tests.bot.harness import BotProcess, eventually
+from tests.bot.round_robin import RoundRobinProxy
+from tests.servers import free_port
+
+USERS = [2001, 2002, 2003, 2004, 2005]
+MESSAGES = 10
+SECRET = "replica-Secret"
+
+
+def text_of(user: int, k: int) -> str:
+    return f"Пользователь {user} пишет сообщение {k:02d}"
+
+
+async def _healthy(port: int) -> bool:
+    try:
+        async with (
+            aiohttp.ClientSession() as http,
+            http.get(f"http://127.0.0.1:{port}/healthz") as response,
+        ):
+            return response.status == 200
+    except aiohttp.ClientError:
+        return False
+
+
+class Deployment:
+    """Replicas + proxy + the fake Telegram pushing updates through the proxy."""
+
+    def __init__(self, fake: FakeTelegram, env: dict[str, str], tmp_path) -> None:  # type: ignore[no-untyped-def]
+        self.fake, self.env, self.tmp_path = fake, env, tmp_path
+        self.replicas: list[BotProcess] = []
+        self.ports: list[int] = []
+        self.proxy: RoundRobinProxy | None = None
+
+    async def start(self, count: int) -> None:
+        for index in range(count):
+            port = free_port()
+            env = {**self.env, "LISTEN_PORT": str(port)}
+            replica = BotProcess(env, self.tmp_path / f"replica-{index}.log")
+            await replica.start(self.fake, wait=False)
+            self.replicas.append(replica)
+            self.ports.append(port)
+        self.proxy = RoundRobinProxy([f"http://127.0.0.1:{port}" for port in self.ports])
+        await self.proxy.start()
+        for port in self.ports:
+            healthy = False
+            for _ in range(1800):  # model loading on a busy machine: up to 3 minutes
+                if await _healthy(port):
+                    healthy = True
+                    break
+                await asyncio.sleep(0.1)
+            assert healthy, self.logs()[-3000:]
+        self.fake.deliver_to(self.proxy.url + "/webhook", SECRET)
+
+    def logs(self) -> str:
+        return "".join(r.log.read_text(errors="replace") for r in self.replicas if r.log.exists())
+
+    async def stop(self) -> None:
+        for replica in self.replicas:
+            if replica.process is not None and replica.process.returncode is None:
+                await replica.stop()
+
+
+@pytest.fixture
+async def deployment(fake, bot_env, tmp_path, redis_url, postgres_url):
+    env = {
+        **bot_env,
+        "DATABASE_URL": postgres_url,
+        "REDIS_URL": redis_url,
+        "WEBHOOK_URL": "https://bot.example/webhook",  # what setWebhook is told; never called
+        "WEBHOOK_SECRET": SECRET,
+        "REPLY_TOKENS": "12",
+        "STREAM_EDIT_INTERVAL_S": "0",
+        "REPLICA_LEASE_S": "2",
+        "REPLICA_SWEEP_INTERVAL_S": "0.5",
+    }
+    deployment = Deployment(fake, env, tmp_path)
+    deployment.database = postgres_url.replace("+asyncpg", "")  # type: ignore[attr-defined]
+    try:
+        yield deployment
+        await deployment.stop()  # SIGTERM: each surviving replica shuts down cleanly
+    finally:
+        for replica in deployment.replicas:
+            replica.kill()
+        if deployment.proxy is not None:
+            await deployment.proxy.stop()
+
+
+async def conversation(database: str) -> list[tuple[int, str, int, list[str]]]:
+    """(user, message text, message id, the stored replies to it) in stored order."""
+    connection = await asyncpg.connect(database)
+    try:
+        rows = await connection.fetch(
+            "SELECT u.telegram_id, m.id, m.text, "
+            "ARRAY(SELECT r.text FROM messages r WHERE r.reply_to_id = m.id ORDER BY r.id) "
+            "AS replies FROM messages m JOIN users u ON u.id = m.user_id "
+            "WHERE m.role = 'user' ORDER BY m.id"
+        )
+    finally:
+        await connection.close()
+    return [(r["telegram_id"], r["text"], r["id"], list(r["replies"])) for r in rows]
+
+
+async def replies_stored(database: str) -> int:
+    return sum(len(replies) for *_, replies in await conversation(database))
+
+
+def send_all(fake: FakeTelegram) -> None:
+    """Every user writes ten messages in a row, without waiting for answers."""
+    for k in range(MESSAGES):
+        for user in USERS:
+            fake.send_text(user, text_of(user, k))
+
+
+async def wait_answered(deployment: Deployment, database: str, timeout: float = 180) -> None:
+    total = len(USERS) * MESSAGES
+    deadline = asyncio.get_running_loop().time() + timeout
+    while await replies_stored(database) < total:
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError(
+                f"{await replies_stored(database)} of {total} replies; logs:\n"
+                + deployment.logs()[-4000:]
+            )
+        await asyncio.sleep(0.2)
+
+
+async def check_exactly_once_in_order(deployment: Deployment, database: str) -> None:
+    rows = await conversation(database)
+    for user in USERS:
+        mine = [(text, replies) for who, text, _, replies in rows if who == user]
+        # each message stored once, in the order it was sent
+        assert [text for text, _ in mine] == [text_of(user, k) for k in range(MESSAGES)]
+        # each answered exactly once
+        assert [len(replies) for _, replies in mine] == [1] * MESSAGES, mine
+        # ... and the user saw exactly those replies, one message each, in order
+        stored = [replies[0] for _, replies in mine]
+        await eventually(
+            lambda u=user, r=stored: deployment.fake.sent_to(u) == r,
+            f"user {user}'s chat to show the stored replies: shown "
+            f"{deployment.fake.sent_to(user)}, stored {stored}",
+            timeout=30,
+        )
+    # Each prompt holds exactly the user's earlier messages, up to the one it answers.
+    prompts = [line for line in deployment.logs().splitlines() if "prompt:" in line]
+    answered: set[tuple[int, int]] = set()
+    for prompt in prompts:
+        found = re.findall(r"Пользователь (\d+) пишет сообщение (\d+)", prompt)
+        if not found:
+            continue
+        users = {int(u) for u, _ in found}
+        assert len(users) == 1, prompt  # never another user's words
+        numbers = [int(k) for _, k in found]
+        assert numbers == list(range(max(numbers) + 1)), prompt  # all earlier ones, in order
+        answered.add((users.pop(), max(numbers)))
+    assert answered == {(u, k) for u in USERS for k in range(MESSAGES)}
+
+
+async def test_two_replicas_answer_each_message_once_in_order(deployment):
+    await deployment.start(2)
+    send_all(deployment.fake)
+    await wait_answered(deployment, deployment.database)
+    await check_exactly_once_in_order(deployment, deployment.database)
+    # the proxy really spread the updates over both replicas
+    assert min(deployment.proxy.forwarded) >= 10, deployment.proxy.forwarded
+
+
+async def test_a_replica_killed_mid_run_loses_nothing_and_repeats_nothing(deployment):
+    await deployment.start(2)
+    send_all(deployment.fake)
+    # kill -9 one replica while replies are being made
+    await eventually(
+        lambda: deployment.fake.count("sendMessage") >= 12, "the first replies", timeout=120
+    )
+    victim = deployment.replicas[0]
+    victim.process.send_signal(signal.SIGKILL)
+    await victim.process.wait()
+    assert await replies_stored(deployment.database) < len(USERS) * MESSAGES  # mid-run
+    await wait_answered(deployment, deployment.database)
+    await check_exactly_once_in_order(deployment, deployment.database)
+    assert deployment.fake.webhook_backlog() == 0

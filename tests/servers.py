@@ -1,0 +1,151 @@
+"""Real Redis and PostgreSQL servers for tests: Debian's binaries on 127.0.0.1 and a free port.
+
+Nothing is mocked: the bot talks to the same servers it meets in production. A test that needs
+one is skipped, with the reason and the package to install, when the binary is not on this
+machine (`.ci/run` installs both).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import glob
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 nobody listens on right now."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def _wait_for_port(port: int, process: subprocess.Popen, log: Path, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(
+                f"server exited with {process.returncode}: {log.read_text()[-2000:]}"
+            )
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.2):
+            return
+        time.sleep(0.05)
+    raise RuntimeError(f"server did not open port {port} in {timeout} s: {log.read_text()[-2000:]}")
+
+
+def _stop(process: subprocess.Popen) -> None:
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(20)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+@contextlib.contextmanager
+def redis_server() -> Iterator[str]:
+    """``redis-server`` with no persistence; yields its URL. Skips the test without it."""
+    binary = shutil.which("redis-server")
+    if binary is None:
+        pytest.skip("redis-server is not installed (Debian: apt-get install redis-server)")
+    port = free_port()
+    workdir = Path(tempfile.mkdtemp(prefix="redis-"))
+    log = workdir / "redis.log"
+    process = subprocess.Popen(
+        [
+            *(binary, "--port", str(port), "--bind", "127.0.0.1", "--save", ""),
+            *("--appendonly", "no", "--dir", str(workdir), "--logfile", str(log)),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        log.touch()
+        _wait_for_port(port, process, log)
+        yield f"redis://127.0.0.1:{port}/0"
+    finally:
+        _stop(process)
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _postgres_bin(name: str) -> str | None:
+    found = sorted(glob.glob(f"/usr/lib/postgresql/*/bin/{name}"))
+    return found[-1] if found else shutil.which(name)
+
+
+class PostgresServer:
+    """A throw-away PostgreSQL cluster (trust authentication, no fsync: test data only)."""
+
+    def __init__(self) -> None:
+        initdb, postgres = _postgres_bin("initdb"), _postgres_bin("postgres")
+        if initdb is None or postgres is None:
+            pytest.skip("PostgreSQL is not installed (Debian: apt-get install postgresql)")
+        self.port = free_port()
+        self.workdir = Path(tempfile.mkdtemp(prefix="pg-"))
+        self.log = self.workdir / "postgres.log"
+        data, sockets = self.workdir / "data", self.workdir / "sockets"
+        sockets.mkdir()
+        self.log.touch()
+        # PostgreSQL refuses to run as root; CI and these machines are root.
+        self._user = None
+        if os.geteuid() == 0:
+            self._user = "postgres"
+            shutil.chown(self.workdir, self._user)
+            for path in (sockets, self.log):
+                shutil.chown(path, self._user)
+        self._run([initdb, "-D", str(data), "-U", "postgres", "--auth=trust", "-E", "UTF8"])
+        self.process = subprocess.Popen(
+            self._as_user(
+                [
+                    *(postgres, "-D", str(data), "-p", str(self.port), "-h", "127.0.0.1"),
+                    *("-k", str(sockets), "-c", "fsync=off", "-c", "synchronous_commit=off"),
+                    *("-c", "full_page_writes=off", "-c", "max_connections=200"),
+                ]
+            ),
+            stdout=self.log.open("ab"),
+            stderr=subprocess.STDOUT,
+        )
+        _wait_for_port(self.port, self.process, self.log)
+        self._names = iter(range(1, 10_000))
+
+    def _as_user(self, command: list[str]) -> list[str]:
+        return ["runuser", "-u", self._user, "--", *command] if self._user else command
+
+    def _run(self, command: list[str]) -> None:
+        done = subprocess.run(self._as_user(command), capture_output=True, text=True, check=False)
+        if done.returncode != 0:
+            raise RuntimeError(f"{command[0]} failed: {done.stdout[-1000:]}{done.stderr[-1000:]}")
+
+    def new_database(self) -> str:
+        """A fresh, empty database; returns its SQLAlchemy (asyncpg) URL."""
+        name = f"test_{os.getpid()}_{next(self._names)}"
+        psql = _postgres_bin("psql") or "psql"
+        deadline = time.monotonic() + 30
+        while True:  # the port opens a moment before the server accepts connections
+            done = subprocess.run(
+                [
+                    *(psql, "-h", "127.0.0.1", "-p", str(self.port), "-U", "postgres"),
+                    *("-d", "postgres", "-c", f"CREATE DATABASE {name}"),
+                ],
+                capture_output=True,
+                text=True,
+                check=False,
+            )
+            if done.returncode == 0:
+                return f"postgresql+asyncpg://postgres@127.0.0.1:{self.port}/{name}"
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"cannot create a database: {done.stderr[-1000:]}")
+            time.sleep(0.2)
+
+    def stop(self) -> None:
+        _stop(self.process)
+        shutil.rmtree(self.workdir, ignore_errors=True)
