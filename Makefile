@@ -17,7 +17,7 @@ TRAIN_SHAPE ?= small
 ARGS ?=
 COMPOSE ?= docker compose
 
-.PHONY: install test test-stress lint dataset sample finetune evaluate bench bench-train run serve chat migrate demo loadtest up down clean
+.PHONY: install test test-stress lint dataset sample finetune evaluate bench bench-train run serve chat migrate demo loadtest up down test-compose clean
 
 install: $(STAMP)
 
@@ -105,6 +105,10 @@ up:
 
 down:
 	$(COMPOSE) -p tgbot down
+
+# compose.yaml end to end against the fake Telegram (needs Docker; not part of `make test`).
+test-compose: install
+	tests/deploy/run_compose_e2e.sh
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

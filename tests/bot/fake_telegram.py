@@ -70,23 +70,25 @@ class FakeTelegram:
         (self._forced if now else self.pending).append(self.delivered[update_id])
         self._new_update.set()
 
-    async def start(self) -> str:
+    async def start(self, host: str = "127.0.0.1", port: int = 0) -> str:
         app = web.Application()
         app.router.add_route("*", "/bot{token}/{method}", self._handle)
+        app.router.add_get("/health", lambda _: web.json_response({"ok": True}))
         self._runner = web.AppRunner(app)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
+        site = web.TCPSite(self._runner, host, port)
         await site.start()
         port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
         self.base_url = f"http://127.0.0.1:{port}"
         return self.base_url
 
-    def deliver_to(self, url: str, secret: str) -> None:
+    def deliver_to(self, url: str, secret: str, *, own_network: bool = False) -> None:
         """Push updates to a webhook from now on, as Telegram does: a chat's updates one at a
         time, the next only once the previous was answered with 200; one that was not (an
         error, a refused connection, a replica killed mid-request) is sent again shortly.
-        ``url`` must be on 127.0.0.1: tests never send traffic anywhere else."""
-        assert url.startswith("http://127.0.0.1:"), url
+        ``url`` must be on 127.0.0.1: tests never send traffic anywhere else, except, with
+        ``own_network``, inside the container network a test made itself (compose e2e)."""
+        assert own_network or url.startswith("http://127.0.0.1:"), url
         self._webhook = (url, secret)
         self._http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60))
         for update in self.pending:

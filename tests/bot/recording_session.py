@@ -13,7 +13,8 @@ from typing import Any
 
 from aiogram import Bot
 from aiogram.client.session.base import BaseSession
-from aiogram.methods import SendMessage, TelegramMethod
+from aiogram.exceptions import TelegramBadRequest
+from aiogram.methods import EditMessageText, SendMessage, TelegramMethod
 from aiogram.types import Chat, Message, User
 
 BOT_USER = User(id=42, is_bot=True, first_name="Тестбот", username="test_bot")
@@ -24,12 +25,15 @@ class RecordingSession(BaseSession):
         super().__init__()
         self.requests: list[TelegramMethod[Any]] = []
         self.times: list[float] = []  # time.monotonic() of each request
+        self.gone: set[int] = set()  # message ids whose edits Telegram refuses (deleted)
 
     async def make_request(
         self, bot: Bot, method: TelegramMethod[Any], timeout: int | None = None
     ) -> Any:
         self.requests.append(method)
         self.times.append(time.monotonic())
+        if isinstance(method, EditMessageText) and method.message_id in self.gone:
+            raise TelegramBadRequest(method, "Bad Request: message to edit not found")
         if isinstance(method, SendMessage):
             return Message(
                 message_id=len(self.requests),

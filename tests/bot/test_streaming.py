@@ -116,3 +116,47 @@ async def test_a_final_text_longer_than_a_message_continues_in_new_messages(reco
     seen = what_the_user_sees(session, CHAT)
     assert len(seen) == 2 and all(len(text) <= 4096 for text in seen)
     assert " ".join(seen).split() == ["слово"] * 1200
+
+
+async def test_a_reply_resumed_after_a_dead_replica_goes_into_its_message(recording_bot):
+    """A replica died while streaming into message 77: the survivor's reply replaces that
+    message's text, and no second message appears."""
+    bot, session = recording_bot
+    announced: list[int] = []
+
+    async def on_sent(message_id: int) -> None:
+        announced.append(message_id)
+
+    stream = ReplyStream(bot, CHAT, interval_s=0.0, resume_message_id=77, on_sent=on_sent)
+    stream.update("Новый")
+    await asyncio.sleep(0.01)
+    await stream.finish("Новый ответ.")
+    assert all(isinstance(m, EditMessageText) and m.message_id == 77 for m in session.requests)
+    assert session.requests[-1].text == "Новый ответ."
+    assert announced == []  # the message was known already
+
+
+async def test_the_message_a_reply_goes_into_is_announced_once(recording_bot):
+    bot, session = recording_bot
+    announced: list[int] = []
+
+    async def on_sent(message_id: int) -> None:
+        announced.append(message_id)
+
+    stream = ReplyStream(bot, CHAT, interval_s=0.0, on_sent=on_sent)
+    stream.update("Начало")
+    await asyncio.sleep(0.01)
+    stream.update("Начало ответа")
+    await asyncio.sleep(0.01)
+    await stream.finish("Начало ответа.")
+    assert announced == [1]  # the recording session's id of the first request
+    assert what_the_user_sees(session, CHAT) == ["Начало ответа."]
+
+
+async def test_a_resumed_message_that_is_gone_gets_the_reply_anew(recording_bot):
+    bot, session = recording_bot
+    session.gone.add(77)  # the user deleted the half-written reply
+    stream = ReplyStream(bot, CHAT, interval_s=0.0, resume_message_id=77)
+    await stream.finish("Ответ.")
+    assert [type(m) for m in session.requests] == [EditMessageText, SendMessage]
+    assert session.texts_to(CHAT) == ["Ответ."]
