@@ -8,6 +8,8 @@
 # variables make it work from Debian's archive and PyPI alone:
 #   BASE_ROOTFS=/path/to/debootstrap-bookworm   imported as debian:bookworm-slim
 #   TORCH_WHEEL=/path/to/torch-...+cpu-...whl   preinstalled instead of PyTorch's CPU index
+#   PIP_CA=/etc/ssl/certs/ca-certificates.crt    the CA bundle pip must trust (a TLS-inspecting
+#                                                proxy between the machine and PyPI)
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 project=tgbot-e2e
@@ -26,8 +28,11 @@ fi
 build_args=()
 if [ -n "${TORCH_WHEEL:-}" ]; then  # a base with torch already in /opt/venv
   cp "$TORCH_WHEEL" "$work/"
+  cp "${PIP_CA:-/dev/null}" "$work/pip-ca.crt"
   cat > "$work/Dockerfile" <<'DOCKERFILE'
 FROM debian:bookworm-slim
+COPY pip-ca.crt /etc/pip-ca.crt
+RUN if [ -s /etc/pip-ca.crt ]; then echo "[global]\ncert = /etc/pip-ca.crt" > /etc/pip.conf; fi
 RUN apt-get update && apt-get install -y --no-install-recommends python3 python3-venv \
     && rm -rf /var/lib/apt/lists/* && python3 -m venv /opt/venv
 COPY *.whl /tmp/
@@ -67,6 +72,10 @@ compose_e2e up -d --scale bot=2
 status=$(docker wait "$(compose_e2e ps -q telegram)")
 echo "--- the fake Telegram (the driver) ---"
 compose_e2e logs --no-color telegram | tail -20
+echo "--- webhook requests each bot replica answered (nginx spreads them) ---"
+for container in $(compose_e2e ps -q bot); do
+  echo "$(docker inspect -f '{{.Name}}' "$container"): $(docker logs "$container" 2>&1 | grep -c 'POST /webhook')"
+done
 echo "--- service states ---"
 compose_e2e ps
 if [ "$status" != 0 ]; then compose_e2e logs --no-color bot model proxy | tail -80; fi
