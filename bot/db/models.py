@@ -54,6 +54,8 @@ class Message(Base):
     __tablename__ = "messages"
     __table_args__ = (
         Index("ix_messages_user_id_id", "user_id", "id"),
+        # what the owed-replies sweep (every few seconds on each replica) and pruning look up
+        Index("ix_messages_created_at", "created_at"),
         UniqueConstraint("user_id", "telegram_message_id", name="uq_messages_user_telegram_id"),
     )
 

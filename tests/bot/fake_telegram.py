@@ -73,7 +73,7 @@ class FakeTelegram:
     async def start(self, host: str = "127.0.0.1", port: int = 0) -> str:
         app = web.Application()
         app.router.add_route("*", "/bot{token}/{method}", self._handle)
-        app.router.add_get("/health", lambda _: web.json_response({"ok": True}))
+        app.router.add_get("/health", self._health)
         self._runner = web.AppRunner(app)
         await self._runner.setup()
         site = web.TCPSite(self._runner, host, port)
@@ -123,6 +123,10 @@ class FakeTelegram:
     def webhook_backlog(self) -> int:
         """Updates not yet acknowledged by the webhook."""
         return sum(len(queue) for queue in self._chat_queues.values())
+
+    @staticmethod
+    async def _health(request: web.Request) -> web.Response:
+        return web.json_response({"ok": True})
 
     async def stop(self) -> None:
         """Answer the calls still waiting (long polls, held calls) and close: a bot killed

@@ -1,4 +1,5 @@
-"""Storage on a real SQLite file migrated by Alembic: what the bot remembers, and forgets."""
+"""Storage migrated by Alembic, on a real SQLite file and a real PostgreSQL server (the one
+replicas share): what the bot remembers, and forgets."""
 
 import asyncio
 import os
@@ -10,16 +11,17 @@ from sqlalchemy import text
 from bot.db import repository
 from bot.db.engine import create_engine, create_sessionmaker, upgrade_to_head
 
-BACKENDS = ["sqlite"] + (["postgres"] if os.environ.get("TEST_DATABASE_URL") else [])
+BACKENDS = ["sqlite", "postgres"]
 
 
 @pytest.fixture(params=BACKENDS)
 async def sessions(request, tmp_path):
-    """A migrated database: a new SQLite file, or TEST_DATABASE_URL (Postgres) when it is set."""
+    """A migrated database: a new SQLite file, or a new database on the session's PostgreSQL
+    server (TEST_DATABASE_URL instead, when set: an operator's own server)."""
     if request.param == "sqlite":
         url = f"sqlite+aiosqlite:///{tmp_path / 'nested' / 'bot.db'}"
     else:
-        url = os.environ["TEST_DATABASE_URL"]
+        url = os.environ.get("TEST_DATABASE_URL") or request.getfixturevalue("postgres_url")
     await upgrade_to_head(url)  # creates the folder (SQLite) and the schema from nothing
     engine = create_engine(url)
     async with engine.begin() as connection:  # a shared server keeps rows between tests
@@ -186,3 +188,28 @@ async def test_migrating_old_rows_links_each_reply_to_its_message(tmp_path):
             "SELECT m.text, u.text FROM messages m JOIN messages u ON u.id = m.reply_to_id"
         ).fetchall()
     assert links == [("b1", "u1"), ("b3", "u3")]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+async def test_the_migrations_build_exactly_the_models_schema(backend, tmp_path, request):
+    """A model changed without a migration (or the reverse) would pass every other test on a
+    fresh database and break an operator's upgrade: Alembic's own comparison finds it."""
+    from alembic.autogenerate import compare_metadata
+    from alembic.migration import MigrationContext
+
+    from bot.db.models import Base
+
+    if backend == "sqlite":
+        url = f"sqlite+aiosqlite:///{tmp_path / 'schema.db'}"
+    else:
+        url = request.getfixturevalue("postgres_url")
+    await upgrade_to_head(url)
+    engine = create_engine(url)
+
+    def differences(connection):  # type: ignore[no-untyped-def]
+        return compare_metadata(MigrationContext.configure(connection), Base.metadata)
+
+    async with engine.connect() as connection:
+        diff = await connection.run_sync(differences)
+    await engine.dispose()
+    assert diff == []
