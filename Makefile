@@ -15,6 +15,7 @@ MODEL ?= checkpoints/latest
 SHAPE ?= tiny
 TRAIN_SHAPE ?= small
 ARGS ?=
+NPROC ?= 1
 COMPOSE ?= docker compose
 
 .PHONY: install test test-stress lint dataset sample finetune evaluate bench bench-train run serve chat migrate demo loadtest up down test-compose clean
@@ -50,9 +51,17 @@ sample: install
 	$(PY) -m dataset_tools make-sample --output $(SAMPLE)
 
 # Fine-tune PROFILE (rugpt3-medium, rugpt3-small, tiny-scratch) on DATA_DIR; extra options in ARGS.
+# NPROC=N: N processes with DDP (torchrun; gloo over loopback on a CPU, NCCL on GPUs), the same
+# global batch as one process; one run directory, written by the main process.
 finetune: install
 	@test -f $(DATA_DIR)/train.parquet || $(MAKE) --no-print-directory dataset
+ifeq ($(NPROC),1)
 	$(PY) -m trainer finetune --profile $(PROFILE) --data-dir $(DATA_DIR) $(ARGS)
+else
+	GLOO_SOCKET_IFNAME=lo OMP_NUM_THREADS=$$(( $$(nproc) / $(NPROC) > 0 ? $$(nproc) / $(NPROC) : 1 )) \
+	$(PY) -m torch.distributed.run --standalone --nproc_per_node $(NPROC) -m trainer finetune \
+	  --profile $(PROFILE) --data-dir $(DATA_DIR) --run-name $(PROFILE)-$$(date +%Y%m%d-%H%M%S) $(ARGS)
+endif
 
 # Perplexity, BLEU/chrF and distinct-n of MODEL on the test split.
 evaluate: install

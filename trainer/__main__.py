@@ -49,6 +49,8 @@ def _parser() -> argparse.ArgumentParser:
     ft.add_argument("--loss-on", choices=["replies", "all"], help="which tokens carry the loss")
     ft.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=None)
     ft.add_argument("--seed", type=int, default=42)
+    ft.add_argument("--data-seed", type=int, help="order of the training rows (default: --seed)")
+    ft.add_argument("--logging-steps", type=int, default=10, help="log the loss every N steps")
     ft.add_argument("--limit-train", type=int, help="use only the first N train dialogues")
     ft.add_argument("--limit-val", type=int, help="use only the first N val dialogues")
     ft.add_argument(
@@ -58,6 +60,12 @@ def _parser() -> argparse.ArgumentParser:
         help="held-out replies generated for BLEU/chrF (default %(default)s)",
     )
     ft.add_argument("--no-progress", action="store_true")
+    ft.add_argument(
+        "--save-total-limit",
+        type=int,
+        default=2,
+        help="checkpoints kept while training (each ~3x the model's size: weights + optimizer)",
+    )
 
     ev = commands.add_parser("evaluate", help="perplexity and reply metrics of a model on a split")
     ev.add_argument("--model", type=Path, required=True, help="a Hugging Face model directory")
@@ -110,8 +118,13 @@ def _finetune(args: argparse.Namespace) -> int:
             limit_val=args.limit_val,
             n_generate=args.n_generate,
             progress=not args.no_progress,
+            save_total_limit=args.save_total_limit,
+            data_seed=args.data_seed,
+            logging_steps=args.logging_steps,
         )
     )
+    if "rank" in metrics:  # another process than the main one: it printed nothing, writes nothing
+        return 0
     keys = (
         "run",
         "parameters",
@@ -178,14 +191,14 @@ def main(argv: list[str] | None = None) -> int:
     load_dotenv()
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args = _parser().parse_args(argv)
-    from trainer.finetune import ResumeError
+    from trainer.finetune import DistributedError, ResumeError
     from trainer.modeling import BaseModelError
 
     try:
         if args.command == "finetune":
             return _finetune(args)
         return _evaluate(args)
-    except (BaseModelError, ResumeError, FileNotFoundError, ValueError) as error:
+    except (BaseModelError, ResumeError, DistributedError, FileNotFoundError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
 

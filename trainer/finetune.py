@@ -7,7 +7,10 @@ directory → evaluate → metrics.json, loss.png, experiments table, ``checkpoi
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
+import os
 import time
 from dataclasses import asdict, dataclass
 from datetime import datetime
@@ -57,6 +60,44 @@ class ResumeError(Exception):
     """``--resume`` was asked for but there is nothing to resume."""
 
 
+class DistributedError(Exception):
+    """Several processes cannot run this as asked; the message says what to change."""
+
+
+@dataclass(frozen=True)
+class Processes:
+    """This process's place among those ``torchrun`` started (one process: rank 0 of 1)."""
+
+    rank: int = 0
+    world: int = 1
+
+    @classmethod
+    def from_env(cls) -> Processes:
+        return cls(int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1")))
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def split_global_batch(batch_size: int, grad_accum: int, world: int) -> tuple[int, int]:
+    """(per-device batch, accumulation) so that per-device × processes × accumulation is the
+    profile's global batch (``batch_size × grad_accum``) whatever the number of processes: the
+    recipe, and so the loss curve, does not change with the hardware. Accumulation is divided
+    first (the per-device batch, and so the memory per device, stays what the profile says)."""
+    total = batch_size * grad_accum
+    if total % world:
+        raise DistributedError(
+            f"the global batch {batch_size}×{grad_accum}={total} cannot be split over {world} "
+            "processes: choose NPROC dividing it, or --batch-size/--grad-accum"
+        )
+    per_process = total // world
+    device_batch = next(
+        b for b in range(min(batch_size, per_process), 0, -1) if per_process % b == 0
+    )
+    return device_batch, per_process // device_batch
+
+
 @dataclass(frozen=True)
 class FinetuneOptions:
     """Where the data is and where the run goes; the recipe itself is in the profile."""
@@ -72,6 +113,8 @@ class FinetuneOptions:
     n_generate: int = 50
     logging_steps: int = 10
     progress: bool = True
+    save_total_limit: int = 2  # checkpoints kept during training (each ~3× the model's size)
+    data_seed: int | None = None  # order of the training rows; default: seed
 
 
 def declare_tied_weights(model: PreTrainedModel) -> None:
@@ -145,7 +188,7 @@ def _find_run_to_resume(options: FinetuneOptions) -> Path:
 
 
 def _model_and_tokenizer(
-    profile: Profile, run_dir: Path, train: list[list[str]], resume: bool
+    profile: Profile, run_dir: Path, train: list[list[str]], resume: bool, main: bool = True
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     if profile.base_model is not None:
         return load_pretrained(profile.base_model)
@@ -154,9 +197,33 @@ def _model_and_tokenizer(
             run_dir
         )  # the one the checkpoint was trained with
     else:
+        # Every process trains it (deterministic: the same data in the same order; checked
+        # across processes in _check_same_tokenizer); only the main one writes it.
         tokenizer = train_scratch_tokenizer((render_dialogue(t) for t in train), profile.vocab_size)
-        tokenizer.save_pretrained(run_dir)
+        if main:
+            tokenizer.save_pretrained(run_dir)
     return build_scratch_model(tokenizer, profile.scratch_config), tokenizer
+
+
+def _check_same_tokenizer(tokenizer: PreTrainedTokenizerBase, processes: Processes) -> None:
+    """Processes that tokenised differently would train one model on mismatched ids, silently."""
+    if processes.world == 1 or not torch.distributed.is_initialized():
+        return
+    digest = hashlib.sha256(json.dumps(sorted(tokenizer.get_vocab().items())).encode()).hexdigest()
+    digests: list[str | None] = [None] * processes.world
+    torch.distributed.all_gather_object(digests, digest)
+    if len(set(digests)) != 1:
+        raise DistributedError("the processes built different tokenizers; train on one first")
+
+
+def _distributed_args(processes: Processes) -> dict[str, Any]:
+    """DDP through the Trainer: gloo on a CPU (NCCL needs GPUs), over the loopback interface."""
+    if processes.world == 1:
+        return {}
+    if torch.cuda.is_available():
+        return {"ddp_backend": "nccl"}
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    return {"ddp_backend": "gloo", "use_cpu": True}
 
 
 def _precision() -> dict[str, bool]:
@@ -169,6 +236,14 @@ def _precision() -> dict[str, bool]:
 def finetune(options: FinetuneOptions) -> dict[str, Any]:
     """Train, save, evaluate; return the metrics written to ``metrics.json``."""
     profile = options.profile
+    processes = Processes.from_env()
+    if processes.world > 1 and not options.run_name:
+        raise DistributedError(
+            "several processes write one run: pass --run-name (make finetune NPROC=N does)"
+        )
+    device_batch, accumulation = split_global_batch(
+        profile.batch_size, profile.grad_accum, processes.world
+    )
     set_seed(options.seed)
     if options.resume:
         run_dir = _find_run_to_resume(options)
@@ -182,7 +257,7 @@ def finetune(options: FinetuneOptions) -> dict[str, Any]:
     if not val:  # e.g. a 100/0/0 split: evaluate on a slice of train rather than not at all
         logger.warning("val split is empty: evaluating on the first 5%% of train")
         val = train[: max(1, len(train) // 20)]
-    model, tokenizer = _model_and_tokenizer(profile, run_dir, train, options.resume)
+    model, tokenizer = _model_and_tokenizer(profile, run_dir, train, options.resume, processes.main)
     model.generation_config = GenerationConfig(
         **REPLY_DEFAULTS,
         eos_token_id=[tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids(USER_TAG)],
@@ -205,9 +280,9 @@ def finetune(options: FinetuneOptions) -> dict[str, Any]:
         output_dir=str(run_dir),
         num_train_epochs=profile.epochs,
         max_steps=profile.max_steps,
-        per_device_train_batch_size=profile.batch_size,
-        per_device_eval_batch_size=profile.batch_size,
-        gradient_accumulation_steps=profile.grad_accum,
+        per_device_train_batch_size=device_batch,
+        per_device_eval_batch_size=device_batch,
+        gradient_accumulation_steps=accumulation,
         learning_rate=profile.learning_rate,
         weight_decay=profile.weight_decay,
         warmup_steps=profile.warmup_steps,
@@ -218,19 +293,23 @@ def finetune(options: FinetuneOptions) -> dict[str, Any]:
         eval_steps=profile.eval_steps,
         save_strategy="steps",
         save_steps=profile.eval_steps,
-        save_total_limit=2,
+        save_total_limit=options.save_total_limit,
         load_best_model_at_end=True,
         metric_for_best_model="eval_loss",
         logging_steps=options.logging_steps,
         include_num_input_tokens_seen="non_padding",
         seed=options.seed,
-        data_seed=options.seed,
+        data_seed=options.seed if options.data_seed is None else options.data_seed,
         report_to="none",
         disable_tqdm=True,  # progress is TrainingProgress's (trainer.progress)
         remove_unused_columns=False,
         dataloader_num_workers=0,
         **_precision(),
+        **_distributed_args(processes),
+        ddp_find_unused_parameters=False,  # GPT-2 uses every parameter in every step
     )
+    _ = args.device  # sets up the process group (gloo/nccl) when there are several processes
+    _check_same_tokenizer(tokenizer, processes)
     throughput = ThroughputCallback()
     trainer = Trainer(
         model=model,
@@ -247,6 +326,8 @@ def finetune(options: FinetuneOptions) -> dict[str, Any]:
     train_time = time.perf_counter() - started
 
     trainer.save_model(str(run_dir))  # the best checkpoint's weights (load_best_model_at_end)
+    if not processes.main:  # one set of outputs: the main process writes them
+        return {"run": run_dir.name, "rank": processes.rank}
     tokenizer.save_pretrained(run_dir)
     model.generation_config.save_pretrained(run_dir)
 
@@ -260,6 +341,10 @@ def finetune(options: FinetuneOptions) -> dict[str, Any]:
         "base_model": profile.base_model or "scratch",
         "parameters": count_parameters(trainer.model),
         "device": str(trainer.args.device),
+        "processes": processes.world,
+        "global_batch": device_batch * accumulation * processes.world,
+        "per_device_batch": device_batch,
+        "grad_accum": accumulation,
         "train_dialogues": len(train),
         "train_tokens": train_set.n_tokens,
         "val_dialogues": len(val),
