@@ -67,6 +67,14 @@ def _parser() -> argparse.ArgumentParser:
         help="checkpoints kept while training (each ~3x the model's size: weights + optimizer)",
     )
 
+    pu = commands.add_parser(
+        "push", help="upload a trained model directory to the Hugging Face Hub (HF_TOKEN)"
+    )
+    pu.add_argument(
+        "--model", type=Path, required=True, help="a run directory, e.g. checkpoints/latest"
+    )
+    pu.add_argument("--repo-id", required=True, help="user-or-org/model-name on the Hub")
+    pu.add_argument("--private", action="store_true", help="create the repository private")
     ev = commands.add_parser("evaluate", help="perplexity and reply metrics of a model on a split")
     ev.add_argument("--model", type=Path, required=True, help="a Hugging Face model directory")
     ev.add_argument("--data", type=Path, required=True, help="a split parquet with 'turns'")
@@ -186,6 +194,15 @@ def _evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _push(args: argparse.Namespace) -> int:
+    from trainer.publish import files_to_upload, push
+
+    print(f"uploading {len(files_to_upload(args.model))} files of {args.model} to {args.repo_id}")
+    url = push(args.model, args.repo_id, args.private)
+    print(f"published: {url}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run a command; an operator's mistake is one line on stderr and exit code 2."""
     load_dotenv()
@@ -193,12 +210,22 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     from trainer.finetune import DistributedError, ResumeError
     from trainer.modeling import BaseModelError
+    from trainer.publish import PublishError
 
     try:
         if args.command == "finetune":
             return _finetune(args)
+        if args.command == "push":
+            return _push(args)
         return _evaluate(args)
-    except (BaseModelError, ResumeError, DistributedError, FileNotFoundError, ValueError) as error:
+    except (
+        BaseModelError,
+        ResumeError,
+        DistributedError,
+        PublishError,
+        FileNotFoundError,
+        ValueError,
+    ) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
 

@@ -34,6 +34,7 @@ from dataset_tools.dialogue_format import USER_TAG, render_dialogue
 from trainer import data as training_data
 from trainer.evaluation import evaluate_model, perplexity
 from trainer.experiments import append_experiment, plot_loss, point_latest, write_metrics
+from trainer.model_card import data_summary, write_model_card
 from trainer.modeling import (
     build_scratch_model,
     count_parameters,
@@ -361,9 +362,11 @@ def finetune(options: FinetuneOptions) -> dict[str, Any]:
         "perplexity": eval_metrics["perplexity_replies"],
         **{k: v for k, v in eval_metrics.items() if k != "perplexity_replies"},
         "profile_settings": {k: v for k, v in asdict(profile).items() if k != "name"},
+        "data": data_summary(options.data_dir),
     }
     write_metrics(run_dir, metrics)
     plot_loss(trainer.state.log_history, run_dir / "loss.png", f"{run_dir.name} ({profile.name})")
+    write_model_card(run_dir)
     append_experiment(options.checkpoints_dir, metrics)
     point_latest(options.checkpoints_dir, run_dir)
     return metrics
