@@ -48,6 +48,10 @@ def _parser() -> argparse.ArgumentParser:
     ft.add_argument("--eval-steps", type=int, help="evaluate and save every N steps")
     ft.add_argument("--loss-on", choices=["replies", "all"], help="which tokens carry the loss")
     ft.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=None)
+    ft.add_argument(
+        "--lora-r", type=int, help="LoRA rank (0: train every weight); the result is merged"
+    )
+    ft.add_argument("--lora-alpha", type=int, help="LoRA scaling numerator (default 32)")
     ft.add_argument("--seed", type=int, default=42)
     ft.add_argument("--data-seed", type=int, help="order of the training rows (default: --seed)")
     ft.add_argument("--logging-steps", type=int, default=10, help="log the loss every N steps")
@@ -113,6 +117,8 @@ def _finetune(args: argparse.Namespace) -> int:
         eval_steps=args.eval_steps,
         loss_on=args.loss_on,
         gradient_checkpointing=args.gradient_checkpointing,
+        lora_r=args.lora_r,
+        lora_alpha=args.lora_alpha,
     )
     metrics = finetune(
         FinetuneOptions(

@@ -34,6 +34,7 @@ from dataset_tools.dialogue_format import USER_TAG, render_dialogue
 from trainer import data as training_data
 from trainer.evaluation import evaluate_model, perplexity
 from trainer.experiments import append_experiment, plot_loss, point_latest, write_metrics
+from trainer.lora import apply_lora, save_merged, trainable_parameters
 from trainer.model_card import data_summary, write_model_card
 from trainer.modeling import (
     build_scratch_model,
@@ -267,6 +268,16 @@ def finetune(options: FinetuneOptions) -> dict[str, Any]:
     logger.info("model: %s parameters", f"{count_parameters(model):,}")
     declare_tied_weights(model)
     agree_with_tokenizer(model, tokenizer)
+    if profile.lora_r > 0:
+        model = apply_lora(
+            model,
+            tokenizer,
+            profile.lora_r,
+            profile.lora_alpha,
+            profile.lora_dropout,
+            profile.gradient_checkpointing,
+        )
+        logger.info("LoRA: %s parameters train", f"{trainable_parameters(model):,}")
 
     def blocks(dialogues: list[list[str]]) -> training_data.BlockDataset:
         tokenized = training_data.tokenize_all(
@@ -326,21 +337,33 @@ def finetune(options: FinetuneOptions) -> dict[str, Any]:
     result = trainer.train(resume_from_checkpoint=True if options.resume else None)
     train_time = time.perf_counter() - started
 
-    trainer.save_model(str(run_dir))  # the best checkpoint's weights (load_best_model_at_end)
     if not processes.main:  # one set of outputs: the main process writes them
         return {"run": run_dir.name, "rank": processes.rank}
+    # the best checkpoint's weights (load_best_model_at_end); with LoRA, merged into the base
+    trained = trainable_parameters(trainer.model)
+    if profile.lora_r > 0:
+        final_model = save_merged(trainer.model, run_dir)
+    else:
+        trainer.save_model(str(run_dir))
+        final_model = trainer.model
     tokenizer.save_pretrained(run_dir)
     model.generation_config.save_pretrained(run_dir)
 
     eval_metrics = evaluate_model(
-        trainer.model, tokenizer, val, max_length=profile.max_length, n_generate=options.n_generate
+        final_model, tokenizer, val, max_length=profile.max_length, n_generate=options.n_generate
     )
     tokens_this_run = trainer.state.num_input_tokens_seen - throughput.tokens_at_start
     metrics: dict[str, Any] = {
         "run": run_dir.name,
         "profile": profile.name,
         "base_model": profile.base_model or "scratch",
-        "parameters": count_parameters(trainer.model),
+        "parameters": count_parameters(final_model),
+        "trained_parameters": trained,
+        "lora": (
+            {"r": profile.lora_r, "alpha": profile.lora_alpha, "adapter": "adapter/"}
+            if profile.lora_r > 0
+            else None
+        ),
         "device": str(trainer.args.device),
         "processes": processes.world,
         "global_batch": device_batch * accumulation * processes.world,

@@ -33,6 +33,12 @@ class Profile:
     scratch_config: dict[str, Any] = field(default_factory=dict)
     vocab_size: int = 4000
 
+    # LoRA (trainer.lora): 0 trains every weight; r > 0 trains low-rank adapters on GPT-2's
+    # projections (c_attn, c_proj, c_fc) and the speaker tags' embeddings, and saves them merged.
+    lora_r: int = 0
+    lora_alpha: int = 32
+    lora_dropout: float = 0.05
+
     def override(self, **values: Any) -> Profile:
         """A copy with the given fields replaced; ``None`` values mean "keep the default"."""
         return replace(self, **{k: v for k, v in values.items() if v is not None})
@@ -51,6 +57,18 @@ PROFILES: dict[str, Profile] = {
         base_model="ai-forever/rugpt3small_based_on_gpt2",
         batch_size=4,
         grad_accum=8,
+    ),
+    # 760 M parameters: full fine-tuning needs ~12 GB for weights, gradients and Adam state;
+    # LoRA trains ~0.5% of them, so it fits a small GPU, with activation checkpointing.
+    "rugpt3-large-lora": Profile(
+        name="rugpt3-large-lora",
+        base_model="ai-forever/rugpt3large_based_on_gpt2",
+        batch_size=4,
+        grad_accum=8,
+        learning_rate=2e-4,
+        gradient_checkpointing=True,
+        lora_r=16,
+        lora_alpha=32,
     ),
     "tiny-scratch": Profile(
         name="tiny-scratch",
