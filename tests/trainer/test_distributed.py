@@ -30,7 +30,8 @@ def run(out: Path, splits: Path, processes: int, data_seed: int, *extra: str) ->
         *("-m", "trainer", "finetune", "--profile", "tiny-scratch", "--data-dir", str(splits)),
         *("--checkpoints-dir", str(out), "--run-name", "run", "--max-steps", str(STEPS)),
         *("--eval-steps", str(STEPS), "--logging-steps", "1", "--limit-train", "200"),
-        *("--limit-val", "20", "--n-generate", "2", "--no-progress"),
+        *("--limit-val", "10", "--n-generate", "0", "--no-progress"),
+        *("--block-size", "128", "--max-length", "128"),
         *("--data-seed", str(data_seed), *extra),
     ]
     env = {**os.environ, "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1"}
@@ -89,7 +90,7 @@ def test_two_processes_train_as_one_with_the_same_global_batch(tmp_path, sample_
     )
     assert len(single) == len(ddp) == STEPS
     assert mean_gap(single, ddp) <= max(mean_gap(single, reshuffled), 0.05), (single, ddp)
-    assert ddp[-1] < ddp[0] - 1.0  # and it learns
+    assert ddp[-1] < ddp[0] - 0.5  # and it learns
 
     # --resume with the same number of processes goes on from the last checkpoint.
     run(tmp_path / "two", sample_splits, 2, 42, "--resume", "--max-steps", str(STEPS + 2))

@@ -109,9 +109,14 @@ def test_push_goes_as_far_as_the_network_and_says_why_it_stopped(trained_run):
     assert not [f for f in files if f.startswith("checkpoint-") or f == "training_args.bin"]
 
 
-def test_push_without_a_token_is_one_clear_line(trained_run, tmp_path):
-    done = push(trained_run, {"HF_ENDPOINT": f"http://127.0.0.1:{free_port()}"})
-    assert done.returncode == 2
-    assert done.stderr.startswith("error: HF_TOKEN is not set") and "\n" not in done.stderr.strip()
-    done = push(tmp_path, {"HF_TOKEN": "hf_test"})
-    assert done.returncode == 2 and "not a trained model directory" in done.stderr
+def test_push_without_a_token_is_one_clear_line(trained_run, tmp_path, monkeypatch, capsys):
+    from trainer.__main__ import main as trainer_cli
+
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    command = ["push", "--model", str(trained_run), "--repo-id", "someone/tiny-dialogue"]
+    assert trainer_cli(command) == 2
+    error = capsys.readouterr().err
+    assert error.startswith("error: HF_TOKEN is not set") and "\n" not in error.strip()
+    monkeypatch.setenv("HF_TOKEN", "hf_test")
+    assert trainer_cli(["push", "--model", str(tmp_path), "--repo-id", "someone/x"]) == 2
+    assert "not a trained model directory" in capsys.readouterr().err
