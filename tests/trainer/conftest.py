@@ -18,8 +18,8 @@ def sample_splits(tmp_path_factory) -> Path:
     return out
 
 
-@pytest.fixture
-def fast_profile():
+@pytest.fixture(scope="session")
+def fast_profile():  # a frozen dataclass: one instance serves every test
     return get_profile("tiny-scratch").override(
         scratch_config={"n_layer": 2, "n_embd": 64, "n_head": 2, "n_positions": 256},
         vocab_size=800,

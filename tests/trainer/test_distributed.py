@@ -24,8 +24,10 @@ ROOT = Path(__file__).resolve().parents[2]
 STEPS = 6
 
 
-def run(out: Path, splits: Path, processes: int, data_seed: int, *extra: str) -> str:
-    """`trainer finetune` on tiny-scratch, STEPS steps, the loss logged at every step."""
+def start(out: Path, splits: Path, processes: int, data_seed: int, *extra: str):  # type: ignore[no-untyped-def]
+    """`trainer finetune` on tiny-scratch, STEPS steps, the loss logged at every step; each
+    process on one core (as `make finetune NPROC=2` on this machine), so two runs fit side by
+    side."""
     command = [
         *("-m", "trainer", "finetune", "--profile", "tiny-scratch", "--data-dir", str(splits)),
         *("--checkpoints-dir", str(out), "--run-name", "run", "--max-steps", str(STEPS)),
@@ -38,17 +40,24 @@ def run(out: Path, splits: Path, processes: int, data_seed: int, *extra: str) ->
     if processes > 1:
         launcher = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node"]
         command = [*launcher, str(processes), *command]
-    done = subprocess.run(
+    return subprocess.Popen(
         [sys.executable, *command],
         cwd=ROOT,
         env=env,
-        capture_output=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
         text=True,
-        timeout=600,
-        check=False,
     )
-    assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
-    return done.stdout
+
+
+def finish(process) -> str:  # type: ignore[no-untyped-def]
+    stdout, stderr = process.communicate(timeout=600)
+    assert process.returncode == 0, (stdout + stderr)[-3000:]
+    return stdout
+
+
+def run(out: Path, splits: Path, processes: int, data_seed: int, *extra: str) -> str:
+    return finish(start(out, splits, processes, data_seed, *extra))
 
 
 def losses(out: Path, step: int = STEPS) -> list[float]:
@@ -61,9 +70,14 @@ def mean_gap(a: list[float], b: list[float]) -> float:
 
 
 def test_two_processes_train_as_one_with_the_same_global_batch(tmp_path, sample_splits):
-    one = run(tmp_path / "one", sample_splits, 1, data_seed=42)
+    # the two one-process runs side by side (one core each), then the two-process run
+    baselines = [
+        start(tmp_path / "one", sample_splits, 1, data_seed=42),
+        start(tmp_path / "reshuffled", sample_splits, 1, data_seed=7),
+    ]
+    one = finish(baselines[0])
+    finish(baselines[1])
     two = run(tmp_path / "two", sample_splits, 2, data_seed=42)
-    run(tmp_path / "reshuffled", sample_splits, 1, data_seed=7)
 
     metrics = json.loads((tmp_path / "two" / "run" / "metrics.json").read_text())
     assert metrics["processes"] == 2 and metrics["global_batch"] == 8  # tiny-scratch: 8 × 1

@@ -20,21 +20,12 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
-def trained_run(tmp_path_factory, sample_splits) -> Path:
-    from trainer.profiles import get_profile
-
-    profile = get_profile("tiny-scratch").override(
-        scratch_config={"n_layer": 2, "n_embd": 64, "n_head": 2, "n_positions": 256},
-        vocab_size=800,
-        block_size=128,
-        max_length=128,
-        max_steps=4,
-        eval_steps=2,
-        warmup_steps=0,
-    )
+def trained_run(tmp_path_factory, sample_splits, fast_profile) -> Path:
     out = tmp_path_factory.mktemp("published")
     finetune(
-        FinetuneOptions(profile, sample_splits, out, run_name="run", n_generate=3, progress=False)
+        FinetuneOptions(
+            fast_profile, sample_splits, out, run_name="run", n_generate=3, progress=False
+        )
     )
     return out / "run"
 
