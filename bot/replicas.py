@@ -35,6 +35,7 @@ import logging
 from collections.abc import AsyncIterator
 
 from redis.asyncio import Redis
+from redis.asyncio.lock import Lock
 from redis.exceptions import LockError, RedisError
 
 from bot.config import ConfigError
@@ -98,11 +99,11 @@ class ReplicaCoordinator:
             with contextlib.suppress(LockError, RedisError):
                 await lock.release()
 
-    async def _renew(self, lock: object, user_id: int) -> None:
+    async def _renew(self, lock: Lock, user_id: int) -> None:
         while True:
             await asyncio.sleep(self.lease_s / 3)
             try:
-                await lock.extend(self.lease_s, replace_ttl=True)  # type: ignore[attr-defined]
+                await lock.extend(self.lease_s, replace_ttl=True)
             except (LockError, RedisError) as error:
                 # Stalled longer than the lease (or Redis is gone): another replica may answer
                 # this user meanwhile. Nothing to undo here; say so.

@@ -48,6 +48,7 @@ def push(model_dir: Path, repo_id: str, private: bool = False) -> str:
             "https://huggingface.co/settings/tokens and run `HF_TOKEN=... python -m trainer push`"
         )
     write_model_card(model_dir, repo_id)
+    import httpx2  # huggingface_hub's HTTP client: its transport errors are not OSErrors
     from huggingface_hub import HfApi
     from huggingface_hub.errors import HfHubHTTPError
 
@@ -66,12 +67,8 @@ def push(model_dir: Path, repo_id: str, private: bool = False) -> str:
         raise PublishError(
             f"the Hub refused the upload (HTTP {status}): {_first_line(error)}"
         ) from None
-    except OSError as error:  # no network, DNS, refused connection, TLS: httpx raises these too
+    except (OSError, httpx2.TransportError) as error:  # no network, DNS, refused, TLS
         raise PublishError(f"cannot reach the Hugging Face Hub: {_first_line(error)}") from None
-    except Exception as error:  # httpx's transport errors are not OSErrors
-        if type(error).__module__.split(".")[0] in ("httpx", "httpcore", "httpx2", "httpcore2"):
-            raise PublishError(f"cannot reach the Hugging Face Hub: {_first_line(error)}") from None
-        raise
     return str(getattr(commit, "repo_url", f"https://huggingface.co/{repo_id}"))
 
 

@@ -11,7 +11,6 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 from dataset_tools.dialogue_format import render_prompt
 from trainer.__main__ import main as trainer_cli
 from trainer.finetune import FinetuneOptions, finetune
-from trainer.profiles import get_profile
 
 PROMPTS = ["Привет!", "Как дела?", "Что посоветуешь почитать?", "Пока!", "Расскажи анекдот."]
 
@@ -30,16 +29,14 @@ def greedy(model, tokenizer, text: str) -> list[int]:  # type: ignore[no-untyped
     return out[0, ids.shape[1] :].tolist()
 
 
-def test_lora_trains_merges_and_replies_as_the_adapter(tmp_path, sample_splits, tiny_model_dir):
-    profile = get_profile("tiny-scratch").override(
+def test_lora_trains_merges_and_replies_as_the_adapter(
+    tmp_path, sample_splits, tiny_model_dir, fast_profile
+):
+    profile = fast_profile.override(
         base_model=str(tiny_model_dir),
         lora_r=8,
-        lora_alpha=32,
         max_steps=60,
         eval_steps=30,
-        block_size=128,
-        max_length=128,
-        warmup_steps=0,
         learning_rate=1e-2,  # a random 2-layer base: adapters need a push to move in 60 steps
     )
     metrics = finetune(
