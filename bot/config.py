@@ -31,7 +31,7 @@ class Settings(BaseSettings):
     database_url: str = "sqlite+aiosqlite:///data/bot.db"
     model_path: str = "checkpoints/latest"
     model_device: str = "auto"  # auto | cpu | cuda | cuda:1 ...
-    model_dtype: str = "float32"  # float32 | bfloat16 | float16 (the last two for GPUs)
+    model_dtype: str = "float32"  # auto | float32 | bfloat16 | float16 (see bot.engine.loading)
     model_quantize: str = "none"  # none | int8 (dynamic int8 projections, for CPUs)
     model_cpu_onednn: bool = True  # float32 projections through oneDNN on a CPU (bot.engine.onednn)
     context_tokens: int | None = Field(None, ge=32, description="default: the model's window")
@@ -46,6 +46,12 @@ class Settings(BaseSettings):
     # Serving many users at once (bot.engine).
     max_batch: int = Field(8, ge=1, le=512, description="rows decoded together")
     kv_cache_mb: float = Field(1024, ge=0, description="memory for dialogues' cached prefixes")
+    prefill_chunk_tokens: int = Field(
+        128, ge=0, description="prompt tokens encoded per step while replies stream (0: all)"
+    )
+    engine_threads: int = Field(
+        0, ge=0, le=1024, description="threads of the engine's worker (0: one per core)"
+    )
     history_trim_step: int = Field(
         4, ge=1, description="exchanges dropped at once when the history outgrows the context"
     )
@@ -118,8 +124,8 @@ class Settings(BaseSettings):
     @field_validator("model_dtype")
     @classmethod
     def _known_dtype(cls, value: str) -> str:
-        if value not in ("float32", "bfloat16", "float16"):
-            raise ValueError("MODEL_DTYPE must be float32, bfloat16 or float16")
+        if value not in ("float32", "bfloat16", "float16", "auto"):
+            raise ValueError("MODEL_DTYPE must be auto, float32, bfloat16 or float16")
         return value
 
     @field_validator("model_quantize")

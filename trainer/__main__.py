@@ -99,6 +99,13 @@ def _parser() -> argparse.ArgumentParser:
         default="none",
         help="evaluate the model as the bot serves it with MODEL_QUANTIZE=int8",
     )
+    ev.add_argument(
+        "--dtype",
+        choices=["float32", "bfloat16", "auto"],
+        default="float32",
+        help="evaluate the model as the bot serves it on this CPU with MODEL_DTYPE=...: "
+        "bfloat16 (and auto where it picks it) runs the packed oneDNN projections",
+    )
     return parser
 
 
@@ -171,10 +178,12 @@ def _evaluate(args: argparse.Namespace) -> int:
 
     if not args.model.is_dir():
         raise FileNotFoundError(f"{args.model}: model directory not found")
-    if args.quantize == "int8":
+    if args.quantize == "int8" or args.dtype != "float32":
         from bot.engine import load_model  # the very loading path the bot serves with
 
-        model, tokenizer = load_model(str(args.model), "cpu", "float32", "int8")
+        model, tokenizer = load_model(
+            str(args.model), "cpu", args.dtype, args.quantize, cpu_onednn=True
+        )
     else:
         tokenizer = AutoTokenizer.from_pretrained(args.model)
         model = AutoModelForCausalLM.from_pretrained(args.model)
@@ -214,6 +223,7 @@ def main(argv: list[str] | None = None) -> int:
     load_dotenv()
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args = _parser().parse_args(argv)
+    from bot.engine.loading import ModelLoadError
     from trainer.finetune import DistributedError, ResumeError
     from trainer.modeling import BaseModelError
     from trainer.publish import PublishError
@@ -229,6 +239,7 @@ def main(argv: list[str] | None = None) -> int:
         ResumeError,
         DistributedError,
         PublishError,
+        ModelLoadError,
         FileNotFoundError,
         ValueError,
     ) as error:

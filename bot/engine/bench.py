@@ -12,6 +12,20 @@ turn), all users active at once. The same messages go to:
   over HTTP to a ``python -m bot serve`` process on 127.0.0.1 with the same engine settings:
   what a bot pointed at a model server pays for the network hop. Its peak RSS is the server's.
 
+A design may name a variant after a colon, run in the same process tree as the others so that
+the ratios come from one run: ``engine:int8`` (``MODEL_QUANTIZE=int8``), ``engine:bfloat16`` (any
+``MODEL_DTYPE``), ``engine:threads=1`` (the worker's thread count), ``engine:chunk=0`` (each new
+prompt encoded whole, ``PREFILL_CHUNK_TOKENS=0``), ``engine:omp=active`` (OpenMP threads spin while
+they wait, ``OMP_WAIT_POLICY=ACTIVE``; see ``bot/__init__.py``); e.g. ``--designs
+naive,engine,engine:int8``.
+``--join-tokens N`` then measures, per engine design, the streaming replies' token gaps while an
+N-token prompt joins them.
+
+``--background-load N`` starts N busy processes of the bench's own (each spins one core, N at most
+twice the cores, all stopped when the bench ends) before the first design and keeps them running
+through every design: what each design keeps of its speed when another program competes for the
+CPU.
+
 Each design runs in its own child process (peak RSS is per process) on the same model, built
 from a config with random weights (``--shape medium`` is RuGPT-3 medium's: 24 layers, 1024 wide,
 vocab 50264), so the figures need no download. Printed: wall time, aggregate new tokens/s, p50
@@ -29,6 +43,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import json
 import os
 import statistics
@@ -43,6 +58,8 @@ import torch
 
 from bot.engine.bench_decode import SHAPES, peak_rss_kb
 
+DESIGNS = ("naive", "engine", "remote")
+DTYPE_CHOICES = ("float32", "bfloat16", "float16", "auto")
 KEYS = ("tokens_per_s", "p50_s", "p95_s", "first_token_p50_s", "peak_rss_mb")
 PERSONA_TOKENS = 60
 MESSAGE_TOKENS = 20
@@ -155,6 +172,48 @@ async def converse(backend: Any, messages: list[list[str]], params: Any, tally: 
     return time.perf_counter() - started
 
 
+async def measure_join(engine: Any, tokens: int, rows: int, reply: int) -> dict[str, Any]:
+    """Token gaps while ``rows`` replies stream and a ``tokens``-token prompt joins them.
+
+    The replies' token gaps are read from their streamed text (each callback is a new token, or
+    a few when a character spans tokens); the figures are the median gap before the long prompt
+    arrives and the longest one between its arrival and its first token."""
+    from bot.engine import RequestStats, SamplingParams
+
+    stamps: list[list[float]] = [[] for _ in range(rows)]
+    params = SamplingParams(max_new_tokens=reply, min_new_tokens=reply)
+    vocab = engine.tokenizer.vocab_size
+    stop = set(engine._stop_ids)
+
+    def stamp(row: int) -> Any:
+        return lambda _text: stamps[row].append(time.perf_counter())
+
+    streaming = [
+        asyncio.create_task(
+            engine.complete([1000 + 7 * row], params, stop_token_ids=[], on_text=stamp(row))
+        )
+        for row in range(rows)
+    ]
+    while min(len(s) for s in stamps) < 5:
+        await asyncio.sleep(0.005)
+    long_prompt = [t % vocab for t in range(3000, 3000 + tokens) if t % vocab not in stop]
+    stats = RequestStats()
+    arrived = time.perf_counter()
+    await engine.complete(long_prompt, SamplingParams(max_new_tokens=1), stats=stats)
+    joined = stats.first_token_at or time.perf_counter()
+    for task in streaming:
+        task.cancel()
+    await asyncio.gather(*streaming, return_exceptions=True)
+    before = [b - a for s in stamps for a, b in itertools.pairwise(s) if b <= arrived]
+    during = [b - a for s in stamps for a, b in itertools.pairwise(s) if b > arrived and a < joined]
+    return {
+        "join_prompt_tokens": len(long_prompt),
+        "join_wait_s": round(joined - arrived, 3),
+        "gap_before_p50_s": round(statistics.median(before), 3) if before else None,
+        "gap_during_max_s": round(max(during), 3) if during else None,
+    }
+
+
 async def run_remote(args: argparse.Namespace) -> dict[str, Any]:
     """The remote design: a ``bot serve`` child with the engine, users here on the backend."""
     import signal
@@ -222,6 +281,53 @@ async def run_remote(args: argparse.Namespace) -> dict[str, Any]:
     total = backend.prefilled_tokens + backend.reused_tokens
     result["prompt_tokens_reused"] = round(backend.reused_tokens / max(total, 1), 3)
     return result
+
+
+def split_design(spec: str) -> tuple[str, dict[str, str]]:
+    """``engine:int8:threads=1`` → ``("engine", {"quantize": "int8", "threads": "1"})``."""
+    name, *variants = spec.split(":")
+    if name not in DESIGNS:
+        raise ValueError(f"unknown design {name!r}: choose from {', '.join(DESIGNS)}")
+    options: dict[str, str] = {}
+    for variant in variants:
+        if variant == "int8":
+            options["quantize"] = "int8"
+        elif variant in DTYPE_CHOICES:
+            options["dtype"] = variant
+        elif variant.startswith("threads=") and variant[8:].isdigit() and int(variant[8:]) > 0:
+            options["threads"] = variant[8:]
+        elif variant.startswith("chunk=") and variant[6:].isdigit():
+            options["prefill-chunk"] = variant[6:]
+        elif variant in ("omp=active", "omp=passive"):
+            options["omp"] = variant[4:].upper()
+        else:
+            raise ValueError(
+                f"unknown variant {variant!r} in {spec!r}: use int8, a dtype "
+                f"({', '.join(DTYPE_CHOICES)}), threads=N, chunk=N or omp=active|passive"
+            )
+    return name, options
+
+
+class BackgroundLoad:
+    """N busy processes competing for the CPU while the designs run; stopped on exit."""
+
+    def __init__(self, processes: int) -> None:
+        self.processes = processes
+        self._children: list[subprocess.Popen[bytes]] = []
+
+    def __enter__(self) -> BackgroundLoad:
+        spin = "while True: pass"
+        for _ in range(self.processes):
+            self._children.append(
+                subprocess.Popen([sys.executable, "-c", spin], stdin=subprocess.DEVNULL)
+            )
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for child in self._children:
+            child.kill()
+        for child in self._children:
+            child.wait()
 
 
 def free_port() -> int:
@@ -330,16 +436,24 @@ async def run_design(args: argparse.Namespace) -> dict[str, Any]:
             timeout_s=3600,
             max_batch=args.max_batch,
             cache_mb=args.cache_mb,
+            threads=args.threads,
+            prefill_chunk=args.prefill_chunk,
         )
         engine.start(warm_up=True)
         await engine.ready()
         wall = await converse(engine, messages, params, tally)
+        if args.join_tokens:
+            joining = await measure_join(engine, args.join_tokens, args.users - 1, 400)
     else:
+        if args.threads:
+            torch.set_num_threads(args.threads)
         naive_generate(render_prompt(["Привет"], persona), FirstToken())  # the same warm-up
         started = time.perf_counter()
         await asyncio.gather(*(naive_user(i) for i in range(args.users)))
         wall = time.perf_counter() - started
     result = tally.summary(wall)
+    if engine is not None and args.join_tokens:
+        result |= joining
     if engine is not None:
         engine.close()
         total = engine.prefilled_tokens + engine.reused_tokens
@@ -360,7 +474,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-batch", type=int, default=None, help="default: --users")
     parser.add_argument("--cache-mb", type=float, default=4096)
     parser.add_argument("--device", default="auto")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--dtype", default="float32", choices=DTYPE_CHOICES)
     parser.add_argument("--quantize", default="none", choices=["none", "int8"])
     parser.add_argument(
         "--no-cpu-onednn",
@@ -368,16 +482,48 @@ def main(argv: list[str] | None = None) -> int:
         action="store_false",
         help="the engine keeps PyTorch's default CPU GEMM (MODEL_CPU_ONEDNN=false)",
     )
+    parser.add_argument(
+        "--threads", type=int, default=None, help="the engine's threads (ENGINE_THREADS)"
+    )
+    parser.add_argument(
+        "--prefill-chunk",
+        type=int,
+        default=128,
+        help="prompt tokens encoded per step while replies stream (PREFILL_CHUNK_TOKENS; 0: all)",
+    )
+    parser.add_argument(
+        "--join-tokens",
+        type=int,
+        default=0,
+        metavar="N",
+        help="after the conversations: users-1 replies stream while an N-token prompt joins; "
+        "prints their token gaps before and while it joins",
+    )
+    parser.add_argument(
+        "--background-load",
+        type=int,
+        default=0,
+        metavar="N",
+        help="N busy processes of the bench's own compete for the CPU throughout",
+    )
     parser.add_argument("--json", type=Path, help="also write the figures to this file")
     parser.add_argument(
         "--designs",
         default="naive,engine",
-        help="naive, engine, remote: which to run (the naive one is slow at scale)",
+        help="naive, engine, remote, each optionally with :int8, :<dtype>, :threads=N "
+        "(the naive one is slow at scale)",
     )
     parser.add_argument("--model", type=Path, help=argparse.SUPPRESS)  # set for the children
     parser.add_argument("--only", choices=["naive", "engine", "remote"], help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     args.max_batch = args.max_batch or args.users
+    cores = os.cpu_count() or 1
+    if not 0 <= args.background_load <= 2 * cores:
+        parser.error(f"--background-load must be 0..{2 * cores} (twice the cores)")
+    try:
+        designs = [(spec, *split_design(spec)) for spec in args.designs.split(",")]
+    except ValueError as error:
+        parser.error(str(error))
 
     if args.only:  # a child: one design, JSON on the last line
         print(json.dumps(asyncio.run(run_design(args))), flush=True)
@@ -388,17 +534,24 @@ def main(argv: list[str] | None = None) -> int:
         print(f"building a random {args.shape} model ...", flush=True)
         build(args.shape, model_dir)
         results: dict[str, dict[str, Any]] = {}
-        for design in args.designs.split(","):
-            print(f"{design}: {args.users} users x {args.turns} turns ...", flush=True)
-            child = [sys.executable, "-m", "bot.engine.bench", *(argv or sys.argv[1:])]
-            child += ["--model", str(model_dir), "--only", design]
-            done = subprocess.run(
-                child, capture_output=True, text=True, env=os.environ.copy(), check=False
-            )
-            if done.returncode != 0:
-                sys.stderr.write(done.stderr)
-                return done.returncode
-            results[design] = json.loads(done.stdout.strip().splitlines()[-1])
+        if args.background_load:
+            print(f"{args.background_load} busy process(es) compete for {cores} cores", flush=True)
+        with BackgroundLoad(args.background_load):
+            for spec, name, options in designs:
+                print(f"{spec}: {args.users} users x {args.turns} turns ...", flush=True)
+                child = [sys.executable, "-m", "bot.engine.bench", *(argv or sys.argv[1:])]
+                child += ["--model", str(model_dir), "--only", name, "--background-load", "0"]
+                env = os.environ.copy()
+                for option, value in options.items():
+                    if option == "omp":  # read by OpenMP when torch loads: the child's own
+                        env["OMP_WAIT_POLICY"] = value
+                    else:
+                        child += [f"--{option}", value]
+                done = subprocess.run(child, capture_output=True, text=True, env=env, check=False)
+                if done.returncode != 0:
+                    sys.stderr.write(done.stderr)
+                    return done.returncode
+                results[spec] = json.loads(done.stdout.strip().splitlines()[-1])
     print_table(args, results)
     if args.json:
         args.json.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
@@ -412,6 +565,7 @@ def print_table(args: argparse.Namespace, results: dict[str, dict[str, Any]]) ->
     print(
         f"\n{args.shape} shape, {args.users} users x {args.turns} turns, "
         f"{args.reply_tokens}-token replies, {args.dtype}, quantize={args.quantize}"
+        + (f", {args.background_load} busy process(es) beside it" if args.background_load else "")
     )
     rows = [
         ("wall time, s", "wall_s"),
@@ -435,9 +589,18 @@ def print_table(args: argparse.Namespace, results: dict[str, dict[str, Any]]) ->
         if "prompt_tokens_reused" in results[name]:
             share = results[name]["prompt_tokens_reused"]
             print(f"prompt tokens served from the prefix cache, {name}: {share:.0%}")
-    if "engine" in results:
-        engine = results["engine"]
-        print(f"engine worker: {engine['engine_steps']} steps, busy (s): {engine['engine_busy_s']}")
+    for name, result in results.items():
+        if "join_wait_s" in result:
+            print(
+                f"{name}: a {result['join_prompt_tokens']}-token prompt joined "
+                f"{args.users - 1} streaming replies in {result['join_wait_s']} s; their token "
+                f"gap: {result['gap_before_p50_s']} s before (median), "
+                f"{result['gap_during_max_s']} s at most while it joined"
+            )
+        if "engine_steps" in result:
+            steps, busy = result["engine_steps"], result["engine_busy_s"]
+            step_ms = 1000 * busy["step"] / max(steps, 1)
+            print(f"{name} worker: {steps} steps ({step_ms:.0f} ms each), busy (s): {busy}")
     if "remote" in results:
         client = results["remote"]["client_peak_rss_mb"]
         print(f"remote: peak RSS is the server's; the bot side's: {client} MB")

@@ -109,6 +109,13 @@ class SlotDecoder:
         if source != target:
             self.cache[:, :, target, :, :length] = self.cache[:, :, source, :, :length]
 
+    def swap_slots(self, first: int, second: int, first_length: int, second_length: int) -> None:
+        """Exchange two slots' rows (a prompt that finished encoding takes its place in the
+        batch from one still being encoded)."""
+        kept = self.cache[:, :, second, :, :second_length].clone()
+        self.move_slot(first, second, first_length)
+        self.cache[:, :, first, :, :second_length] = kept
+
     # -- the forward passes ------------------------------------------------------------------------
     def _split(self, qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         rows, steps, _ = qkv.shape
@@ -132,13 +139,17 @@ class SlotDecoder:
         already hold this row's prefix) and return the logits after the last one ``[vocab]``."""
         return self.prefill_many([(slot, ids, start)])[0]
 
-    def prefill_many(self, rows: list[tuple[int, list[int], int]]) -> torch.Tensor:
-        """:meth:`prefill` for several ``(slot, ids, start)`` rows; logits ``[rows, vocab]``.
+    def prefill_many(
+        self, rows: list[tuple[int, list[int], int]], wanted: list[bool] | None = None
+    ) -> torch.Tensor:
+        """:meth:`prefill` for several ``(slot, ids, start)`` rows; logits ``[rows, vocab]``
+        after each row's last token (only for the rows ``wanted`` says, when given).
 
         The rows' new tokens are packed into one sequence, so every projection multiplies all of
         them by the weights in one go (a few large matrix products instead of one small product
         per row: the weights are read once and the kernels run at full speed); only attention
-        runs per row, each row over its own slot.
+        runs per row, each row over its own slot. A decoding row is a row of one token, which is
+        how the engine decodes and encodes a prompt's next chunk in the same pass.
         """
         ids = [token for _, row_ids, _ in rows for token in row_ids]
         positions = torch.cat(
@@ -174,8 +185,9 @@ class SlotDecoder:
                     )
                 hidden = hidden + block.attn.c_proj(self._merge(torch.cat(attended, dim=2)))
                 hidden = hidden + block.mlp(block.ln_2(hidden))
-        last = torch.tensor([span[5] - 1 for span in spans], device=self.device)
-        return self._logits(hidden[0, last])
+        keep = wanted if wanted is not None else [True] * len(spans)
+        last = [span[5] - 1 for span, wants in zip(spans, keep, strict=True) if wants]
+        return self._logits(hidden[0, torch.tensor(last, dtype=torch.long, device=self.device)])
 
     def decode(self, tokens: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         """One step for rows ``0..n-1``: row i feeds ``tokens[i]`` at position ``lengths[i]``.

@@ -38,6 +38,8 @@ async def open_local_engine(settings: Settings) -> GenerationEngine:
         timeout_s=settings.request_timeout_s,
         max_batch=settings.max_batch,
         cache_mb=settings.kv_cache_mb,
+        prefill_chunk=settings.prefill_chunk_tokens,
+        threads=settings.engine_threads or None,
     )
     engine.start(warm_up=True)
     try:

@@ -9,6 +9,11 @@ What it does for a chat server on one machine (the figures in the README come fr
   row keeps its own sampling settings (``bot.engine.sampling``), so a user's ``/temp`` holds
   inside a shared batch. On a CPU a decoding step is bound by reading the weights, so eight
   rows cost about twice one row, not eight times.
+- **Chunked prefill.** A joining request's new prompt tokens are encoded in the same pass as the
+  decoding rows' next tokens, at most ``prefill_chunk`` of them per step while rows are decoding
+  (oldest request first), so a long prompt joins over several steps and the replies already
+  streaming keep their pace. Rows being encoded hold slots after the decoding ones and move to
+  slot ``i`` of the batch when their prompt is done (:meth:`GenerationEngine._join`).
 - **Prefix caching.** After a reply the dialogue's keys/values stay in a
   :class:`~bot.engine.prefix_cache.PrefixCache` (LRU, ``KV_CACHE_MB``); the next turn encodes
   only the new user message. The persona exchange that opens every prompt is encoded once and
@@ -153,6 +158,7 @@ class _Row:
     seen: torch.Tensor  # [vocab] tokens in this row, for the repetition penalty
     start: Prefix = field(default_factory=Prefix)  # cached keys/values it was started from
     generator: torch.Generator | None = None  # the request's own, when it gave a seed
+    slot: int = -1  # its decoder slot while its prompt is being encoded (then: its index)
     text: str = ""  # the reply decoded so far, up to a stop string
     shown: str = ""
     finish_reason: str = "length"
@@ -194,6 +200,8 @@ class GenerationEngine:
         cache_mb: float = 1024,
         batched: bool = True,
         seed: int | None = None,
+        threads: int | None = None,
+        prefill_chunk: int | None = 128,
     ) -> None:
         self.model = model
         self.tokenizer = tokenizer
@@ -205,9 +213,12 @@ class GenerationEngine:
         self.reply_tokens = min(reply_tokens, self.context_tokens // 2)
         self.timeout_s = timeout_s
         self.max_batch = max_batch
+        self.threads = threads
+        self.prefill_chunk = prefill_chunk or None
         self._queue: queue.Queue[_Request | None] = queue.Queue(maxsize=queue_size)
         self._thread: threading.Thread | None = None
-        self._rows: list[_Row] = []
+        self._rows: list[_Row] = []  # decoding, row i in slot i
+        self._joining: list[_Row] = []  # prompts being encoded, oldest first, each in its slot
         self._closed = False
         self._stop_ids = stop_token_ids(tokenizer)
         self.decoder = (
@@ -294,7 +305,7 @@ class GenerationEngine:
             keep=False,
         )
         self._take([request])
-        while self._rows:
+        while self._rows or self._joining:
             self._step()
         if request.error is not None:  # a model that cannot serve fails the start, not users
             raise request.error
@@ -411,7 +422,7 @@ class GenerationEngine:
             if pending is not None:
                 pending.cancelled.set()
                 self._resolve(pending, error=EngineClosed())
-        for row in list(self._rows):
+        for row in [*self._rows, *self._joining]:
             row.request.cancelled.set()
         if self._thread is not None:
             self._queue.put(None)
@@ -419,6 +430,8 @@ class GenerationEngine:
 
     # -- the worker -----------------------------------------------------------------------------
     def _work(self, warm_up: bool) -> None:
+        if self.threads:
+            torch.set_num_threads(self.threads)
         if warm_up:
             try:
                 self.warm_up()
@@ -426,15 +439,16 @@ class GenerationEngine:
                 self._warm_up_error = error
         self._warmed.set()
         while True:
-            waiting = [] if self._rows else [self._queue.get()]
-            while len(self._rows) + len(waiting) < self.max_batch:  # join at this step
+            busy = len(self._rows) + len(self._joining)
+            waiting = [] if busy else [self._queue.get()]
+            while busy + len(waiting) < self.max_batch:  # join at this step
                 try:
                     waiting.append(self._queue.get_nowait())
                 except queue.Empty:
                     break
             if not self._take(waiting):
                 return
-            if self._rows:
+            if self._rows or self._joining:
                 self._step()
 
     def _take(self, requests: list[_Request | None]) -> bool:
@@ -443,9 +457,10 @@ class GenerationEngine:
             for request in requests:
                 if request is not None:
                     self._resolve(request, error=EngineClosed())
-            for row in self._rows:
+            for row in [*self._rows, *self._joining]:
                 self._resolve(row.request, error=EngineClosed())
             self._rows.clear()
+            self._joining.clear()
             return False
         batch = []
         for request in requests:
@@ -463,9 +478,11 @@ class GenerationEngine:
         if batch:
             started = time.perf_counter()
             try:
-                self._admit(batch)
+                self._plan(batch)
             except Exception as error:
                 logger.exception("generation failed")
+                failed = {id(request) for request in batch}
+                self._joining = [r for r in self._joining if id(r.request) not in failed]
                 for request in batch:
                     self._resolve(request, error=error)
             finally:
@@ -513,12 +530,12 @@ class GenerationEngine:
         found = self.prefix_cache.take_longest_prefix(request.prompt)
         return found or self._shared_persona(slot)
 
-    def _admit(self, requests: list[_Request]) -> None:
-        """Encode the new part of each prompt (all rows in one pass) and join the batch."""
+    def _plan(self, requests: list[_Request]) -> None:
+        """Give each request a free slot holding its reusable prefix; its new tokens are encoded
+        by the following steps (:meth:`_step`), a chunk at a time while other rows decode."""
         assert self.decoder is not None
-        plans = []
         for request in requests:
-            slot = len(self._rows) + len(plans)
+            slot = self._free_slot()
             cached = self._cached_start(request, slot)
             ids = self._encode(request, cached)
             reuse = 0
@@ -528,55 +545,121 @@ class GenerationEngine:
             self.decoder.reserve(slot + 1, min(len(ids) + max_new, self.context_tokens))
             start = cached.prefix(reuse) if cached is not None and reuse else Prefix()
             self.decoder.load_slot(slot, start.chunks)
-            plans.append((request, ids, reuse, slot, start))
-        with torch.inference_mode():
-            logits = self.decoder.prefill_many(
-                [(slot, ids[reuse:], reuse) for _, ids, reuse, slot, _ in plans]
-            )
-        rows = []
-        for request, ids, reuse, _, start in plans:
             request.stats.reused_tokens, request.stats.prompt_ids = reuse, list(ids)
             request.stats.prompt_tokens = len(ids)
             self.prefilled_tokens += len(ids) - reuse
             self.reused_tokens += reuse
-            seen = torch.zeros(self._vocab_size, dtype=torch.bool, device=logits.device)
-            seen[torch.tensor(ids, device=logits.device)] = True
+            device = self.decoder.device
+            seen = torch.zeros(self._vocab_size, dtype=torch.bool, device=device)
+            seen[torch.tensor(ids, device=device)] = True
             generator = None
             if request.params.seed is not None:
-                generator = torch.Generator(device=logits.device).manual_seed(request.params.seed)
-            rows.append(_Row(request, ids, len(ids), len(ids), seen, start, generator))
-        first = len(self._rows)
-        self._rows.extend(rows)
-        for index in sorted(self._choose(rows, logits), reverse=True):
-            self._finish(first + index)
+                generator = torch.Generator(device=device).manual_seed(request.params.seed)
+            row = _Row(request, ids, len(ids), reuse, seen, start, generator, slot=slot)
+            self._joining.append(row)
+
+    def _free_slot(self) -> int:
+        """The lowest slot after the decoding rows that no joining row holds."""
+        taken = {row.slot for row in self._joining}
+        slot = len(self._rows)
+        while slot in taken:
+            slot += 1
+        return slot
+
+    def _chunks(self) -> list[tuple[_Row, int]]:
+        """How many prompt tokens each joining row encodes in this step.
+
+        While rows are decoding, at most ``prefill_chunk`` tokens in all, oldest request first,
+        so a long prompt joining does not stall the replies already streaming; with no row
+        decoding there is nobody to keep waiting, and every prompt is encoded whole.
+        """
+        for row in [r for r in self._joining if r.request.cancelled.is_set()]:
+            self._joining.remove(row)  # its caller has gone (timeout, shutdown)
+            self._resolve(row.request, error=EngineClosed())
+        budget = self.prefill_chunk if self._rows else None
+        chunks = []
+        for row in self._joining:
+            take = row.prompt_len - row.computed
+            if budget is not None:
+                take = min(take, budget)
+                budget -= take
+            if take <= 0:
+                break
+            chunks.append((row, take))
+        return chunks
 
     def _step(self) -> None:
-        """Feed every row its last token, choose the next ones, let finished rows go."""
+        """One pass of the model: every decoding row's next token, and the next chunk of the
+        prompts being encoded (in the same matrix products: the weights are read once)."""
         assert self.decoder is not None
         started = time.perf_counter()
         self.steps += 1
         rows = self._rows
         device = self.decoder.device
         try:
-            tokens = torch.tensor([row.ids[-1] for row in rows], device=device)
-            lengths = torch.tensor([row.computed for row in rows], device=device)
+            chunks = self._chunks()
+            if not rows and not chunks:  # every joining request was cancelled
+                return
             with torch.inference_mode():
-                logits = self.decoder.decode(tokens, lengths)
+                if not chunks:
+                    tokens = torch.tensor([row.ids[-1] for row in rows], device=device)
+                    lengths = torch.tensor([row.computed for row in rows], device=device)
+                    logits = self.decoder.decode(tokens, lengths)
+                else:
+                    spans = [(i, [row.ids[-1]], row.computed, True) for i, row in enumerate(rows)]
+                    spans += [
+                        (
+                            row.slot,
+                            row.ids[row.computed : row.computed + take],
+                            row.computed,
+                            row.computed + take == row.prompt_len,
+                        )
+                        for row, take in chunks
+                    ]
+                    logits = self.decoder.prefill_many(
+                        [span[:3] for span in spans], wanted=[span[3] for span in spans]
+                    )
             for row in rows:
                 row.computed += 1
                 row.request.stats.batch_rows = max(row.request.stats.batch_rows, len(rows))
-            finished = self._choose(rows, logits)
-            self.busy_s["step"] += time.perf_counter() - started
+            for row, take in chunks:
+                row.computed += take
+            finished = self._choose(rows, logits[: len(rows)]) if rows else []
+            joined = [row for row, _ in chunks if row.computed == row.prompt_len]
+            self.busy_s["step" if rows else "admit"] += time.perf_counter() - started
         except Exception as error:
             logger.exception("generation failed")
-            for row in rows:
+            for row in [*rows, *self._joining]:
                 self._resolve(row.request, error=error)
             rows.clear()
+            self._joining.clear()
             return
         started = time.perf_counter()
         for index in sorted(finished, reverse=True):
             self._finish(index)
         self.busy_s["finish"] += time.perf_counter() - started
+        if joined:
+            self._join(joined, logits[len(logits) - len(joined) :])
+
+    def _join(self, joined: list[_Row], logits: torch.Tensor) -> None:
+        """Rows whose prompt is encoded join the decoding rows: slot i for row i, then each
+        chooses its first token from its prompt's last logits."""
+        assert self.decoder is not None
+        first = len(self._rows)
+        for row in joined:
+            self._joining.remove(row)
+            target = len(self._rows)
+            if row.slot != target:
+                other = next((r for r in self._joining if r.slot == target), None)
+                if other is None:
+                    self.decoder.move_slot(row.slot, target, row.computed)
+                else:  # a later prompt's chunks sit there: trade places
+                    self.decoder.swap_slots(row.slot, target, row.computed, other.computed)
+                    other.slot = row.slot
+                row.slot = target
+            self._rows.append(row)
+        for index in sorted(self._choose(joined, logits), reverse=True):
+            self._finish(first + index)
 
     def _choose(self, rows: list[_Row], logits: torch.Tensor) -> list[int]:
         """Append each row's next token; return the indices (into ``rows``) that are done."""

@@ -1,4 +1,4 @@
-"""float32 projections through oneDNN on CPUs (``MODEL_CPU_ONEDNN``, on by default).
+"""float32 and bfloat16 projections through oneDNN on CPUs (``MODEL_CPU_ONEDNN``, on by default).
 
 A decoding step multiplies a few rows (one per user in the batch) by each weight matrix. PyTorch's
 default CPU GEMM does that badly for small row counts. Measured on the 2-core machine for 24
@@ -21,24 +21,35 @@ fused into the MLP's first projection. Same weights, same float32 arithmetic (re
 choice, not a different model. Like ``bot.engine.quantize``, each GPT-2 ``Conv1D`` is rewritten as a
 linear layer, one module at a time, and ``lm_head`` gets its own copy of the (tied) embedding.
 
-Memory: the packed copies replace the projections, and the remaining weights are copied out of
-the memory-mapped checkpoint so that its pages are released (:func:`_own_memory`). The medium
-model's process holds ~2.0 GB after loading (~3.4 GB at the peak while converting), against
-0.5–2 GB for the plain model (mapped, growing as pages are read); ``make bench`` reports it.
-``MODEL_CPU_ONEDNN=false`` where memory matters more than speed.
+**bfloat16** (``MODEL_DTYPE=bfloat16`` or ``auto`` on a CPU with AVX512_BF16 or AMX): the same
+packed kernels with bfloat16 weights and activations (float32 accumulation inside oneDNN), half
+the bytes to read per step; the engine keeps keys/values in bfloat16 too and turns the logits
+into float32 before sampling. On a CPU without those instructions oneDNN cannot pack bfloat16 at
+all and PyTorch's own bfloat16 matmul is emulated (~300× slower than float32): refused at load
+(:func:`bfloat16_support`).
+
+Memory: a local safetensors checkpoint is built projection by projection
+(:func:`load_packed`, ``bot.engine.streamed``), so the unpacked weights never sit in memory
+whole; the process holds the packed projections, the embeddings and the runtime. A model loaded
+the usual way (a hub id) is converted in place (:func:`to_onednn`) and its remaining weights are
+copied out of the memory-mapped checkpoint so that its pages are released (:func:`_own_memory`).
+``MODEL_CPU_ONEDNN=false`` keeps PyTorch's default kernels and no packed copy.
 """
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from bot.engine.quantize import TANH_GELU
+from bot.engine.streamed import load_streamed, untie_for_serving
+
 #: The batch size the weights are laid out for. A hint, not a limit: any number of rows works
 #: (prefill passes hundreds); 8 was fastest at 1, 8, 25 and 200 rows here.
 BATCH_HINT = 8
-#: Activations that are the tanh approximation of GELU, which oneDNN fuses into a projection.
-TANH_GELU = ("gelu_new", "gelu_pytorch_tanh")
 
 
 def available() -> bool:
@@ -51,17 +62,36 @@ def available() -> bool:
     )
 
 
-class OneDNNLinear(nn.Module):
-    """``y = x W^T + b`` (then tanh-GELU with ``gelu``) with ``W`` packed for oneDNN."""
+def bfloat16_support() -> str | None:
+    """None when this CPU runs bfloat16 projections fast; else why not, in a few words."""
+    cpu = torch.cpu
+    fast = cpu._is_avx512_bf16_supported() or cpu._is_amx_tile_supported()
+    if not fast:
+        capability = torch.backends.cpu.get_cpu_capability()
+        return f"this CPU has no AVX512_BF16 or AMX instructions (it has {capability})"
+    if not (available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()):
+        return "this PyTorch build's oneDNN has no bfloat16 kernels for this CPU"
+    return None
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, gelu: bool = False) -> None:
+
+class OneDNNLinear(nn.Module):
+    """``y = x W^T + b`` (then tanh-GELU with ``gelu``) with ``W`` packed for oneDNN, in
+    ``dtype`` (float32, or bfloat16 on a CPU :func:`bfloat16_support` accepts)."""
+
+    def __init__(
+        self,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        gelu: bool = False,
+        dtype: torch.dtype = torch.float32,
+    ) -> None:
         super().__init__()
         self.out_features, self.in_features = weight.shape
-        weight = weight.detach().float().contiguous()
+        weight = weight.detach().to(dtype).contiguous()
         with torch.inference_mode():
             self.weight = torch.ops.mkldnn._reorder_linear_weight(weight, BATCH_HINT)
         # A copy, not a view: a view would keep the whole memory-mapped checkpoint alive.
-        self.bias = None if bias is None else bias.detach().float().clone()
+        self.bias = None if bias is None else bias.detach().to(dtype).clone()
         self.attr, self.algorithm = ("gelu", "tanh") if gelu else ("none", "")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -72,36 +102,58 @@ class OneDNNLinear(nn.Module):
         return out.reshape(*x.shape[:-1], self.out_features)
 
 
-def _linear(child: nn.Module, gelu: bool = False) -> OneDNNLinear | None:
+def _linear(child: nn.Module, gelu: bool, dtype: torch.dtype) -> OneDNNLinear | None:
     if isinstance(child, Conv1D):
-        return OneDNNLinear(child.weight.t(), child.bias, gelu)
+        return OneDNNLinear(child.weight.t(), child.bias, gelu, dtype)
     if type(child) is nn.Linear:
-        return OneDNNLinear(child.weight, child.bias, gelu)
+        return OneDNNLinear(child.weight, child.bias, gelu, dtype)
     return None
 
 
-def to_onednn(model: nn.Module) -> int:
+def _fuses_gelu(config: object) -> bool:
+    return getattr(config, "activation_function", None) in TANH_GELU
+
+
+def load_packed(path: Path, dtype: torch.dtype = torch.float32) -> nn.Module | None:
+    """The safetensors checkpoint at ``path`` with packed projections in ``dtype``, built one
+    projection at a time (see the module docstring); None when it has no safetensors weights."""
+    from transformers import AutoConfig
+
+    fuse = _fuses_gelu(AutoConfig.from_pretrained(path))
+
+    def projection(name: str, weight: torch.Tensor, bias: torch.Tensor | None) -> OneDNNLinear:
+        return OneDNNLinear(weight, bias, gelu=fuse and name.endswith("mlp.c_fc"), dtype=dtype)
+
+    model = load_streamed(path, projection, dtype)
+    if model is not None and fuse:
+        for module in model.modules():
+            if isinstance(getattr(module, "c_fc", None), OneDNNLinear) and hasattr(module, "act"):
+                module.act = nn.Identity()
+    return model
+
+
+def to_onednn(model: nn.Module, dtype: torch.dtype = torch.float32) -> int:
     """Replace every Conv1D and Linear projection with a oneDNN linear; returns the count.
 
     In a GPT-2 MLP whose activation is tanh-GELU, the activation moves into ``c_fc`` (and the
     MLP's own becomes the identity), saving the half-dozen elementwise passes per layer that
     the tanh formula costs.
     """
-    fuse = getattr(model.config, "activation_function", None) in TANH_GELU
+    fuse = _fuses_gelu(model.config)
     replaced = 0
     for parent in list(model.modules()):
         gelu_into = None
         if fuse and isinstance(getattr(parent, "c_fc", None), Conv1D) and hasattr(parent, "act"):
             gelu_into = "c_fc"
         for name, child in list(parent.named_children()):
-            new = _linear(child, gelu=name == gelu_into)
+            new = _linear(child, name == gelu_into, dtype)
             if new is None:
                 continue
             setattr(parent, name, new)
             replaced += 1
         if gelu_into is not None:
             parent.act = nn.Identity()
-    model.config.tie_word_embeddings = False
+    untie_for_serving(model)
     _own_memory(model)
     return replaced
 

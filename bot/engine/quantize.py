@@ -10,13 +10,14 @@ quantized on the fly per batch. For CPUs only: GPUs should use ``MODEL_DTYPE=bfl
 
 from __future__ import annotations
 
-import json
 import warnings
 from pathlib import Path
 
 import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
+
+from bot.engine.streamed import load_streamed, untie_for_serving
 
 
 def _int8_linear(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Module:
@@ -31,6 +32,21 @@ def _int8_linear(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Module:
         linear.bias = nn.Parameter(bias.detach().clone(), requires_grad=False)
     linear.qconfig = default_dynamic_qconfig
     return DynamicLinear.from_float(linear)
+
+
+#: GPT-2's activations that are the tanh approximation of GELU.
+TANH_GELU = ("gelu_new", "gelu_pytorch_tanh")
+
+
+def one_kernel_gelu(model: nn.Module) -> None:
+    """Compute GPT-2's tanh-GELU with PyTorch's fused kernel: the same formula as
+    transformers' ``NewGELUActivation`` (results equal to ~1e-7), one pass over the MLP's
+    activations instead of the half-dozen elementwise operations its Python formula costs."""
+    if getattr(model.config, "activation_function", None) not in TANH_GELU:
+        return
+    for module in model.modules():
+        if hasattr(module, "c_fc") and hasattr(module, "act"):
+            module.act = nn.GELU(approximate="tanh")
 
 
 def quantize_int8(model: nn.Module) -> int:
@@ -58,94 +74,23 @@ def quantize_int8(model: nn.Module) -> int:
                     continue
                 setattr(parent, name, new)
                 replaced += 1
-    model.config.tie_word_embeddings = False  # lm_head is now its own (int8) module
+    untie_for_serving(model)  # lm_head is now its own (int8) module
+    one_kernel_gelu(model)
     return replaced
 
 
-def _safetensors_files(path: Path) -> list[Path] | None:
-    index = path / "model.safetensors.index.json"
-    if index.is_file():
-        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        return [path / n for n in names]
-    single = path / "model.safetensors"
-    return [single] if single.is_file() else None
-
-
-_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
-
-
-def _safetensors_header(file: Path) -> dict[str, tuple[int, dict]]:
-    """{tensor name: (offset of the data section, header entry)} of a safetensors file."""
-    with file.open("rb") as handle:
-        size = int.from_bytes(handle.read(8), "little")
-        header = json.loads(handle.read(size))
-    header.pop("__metadata__", None)
-    return {name: (8 + size, info) for name, info in header.items()}
-
-
-def _read_tensor(file: Path, located: tuple[int, dict]) -> torch.Tensor:
-    """Read one tensor into fresh memory with plain file reads.
-
-    Not ``safe_open``: it memory-maps the whole file, and every page it touches stays in the
-    process's resident memory until the file is unmapped, which is the very float32 copy this
-    loader exists to avoid.
-    """
-    base, info = located
-    start, end = info["data_offsets"]
-    with file.open("rb") as handle:
-        handle.seek(base + start)
-        data = bytearray(end - start)
-        handle.readinto(data)  # into the buffer: read() then bytearray() would hold it twice
-    return torch.frombuffer(data, dtype=_DTYPES[info["dtype"]]).reshape(info["shape"]).float()
-
-
 def load_int8_low_memory(path: Path) -> nn.Module | None:
-    """Build the model on the meta device and fill it tensor by tensor from safetensors.
-
-    Each projection is read, quantized and dropped before the next is read, so the float32 model
-    never sits in memory whole: serving memory is the int8 projections plus the float32
-    embeddings. Returns None when the directory has no safetensors weights (the caller then
-    loads normally and calls :func:`quantize_int8`).
-    """
-    files = _safetensors_files(path)
-    if files is None:
-        return None
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    where = {key: (f, info) for f in files for key, info in _safetensors_header(f).items()}
-
-    def tensor(key: str) -> torch.Tensor:
-        return _read_tensor(*where[key])
-
-    config = AutoConfig.from_pretrained(path)
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
+    """The model at ``path`` with int8 projections, built tensor by tensor
+    (:func:`~bot.engine.streamed.load_streamed`): each projection is read, quantized and dropped
+    before the next is read, so the float32 model never sits in memory whole. None when the
+    directory has no safetensors weights (the caller then loads normally and calls
+    :func:`quantize_int8`)."""
     torch.backends.quantized.engine = "fbgemm"
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        for module_name, parent in list(model.named_modules()):
-            for name, child in list(parent.named_children()):
-                full = f"{module_name}.{name}" if module_name else name
-                if isinstance(child, Conv1D):
-                    new = _int8_linear(tensor(f"{full}.weight").t(), tensor(f"{full}.bias"))
-                elif type(child) is nn.Linear:
-                    key = f"{full}.weight"
-                    if key not in where:  # lm_head tied to the input embedding
-                        key = next(k for k in where if k.endswith("wte.weight"))
-                    bias = tensor(f"{full}.bias") if child.bias is not None else None
-                    new = _int8_linear(tensor(key), bias)
-                else:
-                    continue
-                setattr(parent, name, new)
-    model.config.tie_word_embeddings = False
-    for name, parameter in list(model.named_parameters()):  # embeddings and layer norms
-        owner_name, _, attribute = name.rpartition(".")
-        owner = model.get_submodule(owner_name)
-        if name not in where:
-            raise RuntimeError(f"{name} is not in the checkpoint at {path}")
-        setattr(owner, attribute, nn.Parameter(tensor(name), requires_grad=False))
-        del parameter
-    meta_buffers = [name for name, buffer in model.named_buffers() if buffer.is_meta]
-    if meta_buffers:  # GPT-2 in transformers 5 has none; another architecture might
-        return None
+        warnings.simplefilter("ignore")  # torch.ao.quantization's deprecation notice
+        model = load_streamed(
+            path, lambda _name, weight, bias: _int8_linear(weight, bias), torch.float32
+        )
+    if model is not None:
+        one_kernel_gelu(model)
     return model

@@ -39,6 +39,7 @@ from bot.engine.generation import (
     GenerationEngine,
     stop_token_ids,
 )
+from bot.engine.loading import count_parameters
 from bot.engine.openai_api import (
     CompletionRequest,
     RequestError,
@@ -123,7 +124,9 @@ class InferenceServer:
     def attach(self, engine: GenerationEngine) -> None:
         """The engine is warm: start serving it."""
         self.engine = engine
-        self._parameters = sum(p.numel() for p in engine.model.parameters())
+        self._parameters = count_parameters(engine.model)
+        if self.dtype == "auto":  # what it resolved to on this machine
+            self.dtype = str(engine.model.dtype).removeprefix("torch.")
         self.metrics.watch(engine)
 
     def app(self) -> web.Application:

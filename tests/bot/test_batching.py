@@ -7,6 +7,7 @@ so the slot decoder, the cache and the batching are checked against the library,
 import asyncio
 import shutil
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -215,6 +216,74 @@ async def test_a_request_arriving_mid_batch_joins_and_is_answered(tiny):
         assert len(long_stats.reply_ids) == 400
     finally:
         engine.close()
+
+
+def _prompt(engine: GenerationEngine, tokens: int, seed: int) -> list[int]:
+    """``tokens`` token ids of ordinary text (no stop token), different for each seed."""
+    words = [w for d in DIALOGUES for w in d[0].split()] * 400
+    ids = engine.tokenizer(" ".join(words[seed:]), add_special_tokens=False)["input_ids"]
+    return [t for t in ids if t not in engine._stop_ids][:tokens]
+
+
+async def test_a_long_prompt_joins_in_chunks_while_a_reply_keeps_streaming(tiny):
+    engine = _engine(tiny, reply_tokens=200, prefill_chunk=16)
+    engine.start()
+    passes: list[list[tuple[int, int]]] = []  # per pass of the model: (slot, tokens) per row
+    encode = engine.decoder.prefill_many
+
+    def recording(rows, wanted=None):  # type: ignore[no-untyped-def]
+        passes.append([(slot, len(ids)) for slot, ids, _ in rows])
+        return encode(rows, wanted)
+
+    engine.decoder.prefill_many = recording  # the real pass, its arguments written down
+    try:
+        streaming = SamplingParams(temperature=0.0, max_new_tokens=150, min_new_tokens=150)
+        first = asyncio.create_task(
+            engine.complete(_prompt(engine, 20, 0), streaming, stop_token_ids=[])
+        )
+        await until(lambda: engine.active_rows == 1)
+        passes.clear()
+        long_prompt = _prompt(engine, 600, 1)
+        params = replace(GREEDY, max_new_tokens=8, min_new_tokens=8)
+        stats = RequestStats()
+        joined = await engine.complete(long_prompt, params, stop_token_ids=[], stats=stats)
+        assert not first.done()  # the first reply was still streaming when the long one ended
+        streamed = await first
+    finally:
+        engine.close()
+    # Every pass that encoded part of the long prompt also gave the streaming row its next token
+    # (a row of one token in slot 0), and encoded at most the chunk.
+    chunks = [[n for slot, n in rows if slot != 0] for rows in passes]
+    encoding = [rows for rows, chunk in zip(passes, chunks, strict=True) if chunk]
+    assert sum(sum(chunk) for chunk in chunks) == len(long_prompt)
+    assert len(encoding) >= len(long_prompt) // 16
+    assert all((0, 1) in rows and sum(n for _, n in rows) <= 16 + 1 for rows in encoding)
+    # Encoding in chunks changes nothing in either reply.
+    assert joined.token_ids == reference(engine, long_prompt, params)
+    assert streamed.token_ids == reference(engine, _prompt(engine, 20, 0), streaming)
+    assert stats.batch_rows == 2
+
+
+async def test_prompts_joining_and_leaving_in_any_order_keep_their_own_rows(tiny):
+    """Rows finish while prompts are still being encoded and prompts finish encoding out of
+    arrival order: each reply must still be the one its own prompt gives alone."""
+    engine = _engine(tiny, reply_tokens=60, max_batch=4, prefill_chunk=24)
+    engine.start()
+    shapes = [(300, 5), (40, 30), (250, 8), (10, 40), (120, 3), (500, 10), (60, 20), (5, 2)]
+    try:
+
+        async def one(index: int, tokens: int, new: int) -> tuple[list[int], list[int]]:
+            await asyncio.sleep(0.01 * index)
+            ids = _prompt(engine, tokens, index)
+            params = replace(GREEDY, max_new_tokens=new, min_new_tokens=new)
+            done = await engine.complete(ids, params, stop_token_ids=[])
+            return done.token_ids, reference(engine, ids, params)
+
+        results = await asyncio.gather(*(one(i, *shape) for i, shape in enumerate(shapes)))
+    finally:
+        engine.close()
+    for got, expected in results:
+        assert got == expected
 
 
 async def test_streaming_sends_growing_text_that_ends_in_the_reply(chatty):

@@ -10,6 +10,7 @@ import urllib.request
 import openai
 import pytest
 from openai import AsyncOpenAI
+from transformers import AutoModelForCausalLM
 
 from bot.engine import GenerationEngine, SamplingParams, load_model
 from tests.bot.conftest import SERVER_KEYS, SERVER_PERSONA
@@ -183,14 +184,17 @@ async def test_prefix_cache_across_requests(client, model_server):
     assert anonymous.usage.prompt_tokens_details.cached_tokens >= second.usage.prompt_tokens
 
 
-async def test_models_tokenize_health_and_metrics(client, model_server):
+async def test_models_tokenize_health_and_metrics(client, model_server, long_model_dir):
     models = await client.models.list()
     card = models.data[0]
     assert card.id == "long-model"
     assert card.model_extra["max_model_len"] == 8192
     assert card.model_extra["dtype"] == "float32"
     assert card.model_extra["quantization"] == "none"
-    assert card.model_extra["parameters"] > 100_000
+    # The served model's projections are packed for oneDNN (not nn.Parameters any more) and its
+    # lm_head is a copy of the input embedding: neither may change the count (once undercounted).
+    expected = AutoModelForCausalLM.from_pretrained(long_model_dir).num_parameters()
+    assert card.model_extra["parameters"] == expected
 
     status, _, body = raw_post(model_server, "/tokenize", json.dumps({"prompt": "Привет"}).encode())
     assert status == 200 and body["count"] == len(body["tokens"]) > 0
