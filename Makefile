@@ -68,7 +68,9 @@ evaluate: install
 	$(PY) -m trainer evaluate --model $(MODEL) --data $(DATA_DIR)/test.parquet $(ARGS)
 
 # Serving: USERS x TURNS conversations at once, the naive design vs the engine (ARGS="--designs
-# naive,engine,remote" adds the bot on `bot serve` over HTTP)
+# naive,engine,remote" adds the bot on `bot serve` over HTTP; engine:int8, engine:bfloat16,
+# engine:chunk=0, engine:threads=N are variants in the same run; --background-load N runs N busy
+# processes beside them; --join-tokens N times a long prompt joining streaming replies)
 # (SHAPE=tiny|small|medium; e.g. make bench SHAPE=medium ARGS="--users 8 --json bench.json").
 bench: install
 	$(PY) -m bot.engine.bench --shape $(SHAPE) $(ARGS)

@@ -47,7 +47,7 @@ class Settings(BaseSettings):
     max_batch: int = Field(8, ge=1, le=512, description="rows decoded together")
     kv_cache_mb: float = Field(1024, ge=0, description="memory for dialogues' cached prefixes")
     prefill_chunk_tokens: int = Field(
-        128, ge=0, description="prompt tokens encoded per step while replies stream (0: all)"
+        64, ge=0, description="prompt tokens encoded per step while replies stream (0: all)"
     )
     engine_threads: int = Field(
         0, ge=0, le=1024, description="threads of the engine's worker (0: one per core)"

@@ -201,7 +201,7 @@ class GenerationEngine:
         batched: bool = True,
         seed: int | None = None,
         threads: int | None = None,
-        prefill_chunk: int | None = 128,
+        prefill_chunk: int | None = 64,
     ) -> None:
         self.model = model
         self.tokenizer = tokenizer
