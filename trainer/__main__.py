@@ -179,11 +179,17 @@ def _evaluate(args: argparse.Namespace) -> int:
     if not args.model.is_dir():
         raise FileNotFoundError(f"{args.model}: model directory not found")
     if args.quantize == "int8" or args.dtype != "float32":
-        from bot.engine import load_model  # the very loading path the bot serves with
+        # The very loading path the bot serves with. Imported after transformers (torch): the bot's
+        # package sets its OpenMP wait policy for the processes it starts, not for this one.
+        from bot.engine import load_model
+        from bot.engine.loading import ModelLoadError
 
-        model, tokenizer = load_model(
-            str(args.model), "cpu", args.dtype, args.quantize, cpu_onednn=True
-        )
+        try:
+            model, tokenizer = load_model(
+                str(args.model), "cpu", args.dtype, args.quantize, cpu_onednn=True
+            )
+        except ModelLoadError as error:  # one line for the operator, as the others
+            raise ValueError(str(error)) from None
     else:
         tokenizer = AutoTokenizer.from_pretrained(args.model)
         model = AutoModelForCausalLM.from_pretrained(args.model)
@@ -223,7 +229,6 @@ def main(argv: list[str] | None = None) -> int:
     load_dotenv()
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args = _parser().parse_args(argv)
-    from bot.engine.loading import ModelLoadError
     from trainer.finetune import DistributedError, ResumeError
     from trainer.modeling import BaseModelError
     from trainer.publish import PublishError
@@ -239,7 +244,6 @@ def main(argv: list[str] | None = None) -> int:
         ResumeError,
         DistributedError,
         PublishError,
-        ModelLoadError,
         FileNotFoundError,
         ValueError,
     ) as error:
