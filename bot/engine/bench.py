@@ -179,12 +179,12 @@ async def measure_join(engine: Any, tokens: int, rows: int, reply: int) -> dict[
     a few when a character spans tokens); the figures are the median gap before the long prompt
     arrives, and the median and longest ones between its arrival and its first token (the longest
     includes growing the slot cache to the long row's length, once)."""
-    from bot.engine import RequestStats, SamplingParams
+    from bot.engine import RequestStats, SamplingParams, stop_token_ids
 
     stamps: list[list[float]] = [[] for _ in range(rows)]
     params = SamplingParams(max_new_tokens=reply, min_new_tokens=reply)
     vocab = engine.tokenizer.vocab_size
-    stop = set(engine._stop_ids)
+    stop = set(stop_token_ids(engine.tokenizer))
 
     def stamp(row: int) -> Any:
         return lambda _text: stamps[row].append(time.perf_counter())

@@ -605,20 +605,14 @@ class GenerationEngine:
                     tokens = torch.tensor([row.ids[-1] for row in rows], device=device)
                     lengths = torch.tensor([row.computed for row in rows], device=device)
                     logits = self.decoder.decode(tokens, lengths)
-                else:
-                    spans = [(i, [row.ids[-1]], row.computed, True) for i, row in enumerate(rows)]
+                else:  # decoding rows are rows of one token; chunks want logits when done
+                    spans = [(i, [row.ids[-1]], row.computed) for i, row in enumerate(rows)]
                     spans += [
-                        (
-                            row.slot,
-                            row.ids[row.computed : row.computed + take],
-                            row.computed,
-                            row.computed + take == row.prompt_len,
-                        )
-                        for row, take in chunks
+                        (r.slot, r.ids[r.computed : r.computed + n], r.computed) for r, n in chunks
                     ]
-                    logits = self.decoder.prefill_many(
-                        [span[:3] for span in spans], wanted=[span[3] for span in spans]
-                    )
+                    wanted = [True] * len(rows)
+                    wanted += [row.computed + take == row.prompt_len for row, take in chunks]
+                    logits = self.decoder.prefill_many(spans, wanted=wanted)
             for row in rows:
                 row.computed += 1
                 row.request.stats.batch_rows = max(row.request.stats.batch_rows, len(rows))

@@ -42,10 +42,8 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from transformers.pytorch_utils import Conv1D
 
-from bot.engine.quantize import TANH_GELU
-from bot.engine.streamed import load_streamed, untie_for_serving
+from bot.engine.streamed import convert_loaded, load_streamed, tanh_gelu_mlps
 
 #: The batch size the weights are laid out for. A hint, not a limit: any number of rows works
 #: (prefill passes hundreds); 8 was fastest at 1, 8, 25 and 200 rows here.
@@ -75,14 +73,14 @@ def bfloat16_support() -> str | None:
 
 
 class OneDNNLinear(nn.Module):
-    """``y = x W^T + b`` (then tanh-GELU with ``gelu``) with ``W`` packed for oneDNN, in
-    ``dtype`` (float32, or bfloat16 on a CPU :func:`bfloat16_support` accepts)."""
+    """``y = x W^T + b`` with ``W`` packed for oneDNN, in ``dtype`` (float32, or bfloat16 on a
+    CPU :func:`bfloat16_support` accepts); tanh-GELU applied to ``y`` in the same call once
+    :func:`_fuse_gelu` has set ``attr``."""
 
     def __init__(
         self,
         weight: torch.Tensor,
         bias: torch.Tensor | None,
-        gelu: bool = False,
         dtype: torch.dtype = torch.float32,
     ) -> None:
         super().__init__()
@@ -92,7 +90,7 @@ class OneDNNLinear(nn.Module):
             self.weight = torch.ops.mkldnn._reorder_linear_weight(weight, BATCH_HINT)
         # A copy, not a view: a view would keep the whole memory-mapped checkpoint alive.
         self.bias = None if bias is None else bias.detach().to(dtype).clone()
-        self.attr, self.algorithm = ("gelu", "tanh") if gelu else ("none", "")
+        self.attr, self.algorithm = "none", ""  # the post-op fused into the product
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, self.in_features).contiguous()
@@ -102,58 +100,30 @@ class OneDNNLinear(nn.Module):
         return out.reshape(*x.shape[:-1], self.out_features)
 
 
-def _linear(child: nn.Module, gelu: bool, dtype: torch.dtype) -> OneDNNLinear | None:
-    if isinstance(child, Conv1D):
-        return OneDNNLinear(child.weight.t(), child.bias, gelu, dtype)
-    if type(child) is nn.Linear:
-        return OneDNNLinear(child.weight, child.bias, gelu, dtype)
-    return None
-
-
-def _fuses_gelu(config: object) -> bool:
-    return getattr(config, "activation_function", None) in TANH_GELU
+def _fuse_gelu(model: nn.Module) -> None:
+    """In a GPT-2 MLP whose activation is tanh-GELU, move the activation into the packed
+    ``c_fc`` (the MLP's own becomes the identity), saving the half-dozen elementwise passes per
+    layer that the tanh formula costs."""
+    for mlp in tanh_gelu_mlps(model):
+        if isinstance(mlp.c_fc, OneDNNLinear):
+            mlp.c_fc.attr, mlp.c_fc.algorithm = "gelu", "tanh"
+            mlp.act = nn.Identity()
 
 
 def load_packed(path: Path, dtype: torch.dtype = torch.float32) -> nn.Module | None:
     """The safetensors checkpoint at ``path`` with packed projections in ``dtype``, built one
     projection at a time (see the module docstring); None when it has no safetensors weights."""
-    from transformers import AutoConfig
-
-    fuse = _fuses_gelu(AutoConfig.from_pretrained(path))
-
-    def projection(name: str, weight: torch.Tensor, bias: torch.Tensor | None) -> OneDNNLinear:
-        return OneDNNLinear(weight, bias, gelu=fuse and name.endswith("mlp.c_fc"), dtype=dtype)
-
-    model = load_streamed(path, projection, dtype)
-    if model is not None and fuse:
-        for module in model.modules():
-            if isinstance(getattr(module, "c_fc", None), OneDNNLinear) and hasattr(module, "act"):
-                module.act = nn.Identity()
+    model = load_streamed(path, lambda weight, bias: OneDNNLinear(weight, bias, dtype), dtype)
+    if model is not None:
+        _fuse_gelu(model)
     return model
 
 
 def to_onednn(model: nn.Module, dtype: torch.dtype = torch.float32) -> int:
-    """Replace every Conv1D and Linear projection with a oneDNN linear; returns the count.
-
-    In a GPT-2 MLP whose activation is tanh-GELU, the activation moves into ``c_fc`` (and the
-    MLP's own becomes the identity), saving the half-dozen elementwise passes per layer that
-    the tanh formula costs.
-    """
-    fuse = _fuses_gelu(model.config)
-    replaced = 0
-    for parent in list(model.modules()):
-        gelu_into = None
-        if fuse and isinstance(getattr(parent, "c_fc", None), Conv1D) and hasattr(parent, "act"):
-            gelu_into = "c_fc"
-        for name, child in list(parent.named_children()):
-            new = _linear(child, name == gelu_into, dtype)
-            if new is None:
-                continue
-            setattr(parent, name, new)
-            replaced += 1
-        if gelu_into is not None:
-            parent.act = nn.Identity()
-    untie_for_serving(model)
+    """Replace every Conv1D and Linear projection of a loaded model with a oneDNN linear (GELU
+    fused, :func:`_fuse_gelu`); returns the count."""
+    replaced = convert_loaded(model, lambda weight, bias: OneDNNLinear(weight, bias, dtype))
+    _fuse_gelu(model)
     _own_memory(model)
     return replaced
 

@@ -15,9 +15,8 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from transformers.pytorch_utils import Conv1D
 
-from bot.engine.streamed import load_streamed, untie_for_serving
+from bot.engine.streamed import convert_loaded, load_streamed, tanh_gelu_mlps
 
 
 def _int8_linear(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Module:
@@ -34,19 +33,12 @@ def _int8_linear(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Module:
     return DynamicLinear.from_float(linear)
 
 
-#: GPT-2's activations that are the tanh approximation of GELU.
-TANH_GELU = ("gelu_new", "gelu_pytorch_tanh")
-
-
 def one_kernel_gelu(model: nn.Module) -> None:
     """Compute GPT-2's tanh-GELU with PyTorch's fused kernel: the same formula as
     transformers' ``NewGELUActivation`` (results equal to ~1e-7), one pass over the MLP's
     activations instead of the half-dozen elementwise operations its Python formula costs."""
-    if getattr(model.config, "activation_function", None) not in TANH_GELU:
-        return
-    for module in model.modules():
-        if hasattr(module, "c_fc") and hasattr(module, "act"):
-            module.act = nn.GELU(approximate="tanh")
+    for mlp in tanh_gelu_mlps(model):
+        mlp.act = nn.GELU(approximate="tanh")
 
 
 def quantize_int8(model: nn.Module) -> int:
@@ -61,20 +53,9 @@ def quantize_int8(model: nn.Module) -> int:
     ):
         raise RuntimeError("this torch build has no fbgemm int8 kernels: use MODEL_QUANTIZE=none")
     torch.backends.quantized.engine = "fbgemm"
-    replaced = 0
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # torch.ao.quantization's deprecation notice
-        for parent in list(model.modules()):
-            for name, child in list(parent.named_children()):
-                if isinstance(child, Conv1D):
-                    new = _int8_linear(child.weight.detach().t(), child.bias.detach())
-                elif type(child) is nn.Linear:
-                    new = _int8_linear(child.weight.detach(), child.bias)
-                else:
-                    continue
-                setattr(parent, name, new)
-                replaced += 1
-    untie_for_serving(model)  # lm_head is now its own (int8) module
+        replaced = convert_loaded(model, _int8_linear)
     one_kernel_gelu(model)
     return replaced
 
@@ -88,9 +69,7 @@ def load_int8_low_memory(path: Path) -> nn.Module | None:
     torch.backends.quantized.engine = "fbgemm"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # torch.ao.quantization's deprecation notice
-        model = load_streamed(
-            path, lambda _name, weight, bias: _int8_linear(weight, bias), torch.float32
-        )
+        model = load_streamed(path, _int8_linear, torch.float32)
     if model is not None:
         one_kernel_gelu(model)
     return model

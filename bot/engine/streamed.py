@@ -22,9 +22,8 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-#: Makes the serving module of one projection from its name (``transformer.h.0.mlp.c_fc``) and
-#: its weight (out × in, float32) and bias.
-Projection = Callable[[str, torch.Tensor, torch.Tensor | None], nn.Module]
+#: Makes the serving module of one projection from its weight (out × in, float32) and bias.
+Projection = Callable[[torch.Tensor, torch.Tensor | None], nn.Module]
 
 _DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 
@@ -59,6 +58,18 @@ def read_tensor(file: Path, located: tuple[int, dict]) -> torch.Tensor:
     return torch.frombuffer(data, dtype=_DTYPES[info["dtype"]]).reshape(info["shape"]).float()
 
 
+#: GPT-2's activations that are the tanh approximation of GELU.
+TANH_GELU = ("gelu_new", "gelu_pytorch_tanh")
+
+
+def tanh_gelu_mlps(model: nn.Module) -> list[nn.Module]:
+    """The model's MLPs (``c_fc`` → ``act`` → ``c_proj``) whose activation is tanh-GELU, which
+    both CPU conversions compute in one pass instead of transformers' Python formula."""
+    if getattr(model.config, "activation_function", None) not in TANH_GELU:
+        return []
+    return [m for m in model.modules() if hasattr(m, "c_fc") and hasattr(m, "act")]
+
+
 def untie_for_serving(model: nn.Module, copied: bool | None = None) -> None:
     """``lm_head`` is now a module of its own (a lookup table and a packed or int8 projection
     cannot share memory). Whether it was copied from the input embedding is recorded, so that
@@ -68,6 +79,26 @@ def untie_for_serving(model: nn.Module, copied: bool | None = None) -> None:
         copied = bool(getattr(model.config, "tie_word_embeddings", False))
     model.config.lm_head_copied_from_embeddings = copied
     model.config.tie_word_embeddings = False
+
+
+def convert_loaded(model: nn.Module, projection: Projection) -> int:
+    """The in-memory counterpart of :func:`load_streamed`, for a model loaded the usual way (a hub
+    id, a checkpoint without safetensors): every Conv1D/Linear replaced by ``projection``, one at
+    a time; ``lm_head`` becomes its own module (:func:`untie_for_serving`). Returns the count."""
+    replaced = 0
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, Conv1D):
+                weight, bias = child.weight.detach().t(), child.bias.detach()
+            elif type(child) is nn.Linear:
+                weight = child.weight.detach()
+                bias = None if child.bias is None else child.bias.detach()
+            else:
+                continue
+            setattr(parent, name, projection(weight, bias))
+            replaced += 1
+    untie_for_serving(model)
+    return replaced
 
 
 def load_streamed(path: Path, projection: Projection, dtype: torch.dtype) -> nn.Module | None:
@@ -95,13 +126,13 @@ def load_streamed(path: Path, projection: Projection, dtype: torch.dtype) -> nn.
         for name, child in list(parent.named_children()):
             full = f"{module_name}.{name}" if module_name else name
             if isinstance(child, Conv1D):
-                new = projection(full, tensor(f"{full}.weight").t(), tensor(f"{full}.bias"))
+                new = projection(tensor(f"{full}.weight").t(), tensor(f"{full}.bias"))
             elif type(child) is nn.Linear:
                 key = f"{full}.weight"
                 if key not in where:  # lm_head tied to the input embedding
                     key = next(k for k in where if k.endswith("wte.weight"))
                 bias = tensor(f"{full}.bias") if child.bias is not None else None
-                new = projection(full, tensor(key), bias)
+                new = projection(tensor(key), bias)
             else:
                 continue
             setattr(parent, name, new)
