@@ -578,12 +578,21 @@ def print_table(args: argparse.Namespace, results: dict[str, dict[str, Any]]) ->
         ("peak RSS, MB", "peak_rss_mb"),
     ]
     ratios = [f"{name}/{base}" for name in names[1:]]
-    print(f"{'':24}" + "".join(f"{n:>10}" for n in names) + "".join(f"{r:>16}" for r in ratios))
+    # Columns as wide as their headings (design variants have long names), two spaces apart.
+    widths = [max(10, len(n) + 2) for n in names]
+    ratio_widths = [max(16, len(r) + 2) for r in ratios]
+    print(
+        f"{'':24}"
+        + "".join(f"{n:>{w}}" for n, w in zip(names, widths, strict=True))
+        + "".join(f"{r:>{w}}" for r, w in zip(ratios, ratio_widths, strict=True))
+    )
     for label, key in rows:
-        values = "".join(f"{results[n][key]:>10}" for n in names)
+        values = "".join(f"{results[n][key]:>{w}}" for n, w in zip(names, widths, strict=True))
         against = "".join(
-            f"{results[n][key] / results[base][key]:>15.2f}x" if results[base][key] else " " * 16
-            for n in names[1:]
+            f"{results[n][key] / results[base][key]:>{w - 1}.2f}x"
+            if results[base][key]
+            else " " * w
+            for n, w in zip(names[1:], ratio_widths, strict=True)
         )
         print(f"{label:24}{values}{against}")
     for name in names:

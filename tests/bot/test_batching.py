@@ -353,6 +353,33 @@ def test_the_slot_cache_grows_without_losing_rows(tiny):
         assert torch.equal(decoder.save_slot(slot, 0, 10), saved)
 
 
+def test_both_ways_of_reading_the_slots_give_the_same_logits(tiny):
+    """Rows of very different lengths: attention over each row's exact positions (the CPU's
+    way, over an uninitialised cache) equals one masked call over zero-padded slots (the GPU's
+    way), for decoding steps and for a pass that also encodes a prompt's chunk."""
+    model, _ = tiny
+    lengths = [3, 70, 9, 140]
+    results = []
+    for exact in (True, False):
+        decoder = SlotDecoder(model, 1024, initial_capacity=16)
+        decoder.exact_keys = exact
+        torch.manual_seed(0)
+        with torch.inference_mode():
+            decoder.reserve(5, max(lengths) + 4)
+            for slot, length in enumerate(lengths):
+                decoder.prefill(slot, torch.randint(5, 200, (length,)).tolist(), 0)
+            steps = [decoder.decode(torch.tensor([7, 8, 9, 10]), torch.tensor(lengths))]
+            ends = [n + 1 for n in lengths]
+            steps.append(decoder.decode(torch.tensor([11, 12, 13, 14]), torch.tensor(ends)))
+            mixed = [(slot, [15 + slot], n + 1) for slot, n in enumerate(ends)]
+            steps.append(decoder.prefill_many([*mixed, (4, list(range(20, 45)), 0)]))
+        results.append(steps)
+    assert not decoder.exact_keys and decoder.cache[:, :, 0, :, 200:].abs().sum() == 0
+    for exact_step, padded_step in zip(*results, strict=True):
+        assert torch.isfinite(exact_step).all()
+        torch.testing.assert_close(exact_step, padded_step, rtol=1e-5, atol=1e-5)
+
+
 async def test_onednn_projections_give_the_same_greedy_replies(tiny_model_dir, tiny):
     """MODEL_CPU_ONEDNN: a kernel choice, not a different model."""
     fast = _engine(load_model(str(tiny_model_dir), "cpu", "float32", "none", cpu_onednn=True))
