@@ -63,6 +63,16 @@ class UserRef:
     name: str | None
 
 
+@dataclass(frozen=True)
+class OwedMessage:
+    """A stored Telegram message with no delivered reply: whose, which, and the forum topic
+    its reply belongs in (``None`` outside topics)."""
+
+    user: UserRef
+    message_id: int
+    thread_id: int | None
+
+
 class Turn:
     """A user's place in line: messages are stored, then answered, in the order they arrived.
 
@@ -163,7 +173,11 @@ class DialogueService:
                 turn.finish()
 
     async def remember_user_message(
-        self, user: UserRef, text: str, telegram_message_id: int | None = None
+        self,
+        user: UserRef,
+        text: str,
+        telegram_message_id: int | None = None,
+        telegram_thread_id: int | None = None,
     ) -> int | None:
         """Store the message before anything else, so a crash mid-reply loses no input.
 
@@ -172,7 +186,8 @@ class DialogueService:
         ``None`` when this Telegram message is already stored (Telegram delivered its update
         again): it has been or will be answered once, and must not be answered twice. A message
         longer than MAX_MESSAGE_CHARS keeps its beginning. A locked or briefly unreachable
-        database is retried (SQLite already waits out its busy timeout first).
+        database is retried (SQLite already waits out its busy timeout first). The forum topic
+        is kept with it: whoever answers it later (a restart, another replica) answers there.
         """
         text = text[: self.settings.max_message_chars]
         for attempt in range(1, DB_ATTEMPTS + 1):
@@ -185,6 +200,7 @@ class DialogueService:
                         repository.USER_ROLE,
                         text,
                         telegram_message_id=telegram_message_id,
+                        telegram_thread_id=telegram_thread_id,
                     )
                     return message.id
             except IntegrityError:
@@ -208,10 +224,10 @@ class DialogueService:
 
     async def unanswered(
         self, max_age_s: float, telegram_id: int | None = None, min_age_s: float = 0.0
-    ) -> list[tuple[UserRef, int]]:
-        """(user, message id) of each Telegram message younger than ``max_age_s`` (and older
-        than ``min_age_s``) with no delivered reply (the bot died mid-reply, or Telegram refused
-        the reply), oldest first; only ``telegram_id``'s when it is given."""
+    ) -> list[OwedMessage]:
+        """Each Telegram message younger than ``max_age_s`` (and older than ``min_age_s``)
+        with no delivered reply (the bot died mid-reply, or Telegram refused the reply), oldest
+        first; only ``telegram_id``'s when it is given."""
         now = datetime.now(UTC)
         async with self.sessions() as session:
             pending = await repository.unanswered_messages(
@@ -220,7 +236,9 @@ class DialogueService:
                 until=now - timedelta(seconds=min_age_s) if min_age_s > 0 else None,
                 telegram_id=telegram_id,
             )
-        return [(UserRef(p.telegram_id, p.name), p.message_id) for p in pending]
+        return [
+            OwedMessage(UserRef(p.telegram_id, p.name), p.message_id, p.thread_id) for p in pending
+        ]
 
     async def make_reply(
         self,

@@ -48,11 +48,19 @@ async def answer_unanswered(
     if pending:
         logger.info("answering %d message(s) left unanswered before the start", len(pending))
     tasks = []
-    for user, message_id in pending:
-        turn = dialogue.take_turn(user)
+    for message in pending:
+        turn = dialogue.take_turn(message.user)
         turn.mark_stored()
         answering = functools.partial(
-            answer, bot, dialogue, metrics, settings, turn, user, message_id
+            answer,
+            bot,
+            dialogue,
+            metrics,
+            settings,
+            turn,
+            message.user,
+            message.message_id,
+            message.thread_id,
         )
         tasks.append(asyncio.create_task(_settle(answering, turn, metrics)))
     return tasks
@@ -87,21 +95,18 @@ class OwedReplies:
         self._tasks: set[asyncio.Task[None]] = set()
         self._swept: set[int] = set()  # users this replica's sweep is answering now
 
-    def answer_soon(
-        self, user: UserRef, thread_ids: dict[int, int | None] | None = None, wait: bool = True
-    ) -> None:
-        """Answer what ``user`` is owed, in the background (the update is acknowledged first).
-
-        ``thread_ids``: the forum topic of a message, where it is known."""
-        task = asyncio.create_task(self._drain(user, thread_ids or {}, wait))
+    def answer_soon(self, user: UserRef, wait: bool = True) -> None:
+        """Answer what ``user`` is owed, in the background (the update is acknowledged first);
+        each reply goes to the forum topic stored with its message."""
+        task = asyncio.create_task(self._drain(user, wait))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _drain(self, user: UserRef, thread_ids: dict[int, int | None], wait: bool) -> None:
+    async def _drain(self, user: UserRef, wait: bool) -> None:
         try:
             async with self.replicas.lease(user.telegram_id, wait=wait) as held:
                 if held:
-                    await self._answer_all(user, thread_ids)
+                    await self._answer_all(user)
                 elif wait:
                     logger.warning(
                         "user %s: lease busy too long, left to the sweep", user.telegram_id
@@ -112,20 +117,23 @@ class OwedReplies:
         finally:
             self._swept.discard(user.telegram_id)
 
-    async def _answer_all(self, user: UserRef, thread_ids: dict[int, int | None]) -> None:
+    async def _answer_all(self, user: UserRef) -> None:
         """Under the lease: each owed message, oldest first, each seeing the history before it."""
         tried: set[int] = set()
         while True:
             owed = await self.dialogue.unanswered(
                 self.settings.pending_reply_max_age_s, telegram_id=user.telegram_id
             )
-            message_id = None
-            for _, candidate in owed:
-                if candidate not in tried and not await self.replicas.is_settled(candidate):
-                    message_id = candidate
+            message = None
+            for candidate in owed:
+                if candidate.message_id not in tried and not await self.replicas.is_settled(
+                    candidate.message_id
+                ):
+                    message = candidate
                     break
-            if message_id is None:
+            if message is None:
                 return
+            message_id = message.message_id
             tried.add(message_id)
             turn = self.dialogue.take_turn(user)  # in line with this replica's /reset and the like
             turn.mark_stored()
@@ -138,7 +146,7 @@ class OwedReplies:
                     turn,
                     user,
                     message_id,
-                    thread_ids.get(message_id),
+                    message.thread_id,
                     self.replicas,
                 )
             finally:
@@ -167,10 +175,11 @@ class OwedReplies:
             self.settings.pending_reply_max_age_s, min_age_s=older_than_s
         )
         users: dict[int, UserRef] = {}
-        for user, message_id in owed:
+        for message in owed:
+            user = message.user
             if user.telegram_id in users or user.telegram_id in self._swept:
                 continue
-            if not await self.replicas.is_settled(message_id):
+            if not await self.replicas.is_settled(message.message_id):
                 users[user.telegram_id] = user
         for user in users.values():
             self._swept.add(user.telegram_id)

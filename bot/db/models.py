@@ -47,6 +47,8 @@ class Message(Base):
     * ``telegram_message_id``: the chat's id of the message a user's turn came from. Telegram
       re-delivers an update it thinks unacknowledged; the unique (chat, message id) pair turns
       the second delivery into a no-op. ``None`` for the console chat.
+    * ``telegram_thread_id``: the forum topic the message was written in, where its reply goes
+      (whichever replica or restart answers it); ``None`` outside topics.
     * ``reply_to_id``: on a bot reply, the user message it answers. A bot reply is stored only
       after Telegram accepted it, so a user message with no reply pointing at it is unanswered.
     """
@@ -64,6 +66,7 @@ class Message(Base):
     role: Mapped[str] = mapped_column(String(8))
     text: Mapped[str] = mapped_column(Text)
     telegram_message_id: Mapped[int | None] = mapped_column(BigInteger)
+    telegram_thread_id: Mapped[int | None] = mapped_column(BigInteger)
     reply_to_id: Mapped[int | None] = mapped_column(
         ForeignKey("messages.id", ondelete="SET NULL"), index=True
     )

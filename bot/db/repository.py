@@ -45,6 +45,7 @@ async def add_message(
     text: str,
     *,
     telegram_message_id: int | None = None,
+    telegram_thread_id: int | None = None,
     reply_to_id: int | None = None,
 ) -> Message:
     """Add one turn; a second user turn with the same ``telegram_message_id`` raises
@@ -54,6 +55,7 @@ async def add_message(
         role=role,
         text=text,
         telegram_message_id=telegram_message_id,
+        telegram_thread_id=telegram_thread_id,
         reply_to_id=reply_to_id,
     )
     session.add(message)
@@ -81,6 +83,7 @@ class PendingMessage:
     message_id: int
     telegram_id: int
     name: str | None
+    thread_id: int | None  # the forum topic it was written in, where its reply goes
 
 
 async def unanswered_messages(
@@ -94,7 +97,7 @@ async def unanswered_messages(
     reply = aliased(Message)
     answered = exists().where(reply.reply_to_id == Message.id)
     query = (
-        select(Message.id, User.telegram_id, User.name)
+        select(Message.id, User.telegram_id, User.name, Message.telegram_thread_id)
         .join(User, User.id == Message.user_id)
         .where(
             Message.role == USER_ROLE,

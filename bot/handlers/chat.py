@@ -66,14 +66,14 @@ async def chat(
         if not text:
             await message.answer(texts.NOT_TEXT)
             return
+        thread_id = message.message_thread_id if message.is_topic_message else None
         await turn.wait_to_store()
-        message_id = await dialogue.remember_user_message(user, text, message.message_id)
+        message_id = await dialogue.remember_user_message(user, text, message.message_id, thread_id)
         turn.mark_stored()
         if message_id is None:  # the same update again: answered once already, or pending
             return
-        thread_id = message.message_thread_id if message.is_topic_message else None
         if owed is not None:
-            owed.answer_soon(user, {message_id: thread_id})
+            owed.answer_soon(user)
             return
         await answer(bot, dialogue, metrics, settings, turn, user, message_id, thread_id)
     finally:

@@ -268,18 +268,26 @@ async def test_a_message_older_than_the_limit_is_not_answered_after_a_restart(
     assert fake.sent_to(ALICE) == bot_replies(db, ALICE)
 
 
-async def test_a_reply_telegram_refused_is_sent_at_the_next_start(fake, running, tmp_path):
+async def test_a_reply_telegram_refused_is_sent_at_the_next_start_in_its_topic(
+    fake, running, tmp_path
+):
+    """In a forum group's topic: the reply owed after the restart goes to that topic too (it
+    went to the group's general topic when only the first handler knew the topic)."""
     db = tmp_path / "bot.db"
     bot = await running(STREAM_REPLIES="false")
     fake.fail_next("sendMessage", *[500] * 5)  # longer than the bot's 5 attempts
-    fake.send_text(ALICE, "Привет!")
+    topic = {"message_thread_id": 7, "is_topic_message": True}
+    fake.send_text(ALICE, "@test_bot Привет!", chat_id=GROUP, **topic)
     await fake.wait_for(lambda: not fake.faults["sendMessage"], timeout=60)
-    await fake.wait_replies(ALICE, 1)  # the apology for the error, once Telegram is back
+    await fake.wait_replies(GROUP, 1)  # the apology for the error, once Telegram is back
     await bot.stop()
-    assert bot_replies(db, ALICE) == []  # the refused reply is not taken for a delivered one
+    assert bot_replies(db, GROUP) == []  # the refused reply is not taken for a delivered one
     await running()
-    await eventually(lambda: len(bot_replies(db, ALICE)) == 1, "the reply after the restart")
-    assert fake.sent_to(ALICE)[-1] == bot_replies(db, ALICE)[0]
+    await eventually(lambda: len(bot_replies(db, GROUP)) == 1, "the reply after the restart")
+    assert fake.sent_to(GROUP)[-1] == bot_replies(db, GROUP)[0]
+    sent = [c for c in fake.calls if c.method == "sendMessage" and c.ok]
+    assert len(sent) == 2  # the apology, then the reply
+    assert [int(c.params.get("message_thread_id", 0)) for c in sent] == [7, 7]
 
 
 async def test_an_update_polled_again_is_answered_once(fake, running, tmp_path):
