@@ -353,6 +353,25 @@ def test_the_slot_cache_grows_without_losing_rows(tiny):
         assert torch.equal(decoder.save_slot(slot, 0, 10), saved)
 
 
+def test_rows_moved_and_swapped_keep_their_keys_when_the_cache_grows(tiny):
+    """Growing copies only the positions each slot holds (the rest of a CPU cache is never
+    written): after rows moved and swapped slots, each row's keys/values survive the copy."""
+    model, _ = tiny
+    decoder = SlotDecoder(model, 1024, initial_capacity=16)
+    with torch.inference_mode():
+        decoder.reserve(4, 16)
+        for slot, length in enumerate((5, 12, 9)):
+            decoder.prefill(slot, list(range(30 + slot, 30 + slot + length)), 0)
+        rows = [decoder.save_slot(slot, 0, n) for slot, n in enumerate((5, 12, 9))]
+        decoder.swap_slots(0, 1, 5, 12)  # the 12-position row now in the slot that held 5
+        decoder.move_slot(2, 3, 9)  # into a slot nothing was written to
+        decoder.reserve(5, 300)
+        assert decoder.capacity >= 300
+        assert torch.equal(decoder.save_slot(0, 0, 12), rows[1])
+        assert torch.equal(decoder.save_slot(1, 0, 5), rows[0])
+        assert torch.equal(decoder.save_slot(3, 0, 9), rows[2])
+
+
 def test_both_ways_of_reading_the_slots_give_the_same_logits(tiny):
     """Rows of very different lengths: attention over each row's exact positions (the CPU's
     way, over an uninitialised cache) equals one masked call over zero-padded slots (the GPU's
