@@ -10,6 +10,7 @@ is kept beside it (``adapter/``) for whoever wants to stack or re-merge it.
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -43,7 +44,13 @@ def apply_lora(
         task_type="CAUSAL_LM",
         trainable_token_indices={"wte": tokenizer.convert_tokens_to_ids(list(SPEAKER_TAGS))},
     )
-    return get_peft_model(model, config)  # type: ignore[return-value]
+    with warnings.catch_warnings():
+        # peft 0.21 reads transformers 5's deprecated ``is_gradient_checkpointing`` alias while
+        # wrapping: a FutureWarning about library internals, nothing an operator can act on.
+        warnings.filterwarnings(
+            "ignore", message=r"`is_gradient_checkpointing` is deprecated", category=FutureWarning
+        )
+        return get_peft_model(model, config)  # type: ignore[return-value]
 
 
 def trainable_parameters(model: PreTrainedModel) -> int:

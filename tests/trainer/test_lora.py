@@ -91,3 +91,19 @@ def test_lora_trains_merges_and_replies_as_the_adapter(
         ]
     )
     assert code == 0 and json.loads(report.read_text())["perplexity_replies"] > 0
+
+
+def test_wrapping_for_lora_shows_the_operator_no_library_deprecation(tiny_model_dir):
+    """peft reads a deprecated transformers alias while wrapping; the FutureWarning it raised
+    reached the operator's console at every LoRA run."""
+    import warnings
+
+    from trainer.lora import apply_lora
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        wrapped = apply_lora(model, tokenizer, r=4, alpha=8, dropout=0.0)
+    assert isinstance(wrapped, PeftModel)
+    assert [str(w.message) for w in caught if w.category is FutureWarning] == []
