@@ -189,7 +189,6 @@ async def run_bot(settings: Settings) -> None:
         )
         health.redis = replicas.redis
     db_engine, dialogue = await open_services(settings)
-    dialogue.replicas = replicas
     health.db, health.model_ready = db_engine, True
     dp = build_dispatcher(dialogue, settings, db_engine, metrics, replicas)
     me = await bot.get_me()

@@ -20,7 +20,6 @@ import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import TYPE_CHECKING
 
 from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.ext.asyncio import async_sessionmaker
@@ -31,9 +30,6 @@ from bot.db import repository
 from bot.engine import ReplyBackend, SamplingParams
 from bot.memory import build_prompt_turns
 from dataset_tools.dialogue_format import sanitize_utterance
-
-if TYPE_CHECKING:
-    from bot.replicas import ReplicaCoordinator
 
 logger = logging.getLogger(__name__)
 
@@ -66,11 +62,17 @@ class UserRef:
 @dataclass(frozen=True)
 class OwedMessage:
     """A stored Telegram message with no delivered reply: whose, which, and the forum topic
-    its reply belongs in (``None`` outside topics)."""
+    its reply belongs in (``None`` outside topics); or, when ``role`` is a marker role
+    (``repository.RESET_ROLE``, ``FORGET_ROLE``), a /reset or /forget not carried out yet."""
 
     user: UserRef
     message_id: int
     thread_id: int | None
+    role: str = repository.USER_ROLE
+
+    @property
+    def is_command(self) -> bool:
+        return self.role in repository.MARKER_ROLES
 
 
 class Turn:
@@ -147,7 +149,6 @@ class DialogueService:
         self.backend = backend
         self.settings = settings
         self._turns = _TurnQueues()
-        self.replicas: ReplicaCoordinator | None = None  # set when replicas share the users
 
     def take_turn(self, user: UserRef) -> Turn:
         """Call before any await in a handler: it fixes this message's place in line."""
@@ -155,22 +156,14 @@ class DialogueService:
 
     @contextlib.asynccontextmanager
     async def exclusive(self, user: UserRef) -> AsyncIterator[None]:
-        """Run after this user's earlier messages are answered (for /reset, /forget); with
-        replicas, under the user's lease, so that no replica is answering meanwhile."""
-        lease = (
-            self.replicas.lease(user.telegram_id)
-            if self.replicas is not None
-            else contextlib.nullcontext(True)
-        )
-        async with lease as held:
-            if not held:
-                logger.warning("user %s: went ahead without the lease", user.telegram_id)
-            turn = self.take_turn(user)
-            try:
-                await turn.wait_to_answer()
-                yield
-            finally:
-                turn.finish()
+        """Run after this user's earlier messages are answered (for /reset, /forget in one
+        process; replicas store those in line instead, see :meth:`remember_command`)."""
+        turn = self.take_turn(user)
+        try:
+            await turn.wait_to_answer()
+            yield
+        finally:
+            turn.finish()
 
     async def remember_user_message(
         self,
@@ -185,11 +178,43 @@ class DialogueService:
         to be answered; returns the message id that :meth:`make_reply` answers up to, or
         ``None`` when this Telegram message is already stored (Telegram delivered its update
         again): it has been or will be answered once, and must not be answered twice. A message
-        longer than MAX_MESSAGE_CHARS keeps its beginning. A locked or briefly unreachable
-        database is retried (SQLite already waits out its busy timeout first). The forum topic
-        is kept with it: whoever answers it later (a restart, another replica) answers there.
+        longer than MAX_MESSAGE_CHARS keeps its beginning. The forum topic is kept with it:
+        whoever answers it later (a restart, another replica) answers there.
         """
-        text = text[: self.settings.max_message_chars]
+        return await self._store_incoming(
+            user,
+            repository.USER_ROLE,
+            text[: self.settings.max_message_chars],
+            telegram_message_id,
+            telegram_thread_id,
+        )
+
+    async def remember_command(
+        self,
+        user: UserRef,
+        role: str,
+        telegram_message_id: int,
+        telegram_thread_id: int | None = None,
+    ) -> int | None:
+        """Store /reset or /forget (``repository.RESET_ROLE``/``FORGET_ROLE``) in line with the
+        user's messages, to be carried out by :meth:`carry_out` once the messages before it are
+        answered. With replicas this is all a webhook request does for them (receiving is
+        storing, bot.replicas); ``None`` for a command Telegram delivered again."""
+        assert role in repository.MARKER_ROLES, role
+        return await self._store_incoming(
+            user, role, "/" + role, telegram_message_id, telegram_thread_id
+        )
+
+    async def _store_incoming(
+        self,
+        user: UserRef,
+        role: str,
+        text: str,
+        telegram_message_id: int | None,
+        telegram_thread_id: int | None,
+    ) -> int | None:
+        """One committed row for something the user sent; a locked or briefly unreachable
+        database is retried (SQLite already waits out its busy timeout first)."""
         for attempt in range(1, DB_ATTEMPTS + 1):
             try:
                 async with self.sessions.begin() as session:
@@ -197,7 +222,7 @@ class DialogueService:
                     message = await repository.add_message(
                         session,
                         row,
-                        repository.USER_ROLE,
+                        role,
                         text,
                         telegram_message_id=telegram_message_id,
                         telegram_thread_id=telegram_thread_id,
@@ -217,27 +242,47 @@ class DialogueService:
                 await asyncio.sleep(0.5 * 2**attempt)
         raise AssertionError("unreachable")
 
+    async def carry_out(self, user: UserRef, marker_id: int, role: str) -> int:
+        """Do what a stored /reset or /forget asked (``marker_id``, see
+        :meth:`remember_command`): delete everything before it. Call it when the messages
+        before it are answered (with replicas, under the user's lease)."""
+        async with self.sessions.begin() as session:
+            row = await repository.get_or_create_user(session, user.telegram_id, user.name)
+            deleted = await repository.carry_out_marker(session, row, marker_id, role)
+        self.backend.forget(user.telegram_id)
+        return deleted
+
     async def _is_stored(self, user: UserRef, telegram_message_id: int) -> bool:
         async with self.sessions() as session:
             row = await repository.get_or_create_user(session, user.telegram_id, user.name)
             return await repository.has_telegram_message(session, row, telegram_message_id)
 
     async def unanswered(
-        self, max_age_s: float, telegram_id: int | None = None, min_age_s: float = 0.0
+        self,
+        max_age_s: float,
+        telegram_id: int | None = None,
+        min_age_s: float = 0.0,
+        *,
+        since: datetime | None = None,
+        from_id: int | None = None,
     ) -> list[OwedMessage]:
-        """Each Telegram message younger than ``max_age_s`` (and older than ``min_age_s``)
-        with no delivered reply (the bot died mid-reply, or Telegram refused the reply), oldest
-        first; only ``telegram_id``'s when it is given."""
+        """Each Telegram message younger than ``max_age_s`` (counted from ``since``, default
+        now), or with an id of at least ``from_id``, and older than ``min_age_s``, with no
+        delivered reply (the bot died mid-reply, or Telegram refused the reply), and each
+        /reset or /forget not carried out yet, oldest first; only ``telegram_id``'s when it
+        is given."""
         now = datetime.now(UTC)
         async with self.sessions() as session:
             pending = await repository.unanswered_messages(
                 session,
-                now - timedelta(seconds=max_age_s),
+                (since or now) - timedelta(seconds=max_age_s),
                 until=now - timedelta(seconds=min_age_s) if min_age_s > 0 else None,
                 telegram_id=telegram_id,
+                from_id=from_id,
             )
         return [
-            OwedMessage(UserRef(p.telegram_id, p.name), p.message_id, p.thread_id) for p in pending
+            OwedMessage(UserRef(p.telegram_id, p.name), p.message_id, p.thread_id, p.role)
+            for p in pending
         ]
 
     async def make_reply(

@@ -20,12 +20,14 @@ import asyncio
 import functools
 import logging
 from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
 
 from aiogram import Bot
 
 from bot.config import Settings
-from bot.dialogue import DialogueService, Turn, UserRef
+from bot.dialogue import DialogueService, OwedMessage, Turn, UserRef
 from bot.handlers.chat import answer
+from bot.handlers.commands import carry_out
 from bot.metrics import BotMetrics
 from bot.replicas import ReplicaCoordinator
 
@@ -42,8 +44,8 @@ async def answer_unanswered(
     The turns are all taken before this returns (call it before updates are handled), so the
     answers keep per-user order ahead of anything that arrives after the start.
     """
-    if settings.pending_reply_max_age_s <= 0:
-        return []
+    # with PENDING_REPLY_MAX_AGE_S=0 no message is answered late, but a /reset left by
+    # replicas (bot.replicas) is still carried out
     pending = await dialogue.unanswered(settings.pending_reply_max_age_s)
     if pending:
         logger.info("answering %d message(s) left unanswered before the start", len(pending))
@@ -51,19 +53,29 @@ async def answer_unanswered(
     for message in pending:
         turn = dialogue.take_turn(message.user)
         turn.mark_stored()
-        answering = functools.partial(
-            answer,
-            bot,
-            dialogue,
-            metrics,
-            settings,
-            turn,
-            message.user,
-            message.message_id,
-            message.thread_id,
-        )
+        if message.is_command:
+            answering = functools.partial(_carry_out_in_turn, bot, dialogue, turn, message)
+        else:
+            answering = functools.partial(
+                answer,
+                bot,
+                dialogue,
+                metrics,
+                settings,
+                turn,
+                message.user,
+                message.message_id,
+                message.thread_id,
+            )
         tasks.append(asyncio.create_task(_settle(answering, turn, metrics)))
     return tasks
+
+
+async def _carry_out_in_turn(
+    bot: Bot, dialogue: DialogueService, turn: Turn, command: OwedMessage
+) -> None:
+    await turn.wait_to_answer()
+    await carry_out(bot, dialogue, command)
 
 
 async def _settle(
@@ -95,18 +107,20 @@ class OwedReplies:
         self._tasks: set[asyncio.Task[None]] = set()
         self._swept: set[int] = set()  # users this replica's sweep is answering now
 
-    def answer_soon(self, user: UserRef, wait: bool = True) -> None:
+    def answer_soon(self, user: UserRef, wait: bool = True, from_id: int | None = None) -> None:
         """Answer what ``user`` is owed, in the background (the update is acknowledged first);
-        each reply goes to the forum topic stored with its message."""
-        task = asyncio.create_task(self._drain(user, wait))
+        each reply goes to the forum topic stored with its message. ``from_id``: the message
+        just stored, answered (with all after it) however long the user's queue takes, and
+        whatever PENDING_REPLY_MAX_AGE_S says of late replies."""
+        task = asyncio.create_task(self._drain(user, wait, from_id))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _drain(self, user: UserRef, wait: bool) -> None:
+    async def _drain(self, user: UserRef, wait: bool, from_id: int | None) -> None:
         try:
             async with self.replicas.lease(user.telegram_id, wait=wait) as held:
                 if held:
-                    await self._answer_all(user)
+                    await self._answer_all(user, from_id)
                 elif wait:
                     logger.warning(
                         "user %s: lease busy too long, left to the sweep", user.telegram_id
@@ -117,12 +131,21 @@ class OwedReplies:
         finally:
             self._swept.discard(user.telegram_id)
 
-    async def _answer_all(self, user: UserRef) -> None:
-        """Under the lease: each owed message, oldest first, each seeing the history before it."""
+    async def _answer_all(self, user: UserRef, from_id: int | None) -> None:
+        """Under the lease: each owed message, oldest first, each seeing the history before it,
+        and each /reset or /forget in its place among them.
+
+        What counts as too late to answer is fixed when the lease is taken, so a message does
+        not age out while it waits behind the user's earlier ones.
+        """
         tried: set[int] = set()
+        since = datetime.now(UTC)
         while True:
             owed = await self.dialogue.unanswered(
-                self.settings.pending_reply_max_age_s, telegram_id=user.telegram_id
+                self.settings.pending_reply_max_age_s,
+                telegram_id=user.telegram_id,
+                since=since,
+                from_id=from_id,
             )
             message = None
             for candidate in owed:
@@ -135,8 +158,14 @@ class OwedReplies:
                 return
             message_id = message.message_id
             tried.add(message_id)
-            turn = self.dialogue.take_turn(user)  # in line with this replica's /reset and the like
+            turn = self.dialogue.take_turn(user)  # in line with this replica's own answers
             turn.mark_stored()
+            if message.is_command:
+                try:
+                    await _carry_out_in_turn(self.bot, self.dialogue, turn, message)
+                finally:
+                    turn.finish()
+                continue
             try:
                 replied = await answer(
                     self.bot,
@@ -169,8 +198,6 @@ class OwedReplies:
             await asyncio.sleep(interval)
 
     async def sweep_once(self, older_than_s: float = 0.0) -> None:
-        if self.settings.pending_reply_max_age_s <= 0:
-            return
         owed = await self.dialogue.unanswered(
             self.settings.pending_reply_max_age_s, min_age_s=older_than_s
         )

@@ -13,6 +13,10 @@ The rule that keeps one user's conversation in order whichever replica gets whic
   oldest first, each reply generated from exactly the history before it. Whoever holds the
   lease answers everything owed, so it does not matter which replica's waiter gets in first (a
   Redis lock makes no promise about that).
+- **/reset and /forget are stored in line** with the messages (``repository.RESET_ROLE``) and
+  carried out by the lease holder in their place, after the replies before them: the webhook
+  request never waits for a lease (it used to, and went ahead without one when the wait ran
+  out, deleting history under a reply being written).
 - **A replica that dies** stops renewing its leases: they expire after ``REPLICA_LEASE_S``, and
   every replica's sweep (:func:`bot.pending.sweep_forever`) picks owed messages whose lease is
   free. The reply the dead replica was streaming is not sent again as a second message: the

@@ -13,6 +13,14 @@ from bot.db.models import Message, User
 
 USER_ROLE = "user"
 BOT_ROLE = "bot"
+# Commands that end a conversation, stored in line with the messages (with replicas,
+# bot.replicas): the history a reply sees starts after the last of them before its message,
+# and the rows before one are deleted by whoever holds the user's lease. The row itself goes
+# with them, so a marker that is still stored is one not carried out yet.
+RESET_ROLE = "reset"  # /reset: forget the conversation
+FORGET_ROLE = "forget"  # /forget: forget the conversation and the settings
+MARKER_ROLES = (RESET_ROLE, FORGET_ROLE)
+DIALOGUE_ROLES = (USER_ROLE, BOT_ROLE)
 
 
 @dataclass(frozen=True)
@@ -78,12 +86,14 @@ async def has_telegram_message(session: AsyncSession, user: User, telegram_messa
 
 @dataclass(frozen=True)
 class PendingMessage:
-    """A user's Telegram message that has no delivered reply yet."""
+    """A user's Telegram message that has no delivered reply yet, or a /reset or /forget not
+    carried out yet (``role``)."""
 
     message_id: int
     telegram_id: int
     name: str | None
     thread_id: int | None  # the forum topic it was written in, where its reply goes
+    role: str
 
 
 async def unanswered_messages(
@@ -91,19 +101,26 @@ async def unanswered_messages(
     since: datetime,
     until: datetime | None = None,
     telegram_id: int | None = None,
+    from_id: int | None = None,
 ) -> list[PendingMessage]:
-    """Telegram messages stored from ``since`` (to ``until``) that no stored reply answers,
-    oldest first; only the user ``telegram_id``'s when given."""
+    """Telegram messages stored from ``since`` (to ``until``), or with an id of at least
+    ``from_id``, that no stored reply answers, and the markers not carried out yet whatever
+    their age (a /reset is never dropped for being late), oldest first; only the user
+    ``telegram_id``'s when given."""
     reply = aliased(Message)
     answered = exists().where(reply.reply_to_id == Message.id)
+    recent = Message.created_at >= since
+    if from_id is not None:
+        recent = or_(recent, Message.id >= from_id)
     query = (
-        select(Message.id, User.telegram_id, User.name, Message.telegram_thread_id)
+        select(Message.id, User.telegram_id, User.name, Message.telegram_thread_id, Message.role)
         .join(User, User.id == Message.user_id)
         .where(
-            Message.role == USER_ROLE,
             Message.telegram_message_id.is_not(None),
-            Message.created_at >= since,
-            ~answered,
+            or_(
+                and_(Message.role == USER_ROLE, recent, ~answered),
+                Message.role.in_(MARKER_ROLES),
+            ),
         )
         .order_by(Message.id)
     )
@@ -125,9 +142,21 @@ async def recent_turns(
     id falls: a user who writes twice before the first reply is stored (``u1 u2 b1 b2`` by id)
     had the conversation ``u1 b1 u2 b2``, and the reply to ``u2`` follows ``b1``. So the prompt
     never depends on which reply happened to be stored first.
+
+    The history starts after the last /reset or /forget stored before ``up_to_id`` (carried
+    out or not yet): a message sent after /reset never sees what came before it.
     """
     place = func.coalesce(Message.reply_to_id, Message.id)
-    query = select(Message.role, Message.text).where(Message.user_id == user.id)
+    last_marker = select(func.max(Message.id)).where(
+        Message.user_id == user.id, Message.role.in_(MARKER_ROLES)
+    )
+    if up_to_id is not None:
+        last_marker = last_marker.where(Message.id < up_to_id)
+    query = select(Message.role, Message.text).where(
+        Message.user_id == user.id,
+        Message.role.in_(DIALOGUE_ROLES),
+        place > func.coalesce(last_marker.scalar_subquery(), 0),
+    )
     if up_to_id is not None:
         query = query.where(
             or_(
@@ -142,6 +171,28 @@ async def recent_turns(
 async def clear_history(session: AsyncSession, user: User) -> int:
     """Forget this user's messages (only theirs); returns how many were deleted."""
     result = await session.execute(delete(Message).where(Message.user_id == user.id))
+    return result.rowcount or 0
+
+
+async def carry_out_marker(session: AsyncSession, user: User, marker_id: int, role: str) -> int:
+    """Delete the conversation up to the marker ``marker_id`` (the marker too), for /reset;
+    for /forget also the settings, and the user's row when nothing written since is left.
+    Returns how many messages were deleted.
+
+    Everything placed before the marker goes: its messages, the replies to them (whenever
+    those were stored), and earlier markers.
+    """
+    place = func.coalesce(Message.reply_to_id, Message.id)
+    result = await session.execute(
+        delete(Message)
+        .where(Message.user_id == user.id, place <= marker_id)
+        .execution_options(synchronize_session=False)
+    )
+    if role == FORGET_ROLE:
+        if await count_messages(session, user) == 0:
+            await session.delete(user)
+        else:  # the user wrote again after /forget: keep those, drop what they had set
+            user.temperature = None
     return result.rowcount or 0
 
 

@@ -73,7 +73,7 @@ async def chat(
         if message_id is None:  # the same update again: answered once already, or pending
             return
         if owed is not None:
-            owed.answer_soon(user)
+            owed.answer_soon(user, from_id=message_id)
             return
         await answer(bot, dialogue, metrics, settings, turn, user, message_id, thread_id)
     finally:

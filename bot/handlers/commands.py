@@ -1,15 +1,21 @@
-"""/start, /help, /reset, /temp."""
+"""/start, /help, /reset, /temp, /forget, /stats."""
 
 from __future__ import annotations
 
-from aiogram import Router
+from typing import TYPE_CHECKING
+
+from aiogram import Bot, Router
 from aiogram.filters import Command, CommandObject, CommandStart
 from aiogram.types import Message
 
 from bot import texts
 from bot.config import Settings
-from bot.dialogue import DialogueService, UserRef
+from bot.db import repository
+from bot.dialogue import DialogueService, OwedMessage, UserRef
 from bot.metrics import BotMetrics
+
+if TYPE_CHECKING:
+    from bot.pending import OwedReplies
 
 
 def user_ref(message: Message) -> UserRef:
@@ -35,7 +41,12 @@ async def help_(message: Message, settings: Settings) -> None:
     )
 
 
-async def reset(message: Message, dialogue: DialogueService) -> None:
+async def reset(
+    message: Message, dialogue: DialogueService, owed: OwedReplies | None = None
+) -> None:
+    if owed is not None:
+        await _store_in_line(message, dialogue, owed, repository.RESET_ROLE)
+        return
     user = user_ref(message)
     async with dialogue.exclusive(user):  # after this user's earlier messages are answered
         await dialogue.reset(user)
@@ -46,11 +57,48 @@ async def temp(message: Message, command: CommandObject, dialogue: DialogueServi
     await message.answer(await dialogue.temperature_command(user_ref(message), command.args))
 
 
-async def forget(message: Message, dialogue: DialogueService) -> None:
+async def forget(
+    message: Message, dialogue: DialogueService, owed: OwedReplies | None = None
+) -> None:
+    if owed is not None:
+        await _store_in_line(message, dialogue, owed, repository.FORGET_ROLE)
+        return
     user = user_ref(message)
     async with dialogue.exclusive(user):
         await dialogue.forget(user)
     await message.answer(texts.FORGET_DONE)
+
+
+async def _store_in_line(
+    message: Message, dialogue: DialogueService, owed: OwedReplies, role: str
+) -> None:
+    """With replicas: store the command in line with the user's messages and leave it to
+    whichever replica holds the user's lease, after the replies before it (bot.replicas).
+    The webhook request is answered at once, never held while another replica is replying."""
+    user = user_ref(message)
+    turn = dialogue.take_turn(user)  # before any await, like a message
+    try:
+        await turn.wait_to_store()
+        thread_id = message.message_thread_id if message.is_topic_message else None
+        stored = await dialogue.remember_command(user, role, message.message_id, thread_id)
+        turn.mark_stored()
+        if stored is not None:
+            owed.answer_soon(user, from_id=stored)
+    finally:
+        turn.finish()
+
+
+DONE = {repository.RESET_ROLE: texts.RESET_DONE, repository.FORGET_ROLE: texts.FORGET_DONE}
+
+
+async def carry_out(bot: Bot, dialogue: DialogueService, command: OwedMessage) -> None:
+    """Carry out a stored /reset or /forget whose turn has come (the replies before it are
+    delivered), then tell the user, in the topic it was sent in. The deletion comes first:
+    if telling fails, the history is gone all the same and the user can ask again."""
+    await dialogue.carry_out(command.user, command.message_id, command.role)
+    await bot.send_message(
+        command.user.telegram_id, DONE[command.role], message_thread_id=command.thread_id
+    )
 
 
 async def stats(

@@ -221,3 +221,54 @@ async def test_a_replica_killed_mid_run_loses_nothing_and_repeats_nothing(deploy
     await wait_answered(deployment, deployment.database)
     await check_exactly_once_in_order(deployment, deployment.database, killed_at)
     assert deployment.fake.webhook_backlog() == 0
+
+
+async def test_a_reset_among_messages_is_carried_out_in_its_place_while_telegram_hangs(deployment):
+    """A user writes twice, /reset, twice more, while Telegram hangs on the first reply. Every
+    update is acknowledged at once (the /reset used to hold its webhook request waiting for
+    the user's lease, then reset without it); the replies before /reset are delivered, then
+    the confirmation, then replies that know nothing of before. With PENDING_REPLY_MAX_AGE_S=0
+    (no late answers after a restart) live messages are still answered (they were not)."""
+    from bot import texts
+
+    user = 2101
+    deployment.env.update(REQUEST_TIMEOUT_S="3", PENDING_REPLY_MAX_AGE_S="0")  # lease wait 8 s
+    await deployment.start(2)
+    fake = deployment.fake
+    fake.hold("sendMessage")
+    fake.send_text(user, text_of(user, 0))
+    fake.send_text(user, text_of(user, 1))
+    fake.send_text(user, "/reset")
+    fake.send_text(user, text_of(user, 2))
+    fake.send_text(user, text_of(user, 3))
+    await eventually(lambda: fake.webhook_backlog() == 0, "all five acknowledged", timeout=20)
+    fake.release("sendMessage")
+    await eventually(lambda: len(fake.sent_to(user)) >= 5, "four replies and the confirmation")
+    for _ in range(300):  # the last reply is stored just after Telegram took it
+        rows = await conversation(deployment.database)
+        if all(replies for who, _, _, replies in rows if who == user):
+            break
+        await asyncio.sleep(0.1)
+    assert [(text, len(replies)) for who, text, _, replies in rows if who == user] == [
+        (text_of(user, 2), 1),
+        (text_of(user, 3), 1),
+    ]
+    shown = fake.sent_to(user)
+    assert shown[2] == texts.RESET_DONE, shown
+    assert len(shown) == 5 and shown.count(texts.RESET_DONE) == 1, shown
+    prompts = [
+        [int(k) for k in re.findall(rf"Пользователь {user} пишет сообщение (\d+)", line)]
+        for line in deployment.logs().splitlines()
+        if "prompt:" in line and f"Пользователь {user}" in line
+    ]
+    assert sorted(prompts) == [[0], [0, 1], [2], [2, 3]], prompts
+    connection = await asyncpg.connect(deployment.database)
+    try:
+        roles = await connection.fetch(
+            "SELECT m.role FROM messages m JOIN users u ON u.id = m.user_id "
+            "WHERE u.telegram_id = $1",
+            user,
+        )
+    finally:
+        await connection.close()
+    assert sorted(r["role"] for r in roles) == ["bot", "bot", "user", "user"]  # reset carried out

@@ -160,6 +160,77 @@ async def test_unanswered_lists_recent_telegram_messages_without_a_reply(session
     assert [(p.message_id, p.telegram_id) for p in pending] == [(lost.id, 2), (lost_too.id, 1)]
 
 
+async def test_a_stored_reset_bounds_history_until_carried_out_and_then_deletes_before_it(
+    sessions,
+):
+    """Replicas store /reset in line (u1 u2 RESET u3, replies stored late): a reply to u2 still
+    sees u1, a reply to u3 sees nothing before the reset, and carrying it out deletes exactly
+    what came before it, replies stored after it included."""
+    from datetime import UTC, datetime, timedelta
+
+    async with sessions.begin() as session:
+        user = await repository.get_or_create_user(session, 7, None)
+        u1 = await repository.add_message(session, user, "user", "u1", telegram_message_id=1)
+        u2 = await repository.add_message(session, user, "user", "u2", telegram_message_id=2)
+        mark = await repository.add_message(
+            session, user, repository.RESET_ROLE, "/reset", telegram_message_id=3
+        )
+        u3 = await repository.add_message(session, user, "user", "u3", telegram_message_id=4)
+        await repository.add_message(session, user, "bot", "b1", reply_to_id=u1.id)
+    async with sessions() as session:
+        user = await repository.get_or_create_user(session, 7, None)
+        for_u2 = await repository.recent_turns(session, user, 10, up_to_id=u2.id)
+        for_u3 = await repository.recent_turns(session, user, 10, up_to_id=u3.id)
+        owed = await repository.unanswered_messages(
+            session, datetime.now(UTC) - timedelta(minutes=1), telegram_id=7
+        )
+    assert [t.text for t in for_u2] == ["u1", "b1", "u2"]
+    assert [t.text for t in for_u3] == ["u3"]
+    # the reset is owed in its place, between the messages it separates
+    assert [(p.message_id, p.role) for p in owed] == [
+        (u2.id, "user"),
+        (mark.id, "reset"),
+        (u3.id, "user"),
+    ]
+    async with sessions.begin() as session:
+        user = await repository.get_or_create_user(session, 7, None)
+        await repository.add_message(session, user, "bot", "b2", reply_to_id=u2.id)
+        assert await repository.carry_out_marker(session, user, mark.id, "reset") == 5
+    async with sessions() as session:
+        user = await repository.get_or_create_user(session, 7, None)
+        assert [t.text for t in await repository.recent_turns(session, user, 10)] == ["u3"]
+        owed = await repository.unanswered_messages(session, datetime.now(UTC), telegram_id=7)
+    assert owed == []  # carried out, and u3 is older than "now": nothing left
+
+
+async def test_a_stored_forget_removes_the_user_unless_they_wrote_after_it(sessions):
+    async with sessions.begin() as session:
+        alone = await repository.get_or_create_user(session, 1, "Alice")
+        await repository.set_temperature(session, alone, 1.2)
+        await repository.add_message(session, alone, "user", "a", telegram_message_id=1)
+        gone = await repository.add_message(
+            session, alone, "forget", "/forget", telegram_message_id=2
+        )
+        talker = await repository.get_or_create_user(session, 2, "Bob")
+        await repository.set_temperature(session, talker, 1.2)
+        await repository.add_message(session, talker, "user", "b", telegram_message_id=1)
+        kept = await repository.add_message(
+            session, talker, "forget", "/forget", telegram_message_id=2
+        )
+        await repository.add_message(session, talker, "user", "after", telegram_message_id=3)
+    async with sessions.begin() as session:
+        alone = await repository.get_or_create_user(session, 1, "Alice")
+        talker = await repository.get_or_create_user(session, 2, "Bob")
+        await repository.carry_out_marker(session, alone, gone.id, "forget")
+        await repository.carry_out_marker(session, talker, kept.id, "forget")
+    async with sessions() as session:
+        users = {u for (u,) in (await session.execute(text("SELECT telegram_id FROM users")))}
+        bob = await repository.get_or_create_user(session, 2, "Bob")
+        assert [t.text for t in await repository.recent_turns(session, bob, 10)] == ["after"]
+        assert bob.temperature is None
+    assert users == {2}
+
+
 async def test_migrating_old_rows_links_each_reply_to_its_message(tmp_path):
     """Rows from before the delivery-state migration are not taken for unanswered messages."""
     from alembic import command
