@@ -28,6 +28,7 @@ from bot.engine.factory import open_backend
 from bot.handlers import make_routers
 from bot.metrics import BotMetrics, Health
 from bot.middlewares.access import AllowlistMiddleware, CountUpdatesMiddleware
+from bot.middlewares.lease_fence import LeaseFenceMiddleware
 from bot.middlewares.retry import RetryMiddleware
 from bot.pending import OwedReplies, answer_unanswered
 from bot.replicas import ReplicaCoordinator
@@ -62,6 +63,7 @@ def build_bot(settings: Settings) -> Bot:
     )
     session = AiohttpSession(api=api) if api else AiohttpSession()
     session.middleware(RetryMiddleware())
+    session.middleware(LeaseFenceMiddleware())  # inside the retries: each attempt is checked
     return Bot(token=settings.telegram_bot_token.get_secret_value(), session=session)
 
 

@@ -29,7 +29,7 @@ from bot.dialogue import DialogueService, OwedMessage, Turn, UserRef
 from bot.handlers.chat import answer
 from bot.handlers.commands import carry_out
 from bot.metrics import BotMetrics
-from bot.replicas import ReplicaCoordinator
+from bot.replicas import LeaseLost, ReplicaCoordinator
 
 logger = logging.getLogger(__name__)
 
@@ -119,12 +119,14 @@ class OwedReplies:
     async def _drain(self, user: UserRef, wait: bool, from_id: int | None) -> None:
         try:
             async with self.replicas.lease(user.telegram_id, wait=wait) as held:
-                if held:
+                if held is not None:
                     await self._answer_all(user, from_id)
                 elif wait:
                     logger.warning(
                         "user %s: lease busy too long, left to the sweep", user.telegram_id
                     )
+        except LeaseLost as lost:  # stalled: whoever holds the lease now answers the rest
+            logger.warning("user %s: stopped answering: %s", user.telegram_id, lost)
         except Exception:  # still owed in the database: the sweep tries again
             self.metrics.errors.inc()
             logger.exception("could not answer user %s", user.telegram_id)

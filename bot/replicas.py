@@ -17,6 +17,11 @@ The rule that keeps one user's conversation in order whichever replica gets whic
   carried out by the lease holder in their place, after the replies before them: the webhook
   request never waits for a lease (it used to, and went ahead without one when the wait ran
   out, deleting history under a reply being written).
+- **A replica that stalls** (a frozen VM, a stopped process) past ``REPLICA_LEASE_S`` loses its
+  lease to a survivor. It must then neither send nor store anything more for that user: each
+  Bot API call made under a lease and the storing of a reply first check the lease's deadline,
+  kept on this replica's own monotonic clock (:func:`check_lease`), so the check needs no
+  round trip and holds even when the stalled replica wakes up with a request ready to go.
 - **A replica that dies** stops renewing its leases: they expire after ``REPLICA_LEASE_S``, and
   every replica's sweep (:func:`bot.pending.sweep_forever`) picks owed messages whose lease is
   free. The reply the dead replica was streaming is not sent again as a second message: the
@@ -36,7 +41,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import AsyncIterator
+from contextvars import ContextVar
+from dataclasses import dataclass
 
 from redis.asyncio import Redis
 from redis.asyncio.lock import Lock
@@ -47,6 +55,40 @@ from bot.config import ConfigError
 logger = logging.getLogger(__name__)
 
 PREFIX = "tgbot"
+# The lease is taken to end this share of REPLICA_LEASE_S before Redis lets it go, for the time
+# a request to Redis takes and for clocks that do not run at exactly the same rate.
+LEASE_MARGIN = 0.1
+
+
+class LeaseLost(Exception):
+    """This replica's lease on a user ran out while it was working for them (it stalled longer
+    than REPLICA_LEASE_S): another replica may be answering them now."""
+
+
+@dataclass
+class HeldLease:
+    """A user's lease as this replica holds it: until ``deadline`` (``time.monotonic()``), Redis
+    gives it to nobody else."""
+
+    user_id: int
+    deadline: float
+
+    def check(self) -> None:
+        overdue = time.monotonic() - self.deadline
+        if overdue >= 0:
+            raise LeaseLost(f"the lease on user {self.user_id} ran out {overdue:.1f} s ago")
+
+
+_held: ContextVar[HeldLease | None] = ContextVar("held_lease", default=None)
+
+
+def check_lease() -> None:
+    """Raise :class:`LeaseLost` when the work in progress runs under a lease that has run out;
+    nothing outside a lease (one process, no replicas). Tasks started under a lease (a reply's
+    stream) inherit it."""
+    held = _held.get()
+    if held is not None:
+        held.check()
 
 
 class ReplicaCoordinator:
@@ -75,12 +117,13 @@ class ReplicaCoordinator:
         await self.redis.aclose()
 
     @contextlib.asynccontextmanager
-    async def lease(self, user_id: int, *, wait: bool = True) -> AsyncIterator[bool]:
-        """Hold the user's lease while the body runs; yields False when it could not be had
+    async def lease(self, user_id: int, *, wait: bool = True) -> AsyncIterator[HeldLease | None]:
+        """Hold the user's lease while the body runs; yields None when it could not be had
         (``wait=False`` and someone holds it, or ``wait_s`` passed).
 
         The lease is renewed every third of ``lease_s`` while held, so a reply may take as long
-        as it takes, and a replica that dies frees its users within ``lease_s``.
+        as it takes, and a replica that dies frees its users within ``lease_s``. While the body
+        runs, :func:`check_lease` tells whether the lease is still this replica's.
         """
         lock = self.redis.lock(
             f"{PREFIX}:lease:{user_id}",
@@ -91,28 +134,37 @@ class ReplicaCoordinator:
             raise_on_release_error=False,
         )
         if not await lock.acquire():
-            yield False
+            yield None
             return
-        renewal = asyncio.create_task(self._renew(lock, user_id))
+        held = HeldLease(user_id, self._deadline(time.monotonic()))
+        token = _held.set(held)
+        renewal = asyncio.create_task(self._renew(lock, held))
         try:
-            yield True
+            yield held
         finally:
+            _held.reset(token)
             renewal.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await renewal
             with contextlib.suppress(LockError, RedisError):
                 await lock.release()
 
-    async def _renew(self, lock: Lock, user_id: int) -> None:
+    def _deadline(self, asked_at: float) -> float:
+        return asked_at + self.lease_s * (1 - LEASE_MARGIN)
+
+    async def _renew(self, lock: Lock, held: HeldLease) -> None:
         while True:
             await asyncio.sleep(self.lease_s / 3)
+            asked_at = time.monotonic()  # Redis counts the new term from later than this
             try:
                 await lock.extend(self.lease_s, replace_ttl=True)
             except (LockError, RedisError) as error:
                 # Stalled longer than the lease (or Redis is gone): another replica may answer
-                # this user meanwhile. Nothing to undo here; say so.
-                logger.warning("lost the lease on user %s: %s", user_id, error)
+                # this user meanwhile. The deadline is left to run out: check_lease stops the
+                # work under way before it sends or stores anything more.
+                logger.warning("lost the lease on user %s: %s", held.user_id, error)
                 return
+            held.deadline = self._deadline(asked_at)
 
     async def settle(self, message_id: int) -> None:
         """The message got a notice (busy, too slow) instead of a reply: not to be retried."""

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -61,12 +62,16 @@ class ReplyStream:
         self._pump: asyncio.Task[None] | None = None
         self._sending = False
         self._finished = False
+        # The reply's own context (with replicas, the user's lease that check_lease reads):
+        # ``update`` may be called from wherever the engine reports text, and the messages it
+        # leads to are sent on the reply's behalf.
+        self._context = contextvars.copy_context()
 
     def update(self, text: str) -> None:
         """The reply so far (called on the event loop by the engine): shown soon, not at once."""
         self._latest = text[:TELEGRAM_LIMIT]
         if self._pump is None or self._pump.done():
-            self._pump = asyncio.create_task(self._run())
+            self._pump = asyncio.create_task(self._run(), context=self._context.copy())
 
     async def _run(self) -> None:
         while not self._finished and self._latest and self._latest != self._shown:

@@ -19,6 +19,7 @@ from bot.dialogue import DialogueService, Turn, UserRef, clean_user_text
 from bot.engine import EngineBusy, EngineTimeout
 from bot.handlers.commands import user_ref
 from bot.metrics import BotMetrics
+from bot.replicas import check_lease
 from bot.streaming import ReplyStream
 
 if TYPE_CHECKING:
@@ -135,6 +136,7 @@ async def answer(
         return False
     metrics.generation_seconds.observe(time.perf_counter() - started)
     await stream.finish(reply)  # the final text is the one stored next
+    check_lease()  # with replicas: not if another replica has taken over this user meanwhile
     await dialogue.store_reply(user, reply, message_id)
     metrics.replies.inc()
     return True

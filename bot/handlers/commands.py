@@ -13,6 +13,7 @@ from bot.config import Settings
 from bot.db import repository
 from bot.dialogue import DialogueService, OwedMessage, UserRef
 from bot.metrics import BotMetrics
+from bot.replicas import check_lease
 
 if TYPE_CHECKING:
     from bot.pending import OwedReplies
@@ -95,6 +96,7 @@ async def carry_out(bot: Bot, dialogue: DialogueService, command: OwedMessage) -
     """Carry out a stored /reset or /forget whose turn has come (the replies before it are
     delivered), then tell the user, in the topic it was sent in. The deletion comes first:
     if telling fails, the history is gone all the same and the user can ask again."""
+    check_lease()  # with replicas: only while this replica holds the user's lease
     await dialogue.carry_out(command.user, command.message_id, command.role)
     await bot.send_message(
         command.user.telegram_id, DONE[command.role], message_thread_id=command.thread_id

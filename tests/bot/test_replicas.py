@@ -272,3 +272,38 @@ async def test_a_reset_among_messages_is_carried_out_in_its_place_while_telegram
     finally:
         await connection.close()
     assert sorted(r["role"] for r in roles) == ["bot", "bot", "user", "user"]  # reset carried out
+
+
+async def test_a_replica_that_stalls_past_its_lease_neither_sends_nor_stores_once_it_wakes(
+    deployment,
+):
+    """The replica writing a reply freezes (SIGSTOP: a paused VM) while Telegram hangs on its
+    message; the survivor takes the lease over and answers. When the frozen one wakes, with its
+    message ready to be sent again, it stops instead: one reply on screen, one stored (it used
+    to send and store a second)."""
+    user = 2301
+    await deployment.start(2)
+    fake = deployment.fake
+    fake.hold("sendMessage")
+    fake.send_text(user, text_of(user, 0))
+
+    def writing() -> list[BotProcess]:
+        return [r for r in deployment.replicas if r.log.exists() and "prompt:" in r.log.read_text()]
+
+    await eventually(lambda: len(writing()) == 1 and fake.count("sendMessage") >= 1, "a reply")
+    frozen = writing()[0]
+    frozen.process.send_signal(signal.SIGSTOP)
+    try:
+        fake.release("sendMessage")  # its message is refused; it would retry on waking
+        for _ in range(600):  # the survivor answers once the lease has run out (2 s)
+            if await replies_stored(deployment.database) >= 1:
+                break
+            await asyncio.sleep(0.1)
+        assert await replies_stored(deployment.database) == 1, deployment.logs()[-3000:]
+    finally:
+        frozen.process.send_signal(signal.SIGCONT)
+    await eventually(
+        lambda: "stopped answering" in frozen.log.read_text(), "the woken replica gives up"
+    )
+    assert await replies_stored(deployment.database) == 1
+    assert len(fake.sent_to(user)) == 1, fake.sent_to(user)
