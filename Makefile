@@ -16,6 +16,9 @@ SHAPE ?= tiny
 TRAIN_SHAPE ?= small
 ARGS ?=
 NPROC ?= 1
+# pytest-xdist workers for `make test`: most tests wait on bot processes and servers, so two
+# workers on 2 cores took the suite from 11.0 to 8.4 minutes (one run each, this machine).
+TEST_WORKERS ?= 2
 COMPOSE ?= docker compose
 
 .PHONY: install test test-stress lint dataset sample finetune evaluate bench bench-train run serve chat migrate demo loadtest up down test-compose clean
@@ -28,7 +31,7 @@ $(STAMP): requirements.txt requirements-dev.txt
 	touch $(STAMP)
 
 test: install
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n $(TEST_WORKERS)
 
 # The suite beside a CPU hog of our own (a busy process per core, bounded in time): a test that
 # only passes on a quiet machine fails here. Not part of `make test`; extra pytest options in ARGS.

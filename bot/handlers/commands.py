@@ -45,13 +45,7 @@ async def help_(message: Message, settings: Settings) -> None:
 async def reset(
     message: Message, dialogue: DialogueService, owed: OwedReplies | None = None
 ) -> None:
-    if owed is not None:
-        await _store_in_line(message, dialogue, owed, repository.RESET_ROLE)
-        return
-    user = user_ref(message)
-    async with dialogue.exclusive(user):  # after this user's earlier messages are answered
-        await dialogue.reset(user)
-    await message.answer(texts.RESET_DONE)
+    await _end_conversation(message, dialogue, owed, repository.RESET_ROLE)
 
 
 async def temp(message: Message, command: CommandObject, dialogue: DialogueService) -> None:
@@ -61,13 +55,23 @@ async def temp(message: Message, command: CommandObject, dialogue: DialogueServi
 async def forget(
     message: Message, dialogue: DialogueService, owed: OwedReplies | None = None
 ) -> None:
+    await _end_conversation(message, dialogue, owed, repository.FORGET_ROLE)
+
+
+async def _end_conversation(
+    message: Message, dialogue: DialogueService, owed: OwedReplies | None, role: str
+) -> None:
+    """/reset or /forget (``role``), after the replies to the user's earlier messages."""
     if owed is not None:
-        await _store_in_line(message, dialogue, owed, repository.FORGET_ROLE)
+        await _store_in_line(message, dialogue, owed, role)
         return
     user = user_ref(message)
-    async with dialogue.exclusive(user):
-        await dialogue.forget(user)
-    await message.answer(texts.FORGET_DONE)
+    async with dialogue.exclusive(user):  # after this user's earlier messages are answered
+        if role == repository.FORGET_ROLE:
+            await dialogue.forget(user)
+        else:
+            await dialogue.reset(user)
+    await message.answer(DONE[role])
 
 
 async def _store_in_line(
