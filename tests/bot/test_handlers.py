@@ -65,3 +65,31 @@ async def test_reset_and_forget_drop_the_cached_dialogue(wired):
         assert 7 in cache
         await dp.feed_raw_update(bot, text_update(update_id + 1, 7, command))
         assert 7 not in cache
+
+
+async def test_a_reset_replicas_left_stored_is_carried_out_in_its_place_at_the_next_start(wired):
+    """An operator goes back from replicas to one process with a /reset still stored in line
+    (its replica died before carrying it out): the start answers what came before it, carries
+    it out and says so, then answers what came after, from an empty history."""
+    import asyncio
+
+    from bot.db import repository
+    from bot.dialogue import UserRef
+    from bot.pending import answer_unanswered
+
+    dp, bot, session, db = wired
+    dialogue = dp["dialogue"]
+    user = UserRef(7, "Аня")
+    before = await dialogue.remember_user_message(user, "Меня зовут Вася", 1)
+    await dialogue.remember_command(user, repository.RESET_ROLE, 2)
+    await dialogue.remember_user_message(user, "Как меня зовут?", 3)
+    tasks = await answer_unanswered(bot, dialogue, dp["metrics"], dp["settings"])
+    await asyncio.gather(*tasks)
+    shown = session.texts_to(7)
+    assert len(shown) == 3 and shown[1] == texts.RESET_DONE, shown
+    async with db.connect() as connection:
+        rows = (await connection.execute(text("SELECT role, text, id FROM messages"))).all()
+    assert sorted((role, t) for role, t, _ in rows if role == "user") == [
+        ("user", "Как меня зовут?")
+    ]
+    assert len(rows) == 2 and before not in [i for *_, i in rows]  # its reply, nothing older
