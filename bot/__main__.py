@@ -12,10 +12,16 @@ from dotenv import load_dotenv
 from pydantic import ValidationError
 
 from bot.config import ConfigError, Settings
-from bot.engine import ModelLoadError
 from bot.logs import configure_logging
 
 USAGE = "usage: python -m bot [chat | serve [--host HOST] [--port PORT]]"
+HELP = f"""{USAGE}
+
+  python -m bot          the Telegram bot (polling, or webhook mode when WEBHOOK_URL is set)
+  python -m bot chat     talk to the model in this terminal, with the same memory
+  python -m bot serve    the OpenAI-compatible model server (LLM_BASE_URL for the bot)
+
+Settings come from the environment and .env (see .env.example)."""
 
 
 def parse_serve(args: list[str], settings: Settings) -> tuple[str, int]:
@@ -30,6 +36,9 @@ def parse_serve(args: list[str], settings: Settings) -> tuple[str, int]:
 def main(argv: list[str] | None = None) -> int:
     """Start the bot; a configuration problem is one line on stderr and exit code 2."""
     args = sys.argv[1:] if argv is None else argv
+    if args[:1] in (["-h"], ["--help"]):  # before torch and transformers are imported: at once
+        print(HELP)
+        return 0
     if args not in ([], ["chat"]) and args[:1] != ["serve"]:
         print(USAGE, file=sys.stderr)
         return 2
@@ -42,6 +51,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {name}: {problem['msg']}", file=sys.stderr)
         return 2
     configure_logging(settings)
+    from bot.engine import ModelLoadError  # the model's stack: only once there is work to do
+
     if args == ["chat"]:
         logging.getLogger().setLevel(logging.WARNING)  # keep the terminal for the conversation
     # Each entry point imported when chosen: the model server needs no aiogram (a faster start).

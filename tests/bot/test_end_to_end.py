@@ -101,6 +101,33 @@ async def test_the_bot_as_users_see_it(fake, backend_env, tmp_path):
         bot.kill()
 
 
+async def test_help_lists_the_commands_at_once_and_a_wrong_one_gets_the_usage(tmp_path):
+    """``python -m bot --help`` answered before the model's stack is imported (it took 7 s
+    here, and ``--help`` was refused as a wrong command)."""
+    probe = (
+        "import sys; from bot.__main__ import main; code = main(sys.argv[1:]); "
+        "print('torch loaded' if 'torch' in sys.modules else 'torch not loaded'); sys.exit(code)"
+    )
+    for args, code, stream, expected in (
+        (["--help"], 0, 0, "python -m bot serve"),
+        (["bogus"], 2, 1, "usage: python -m bot"),
+    ):
+        process = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-c",
+            probe,
+            *args,
+            cwd=tmp_path,
+            env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"},
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        output = await asyncio.wait_for(process.communicate(), 60)
+        assert process.returncode == code, output
+        assert expected in output[stream].decode(), output
+        assert "torch not loaded" in output[0].decode(), output
+
+
 async def test_missing_token_and_missing_model_are_one_line_errors(bot_env, tmp_path):
     for drop, expected in (
         ("TELEGRAM_BOT_TOKEN", "TELEGRAM_BOT_TOKEN is not set"),
