@@ -11,6 +11,7 @@ import contextlib
 import glob
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import tempfile
@@ -51,6 +52,10 @@ def _stop(process: subprocess.Popen) -> None:
             process.wait()
 
 
+#: the running ``redis_server`` processes by URL, for a test that makes Redis hang (SIGSTOP)
+REDIS_PROCESSES: dict[str, subprocess.Popen[bytes]] = {}
+
+
 @contextlib.contextmanager
 def redis_server() -> Iterator[str]:
     """``redis-server`` with no persistence; yields its URL. Skips the test without it."""
@@ -71,8 +76,13 @@ def redis_server() -> Iterator[str]:
     try:
         log.touch()
         _wait_for_port(port, process, log)
-        yield f"redis://127.0.0.1:{port}/0"
+        url = f"redis://127.0.0.1:{port}/0"
+        REDIS_PROCESSES[url] = process
+        yield url
     finally:
+        REDIS_PROCESSES.pop(f"redis://127.0.0.1:{port}/0", None)
+        if process.poll() is None:
+            process.send_signal(signal.SIGCONT)  # a test may have left it stopped
         _stop(process)
         shutil.rmtree(workdir, ignore_errors=True)
 

@@ -307,3 +307,40 @@ async def test_a_replica_that_stalls_past_its_lease_neither_sends_nor_stores_onc
     )
     assert await replies_stored(deployment.database) == 1
     assert len(fake.sent_to(user)) == 1, fake.sent_to(user)
+
+
+async def test_messages_stored_while_redis_hangs_are_answered_once_it_is_back(
+    deployment, redis_url
+):
+    """Redis stops answering (SIGSTOP) after a first reply: the replicas still acknowledge and
+    store the user's next messages, fail to take the lease (logged), and once Redis is back the
+    sweep answers each of them, once, in order."""
+    from tests.servers import REDIS_PROCESSES
+
+    user = 2401
+    await deployment.start(2)
+    fake = deployment.fake
+    fake.send_text(user, text_of(user, 0))
+    await eventually(lambda: len(fake.sent_to(user)) == 1, "the first reply")
+    redis = REDIS_PROCESSES[redis_url]
+    redis.send_signal(signal.SIGSTOP)
+    try:
+        fake.send_text(user, text_of(user, 1))
+        fake.send_text(user, text_of(user, 2))
+        await eventually(lambda: fake.webhook_backlog() == 0, "both stored and acknowledged")
+        await eventually(
+            lambda: f"could not answer user {user}" in deployment.logs(),
+            "a replica failing to reach Redis",
+        )
+    finally:
+        redis.send_signal(signal.SIGCONT)
+    for _ in range(600):
+        rows = [r for r in await conversation(deployment.database) if r[0] == user]
+        if len(rows) == 3 and all(replies for *_, replies in rows):
+            break
+        await asyncio.sleep(0.1)
+    assert [(text, len(replies)) for _, text, _, replies in rows] == [
+        (text_of(user, k), 1) for k in range(3)
+    ], deployment.logs()[-3000:]
+    stored = [replies[0] for *_, replies in rows]
+    await eventually(lambda: fake.sent_to(user) == stored, "the user sees each reply once")
