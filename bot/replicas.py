@@ -158,12 +158,15 @@ class ReplicaCoordinator:
             asked_at = time.monotonic()  # Redis counts the new term from later than this
             try:
                 await lock.extend(self.lease_s, replace_ttl=True)
-            except (LockError, RedisError) as error:
-                # Stalled longer than the lease (or Redis is gone): another replica may answer
-                # this user meanwhile. The deadline is left to run out: check_lease stops the
-                # work under way before it sends or stores anything more.
+            except LockError as error:
+                # Stalled longer than the lease: another replica may answer this user meanwhile.
+                # The deadline is left to run out: check_lease stops the work under way before
+                # it sends or stores anything more.
                 logger.warning("lost the lease on user %s: %s", held.user_id, error)
                 return
+            except RedisError as error:  # a blip: try again; only a success moves the deadline
+                logger.warning("could not renew the lease on user %s: %s", held.user_id, error)
+                continue
             held.deadline = self._deadline(asked_at)
 
     async def settle(self, message_id: int) -> None:
