@@ -149,13 +149,9 @@ class OwedReplies:
                 since=since,
                 from_id=from_id,
             )
-            message = None
-            for candidate in owed:
-                if candidate.message_id not in tried and not await self.replicas.is_settled(
-                    candidate.message_id
-                ):
-                    message = candidate
-                    break
+            untried = [m for m in owed if m.message_id not in tried]
+            settled = await self.replicas.settled([m.message_id for m in untried])
+            message = next((m for m in untried if m.message_id not in settled), None)
             if message is None:
                 return
             message_id = message.message_id
@@ -203,13 +199,12 @@ class OwedReplies:
         owed = await self.dialogue.unanswered(
             self.settings.pending_reply_max_age_s, min_age_s=older_than_s
         )
+        owed = [m for m in owed if m.user.telegram_id not in self._swept]
+        settled = await self.replicas.settled([m.message_id for m in owed])
         users: dict[int, UserRef] = {}
         for message in owed:
-            user = message.user
-            if user.telegram_id in users or user.telegram_id in self._swept:
-                continue
-            if not await self.replicas.is_settled(message.message_id):
-                users[user.telegram_id] = user
+            if message.message_id not in settled:
+                users.setdefault(message.user.telegram_id, message.user)
         for user in users.values():
             self._swept.add(user.telegram_id)
             self.answer_soon(user, wait=False)  # a held lease: someone is answering them

@@ -173,8 +173,13 @@ class ReplicaCoordinator:
         """The message got a notice (busy, too slow) instead of a reply: not to be retried."""
         await self.redis.set(f"{PREFIX}:settled:{message_id}", 1, ex=int(self.keep_s))
 
-    async def is_settled(self, message_id: int) -> bool:
-        return bool(await self.redis.exists(f"{PREFIX}:settled:{message_id}"))
+    async def settled(self, message_ids: list[int]) -> set[int]:
+        """Which of these messages got a notice instead of a reply: one round trip for all
+        (a sweep after an outage may look at thousands)."""
+        if not message_ids:
+            return set()
+        marks = await self.redis.mget([f"{PREFIX}:settled:{m}" for m in message_ids])
+        return {m for m, mark in zip(message_ids, marks, strict=True) if mark is not None}
 
     async def remember_draft(self, message_id: int, telegram_message_id: int) -> None:
         """The Telegram message the reply to ``message_id`` is being written into."""
