@@ -84,6 +84,12 @@ class ReplyStream:
                 await self._show(self._latest)
             except TelegramBadRequest as error:  # finish() sends the final text once more
                 logger.debug("stream update refused: %s", error.message)
+            except Exception as error:
+                # Telegram down past the retries, or (replicas) the lease ran out: finish()
+                # tries the final text and raises if that fails too. Ending here, rather than
+                # with the exception, keeps asyncio's "never retrieved" traceback out of the log.
+                logger.warning("stream update not shown: %s", type(error).__name__)
+                return
             finally:
                 self._sending = False
 

@@ -160,3 +160,41 @@ async def test_a_resumed_message_that_is_gone_gets_the_reply_anew(recording_bot)
     await stream.finish("Ответ.")
     assert [type(m) for m in session.requests] == [EditMessageText, SendMessage]
     assert session.texts_to(CHAT) == ["Ответ."]
+
+
+async def test_a_failed_stream_update_is_superseded_without_an_error_in_the_log(recording_bot):
+    """The first words could not be sent (Telegram down past the retries, or a replica's lease
+    ran out): the final text still goes out, and the failed update is dealt with, not left to
+    asyncio's "Task exception was never retrieved" traceback at ERROR."""
+    import gc
+
+    from aiogram.exceptions import TelegramNetworkError
+
+    bot, session = recording_bot
+    unhandled: list[str] = []
+    loop = asyncio.get_running_loop()
+    loop.set_exception_handler(lambda _, context: unhandled.append(context["message"]))
+    record = session.make_request
+    failed: list[SendMessage] = []
+
+    async def down_once(bot, method, timeout=None):  # type: ignore[no-untyped-def]
+        if isinstance(method, SendMessage) and not failed:
+            failed.append(method)
+            raise TelegramNetworkError(method, "down")
+        return await record(bot, method, timeout)
+
+    session.make_request = down_once  # type: ignore[method-assign]
+    try:
+        stream = ReplyStream(bot, CHAT, interval_s=0.0)
+        stream.update("начало")
+        for _ in range(200):
+            if failed and stream._pump is not None and stream._pump.done():
+                break
+            await asyncio.sleep(0.01)
+        await stream.finish("начало ответа.")
+        del stream
+        gc.collect()
+        assert what_the_user_sees(session, CHAT) == ["начало ответа."]
+        assert unhandled == []
+    finally:
+        loop.set_exception_handler(None)
