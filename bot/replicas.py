@@ -58,6 +58,7 @@ PREFIX = "tgbot"
 # The lease is taken to end this share of REPLICA_LEASE_S before Redis lets it go, for the time
 # a request to Redis takes and for clocks that do not run at exactly the same rate.
 LEASE_MARGIN = 0.1
+KEEP_AT_LEAST_S = 3600.0
 
 
 class LeaseLost(Exception):
@@ -98,7 +99,10 @@ class ReplicaCoordinator:
         self.redis = redis
         self.lease_s = lease_s  # how long a dead replica's lease outlives it
         self.wait_s = wait_s  # longest wait for a user's lease before leaving it to the sweep
-        self.keep_s = max(keep_s, 60.0)  # how long drafts and settled marks are kept
+        # How long drafts and settled marks are kept: as long as their message may still be
+        # answered, and at least an hour, since a message waiting behind its user's earlier ones
+        # is answered however late (bot.pending). A key each, deleted once the reply is stored.
+        self.keep_s = max(keep_s, KEEP_AT_LEAST_S)
 
     @classmethod
     async def connect(

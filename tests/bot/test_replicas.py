@@ -357,6 +357,7 @@ async def test_settled_messages_are_told_apart_in_one_round_trip(redis_url):
         for message_id in (3, 7):
             await replicas.settle(message_id)
         assert await replicas.settled(list(range(1, 1001))) == {3, 7}
-        assert await replicas.redis.ttl("tgbot:settled:3") > 0  # forgotten in time
+        # forgotten in time, but not before a message queued behind others may be answered
+        assert 3500 < await replicas.redis.ttl("tgbot:settled:3") <= 3600
     finally:
         await replicas.aclose()
