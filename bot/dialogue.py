@@ -68,7 +68,7 @@ class OwedMessage:
     user: UserRef
     message_id: int
     thread_id: int | None
-    role: str = repository.USER_ROLE
+    role: str
 
     @property
     def is_command(self) -> bool:

@@ -158,13 +158,10 @@ class OwedReplies:
             tried.add(message_id)
             turn = self.dialogue.take_turn(user)  # in line with this replica's own answers
             turn.mark_stored()
-            if message.is_command:
-                try:
-                    await _carry_out_in_turn(self.bot, self.dialogue, turn, message)
-                finally:
-                    turn.finish()
-                continue
             try:
+                if message.is_command:
+                    await _carry_out_in_turn(self.bot, self.dialogue, turn, message)
+                    continue
                 replied = await answer(
                     self.bot,
                     self.dialogue,
