@@ -61,14 +61,16 @@ class UserRef:
 
 @dataclass(frozen=True)
 class OwedMessage:
-    """A stored Telegram message with no delivered reply: whose, which, and the forum topic
-    its reply belongs in (``None`` outside topics); or, when ``role`` is a marker role
+    """A stored Telegram message with no delivered reply: whose, which, the forum topic its
+    reply belongs in (``None`` outside topics), and the bot's message an attempt that died was
+    streaming the reply into (``draft_id``); or, when ``role`` is a marker role
     (``repository.RESET_ROLE``, ``FORGET_ROLE``), a /reset or /forget not carried out yet."""
 
     user: UserRef
     message_id: int
     thread_id: int | None
     role: str
+    draft_id: int | None
 
     @property
     def is_command(self) -> bool:
@@ -281,7 +283,9 @@ class DialogueService:
                 from_id=from_id,
             )
         return [
-            OwedMessage(UserRef(p.telegram_id, p.name), p.message_id, p.thread_id, p.role)
+            OwedMessage(
+                UserRef(p.telegram_id, p.name), p.message_id, p.thread_id, p.role, p.draft_id
+            )
             for p in pending
         ]
 
@@ -328,6 +332,12 @@ class DialogueService:
             await repository.add_message(
                 session, row, repository.BOT_ROLE, reply, reply_to_id=reply_to_id
             )
+
+    async def remember_draft(self, message_id: int, telegram_message_id: int | None) -> None:
+        """The Telegram message the reply to ``message_id`` is being streamed into (None: no
+        longer), kept with the message so that whoever answers it after a crash writes into it."""
+        async with self.sessions.begin() as session:
+            await repository.set_reply_draft(session, message_id, telegram_message_id)
 
     async def reset(self, user: UserRef) -> int:
         async with self.sessions.begin() as session:

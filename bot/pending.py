@@ -66,6 +66,7 @@ async def answer_unanswered(
                 message.user,
                 message.message_id,
                 message.thread_id,
+                message.draft_id,
             )
         tasks.append(asyncio.create_task(_settle(answering, turn, metrics)))
     return tasks
@@ -171,13 +172,11 @@ class OwedReplies:
                     user,
                     message_id,
                     message.thread_id,
-                    self.replicas,
+                    message.draft_id,
                 )
             finally:
                 turn.finish()
-            if replied:
-                await self.replicas.forget_draft(message_id)
-            else:
+            if not replied:
                 await self.replicas.settle(message_id)
 
     async def sweep_forever(self) -> None:

@@ -25,8 +25,9 @@ The rule that keeps one user's conversation in order whichever replica gets whic
 - **A replica that dies** stops renewing its leases: they expire after ``REPLICA_LEASE_S``, and
   every replica's sweep (:func:`bot.pending.sweep_forever`) picks owed messages whose lease is
   free. The reply the dead replica was streaming is not sent again as a second message: the
-  Telegram id of the message it was writing into (the *draft*) is kept in Redis, and the
-  survivor writes its reply into that same message.
+  Telegram id of the message it was writing into (the *draft*) is stored with the user's message
+  in the database (``messages.reply_draft_id``, as for a single bot's restart), and the survivor
+  writes its reply into that same message.
 - A message answered with a notice (the model busy or too slow) is marked *settled*, so that
   the sweep does not answer it again and again.
 
@@ -93,15 +94,15 @@ def check_lease() -> None:
 
 
 class ReplicaCoordinator:
-    """A user's lease, settled messages and reply drafts, shared by all replicas through Redis."""
+    """A user's lease and settled messages, shared by all replicas through Redis."""
 
     def __init__(self, redis: Redis, lease_s: float, wait_s: float, keep_s: float) -> None:
         self.redis = redis
         self.lease_s = lease_s  # how long a dead replica's lease outlives it
         self.wait_s = wait_s  # longest wait for a user's lease before leaving it to the sweep
-        # How long drafts and settled marks are kept: as long as their message may still be
-        # answered, and at least an hour, since a message waiting behind its user's earlier ones
-        # is answered however late (bot.pending). A key each, deleted once the reply is stored.
+        # How long settled marks are kept: as long as their message may still be answered, and
+        # at least an hour, since a message waiting behind its user's earlier ones is answered
+        # however late (bot.pending). A key each.
         self.keep_s = max(keep_s, KEEP_AT_LEAST_S)
 
     @classmethod
@@ -184,17 +185,3 @@ class ReplicaCoordinator:
             return set()
         marks = await self.redis.mget([f"{PREFIX}:settled:{m}" for m in message_ids])
         return {m for m, mark in zip(message_ids, marks, strict=True) if mark is not None}
-
-    async def remember_draft(self, message_id: int, telegram_message_id: int) -> None:
-        """The Telegram message the reply to ``message_id`` is being written into."""
-        await self.redis.set(
-            f"{PREFIX}:draft:{message_id}", telegram_message_id, ex=int(self.keep_s)
-        )
-
-    async def draft(self, message_id: int) -> int | None:
-        """The message an earlier attempt (a replica that died) was writing this reply into."""
-        value = await self.redis.get(f"{PREFIX}:draft:{message_id}")
-        return int(value) if value is not None else None
-
-    async def forget_draft(self, message_id: int) -> None:
-        await self.redis.delete(f"{PREFIX}:draft:{message_id}")

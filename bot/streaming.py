@@ -34,9 +34,9 @@ class ReplyStream:
     """One reply being streamed into one Telegram message (then more, if it is long).
 
     ``resume_message_id``: a message of the bot's that an earlier attempt at this same reply
-    was writing into (a replica that died mid-reply, bot.replicas); the reply is written into it
-    instead of a second message. ``on_sent`` learns the id of the message the reply goes into,
-    as soon as it exists, so that another replica can do just that.
+    was writing into (a bot killed mid-reply, or a replica that died); the reply is written into
+    it instead of a second message. ``on_sent`` learns the id of the message the reply goes
+    into, as soon as it exists, so that a restart or another replica can do just that.
     """
 
     def __init__(
@@ -111,7 +111,12 @@ class ReplyStream:
                 logger.info("cannot edit the reply's message (%s): sending anew", error.message)
         self.sent = (await self._send(text)).message_id
         if self._on_sent is not None:
-            await self._on_sent(self.sent)
+            try:
+                await self._on_sent(self.sent)
+            except Exception as error:
+                # Only a crash from here on would need it; failing the reply the user is
+                # already reading (and answering it again later) would be worse.
+                logger.warning("the reply's message id was not kept: %s", type(error).__name__)
 
     async def finish(self, final: str) -> None:
         """Replace the streamed text with ``final`` (and send what does not fit as more messages).

@@ -51,6 +51,10 @@ class Message(Base):
       (whichever replica or restart answers it); ``None`` outside topics.
     * ``reply_to_id``: on a bot reply, the user message it answers. A bot reply is stored only
       after Telegram accepted it, so a user message with no reply pointing at it is unanswered.
+    * ``reply_draft_id``: on a user message, the Telegram id of the bot's message its reply is
+      being streamed into, set once the first words went out. Whoever answers the message after
+      a crash (a restart, another replica) finishes the reply in that message, rather than
+      leaving the cut text on the user's screen above a second, whole one.
     """
 
     __tablename__ = "messages"
@@ -70,4 +74,5 @@ class Message(Base):
     reply_to_id: Mapped[int | None] = mapped_column(
         ForeignKey("messages.id", ondelete="SET NULL"), index=True
     )
+    reply_draft_id: Mapped[int | None] = mapped_column(BigInteger)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime
 
-from sqlalchemy import and_, delete, exists, func, or_, select
+from sqlalchemy import and_, delete, exists, func, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import aliased
 
@@ -94,6 +94,7 @@ class PendingMessage:
     name: str | None
     thread_id: int | None  # the forum topic it was written in, where its reply goes
     role: str
+    draft_id: int | None  # the bot's message an earlier attempt was streaming its reply into
 
 
 async def unanswered_messages(
@@ -113,7 +114,14 @@ async def unanswered_messages(
     if from_id is not None:
         recent = or_(recent, Message.id >= from_id)
     query = (
-        select(Message.id, User.telegram_id, User.name, Message.telegram_thread_id, Message.role)
+        select(
+            Message.id,
+            User.telegram_id,
+            User.name,
+            Message.telegram_thread_id,
+            Message.role,
+            Message.reply_draft_id,
+        )
         .join(User, User.id == Message.user_id)
         .where(
             Message.telegram_message_id.is_not(None),
@@ -130,6 +138,16 @@ async def unanswered_messages(
         query = query.where(User.telegram_id == telegram_id)
     rows = await session.execute(query)
     return [PendingMessage(*row) for row in rows.all()]
+
+
+async def set_reply_draft(
+    session: AsyncSession, message_id: int, telegram_message_id: int | None
+) -> None:
+    """Note (or, with None, clear) the Telegram message the reply to ``message_id`` is being
+    streamed into."""
+    await session.execute(
+        update(Message).where(Message.id == message_id).values(reply_draft_id=telegram_message_id)
+    )
 
 
 async def recent_turns(

@@ -24,7 +24,6 @@ from bot.streaming import ReplyStream
 
 if TYPE_CHECKING:
     from bot.pending import OwedReplies
-    from bot.replicas import ReplicaCoordinator
 
 logger = logging.getLogger(__name__)
 
@@ -90,7 +89,7 @@ async def answer(
     user: UserRef,
     message_id: int,
     thread_id: int | None = None,
-    replicas: ReplicaCoordinator | None = None,
+    draft_id: int | None = None,
 ) -> bool:
     """Answer the stored user message ``message_id`` in the user's chat, in turn; True when a
     reply was delivered and stored, False when the user got a notice (busy, too slow) instead.
@@ -99,26 +98,23 @@ async def answer(
     reply is stored only after Telegram took all of it: a reply that never reached the user
     leaves the message unanswered, to be answered at the next start. The chat is
     ``user.telegram_id``: a memory is a private chat's user or a group (see ``user_ref``), and
-    a private chat's id is its user's id. With ``replicas``, the reply goes into the message a
-    dead replica was writing it into, if any, and its own message is made known the same way.
+    a private chat's id is its user's id. ``draft_id``: the bot's message an earlier attempt
+    (killed, or a replica that died) was streaming this reply into; the reply is finished there.
+    The message this attempt writes into is stored with the user's message as soon as it exists.
     """
     await turn.wait_to_answer()
     started = time.perf_counter()
-    resume, on_sent = None, None
-    if replicas is not None:
-        resume = await replicas.draft(message_id)
-        if resume is not None:
-            logger.info(
-                "message %d: an earlier attempt died mid-reply; replying in its place", message_id
-            )
-        on_sent = functools.partial(replicas.remember_draft, message_id)
+    if draft_id is not None:
+        logger.info(
+            "message %d: an earlier attempt died mid-reply; replying in its place", message_id
+        )
     stream = ReplyStream(
         bot,
         user.telegram_id,
         settings.stream_edit_interval_s,
         thread_id=thread_id,
-        resume_message_id=resume,
-        on_sent=on_sent,
+        resume_message_id=draft_id,
+        on_sent=functools.partial(dialogue.remember_draft, message_id),
     )
     on_text = stream.update if settings.stream_replies else None
     try:
@@ -126,13 +122,11 @@ async def answer(
             bot=bot, chat_id=user.telegram_id, message_thread_id=thread_id
         ):
             reply = await dialogue.make_reply(user, message_id, on_text=on_text)
-    except EngineBusy:
+    except (EngineBusy, EngineTimeout) as refusal:
         metrics.busy.inc()
-        await stream.finish(texts.BUSY)
-        return False
-    except EngineTimeout:
-        metrics.busy.inc()
-        await stream.finish(texts.TIMEOUT)  # replaces whatever was streamed
+        # replaces whatever was streamed; a later answer (a restart) is a message of its own
+        await stream.finish(texts.BUSY if isinstance(refusal, EngineBusy) else texts.TIMEOUT)
+        await dialogue.remember_draft(message_id, None)
         return False
     metrics.generation_seconds.observe(time.perf_counter() - started)
     await stream.finish(reply)  # the final text is the one stored next

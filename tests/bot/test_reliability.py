@@ -254,6 +254,32 @@ async def test_kill_9_mid_reply_then_the_restarted_bot_answers_it_once(fake, run
     assert pairs[1][1] in prompts[-1]
 
 
+async def test_a_reply_cut_by_kill_9_is_finished_in_the_message_the_user_already_has(
+    fake, running, tmp_path
+):
+    """The first words of a reply reached the user, then the bot was killed. The restarted
+    bot writes the reply into that same message: before, the cut text stayed on screen above
+    a second, whole reply."""
+    db = tmp_path / "bot.db"
+    bot = await running(REPLY_TOKENS="512", STREAM_EDIT_INTERVAL_S="0")
+    fake.hold("editMessageText")
+    fake.send_text(ALICE, "Привет!")
+    # The stream edits its message only once the message was sent (and its id kept): a held
+    # edit means the first words are on the user's screen.
+    await fake.wait_for(lambda: fake.count("editMessageText") > 0)
+    bot.process.send_signal(signal.SIGKILL)
+    await bot.process.wait()
+    fake.release("editMessageText")
+    cut = fake.sent_to(ALICE)
+    assert len(cut) == 1 and bot_replies(db, ALICE) == []
+    await running()
+    await eventually(lambda: len(bot_replies(db, ALICE)) == 1, "the reply after the restart")
+    await eventually(lambda: fake.sent_to(ALICE) == bot_replies(db, ALICE), "the reply shown")
+    sends = [c for c in fake.calls if c.method == "sendMessage" and c.ok]
+    assert len(sends) == 1  # one message on the user's screen, holding the whole reply
+    assert "earlier attempt died mid-reply" in (tmp_path / "bot.log").read_text(errors="replace")
+
+
 async def test_a_message_older_than_the_limit_is_not_answered_after_a_restart(
     fake, running, tmp_path
 ):

@@ -160,6 +160,31 @@ async def test_unanswered_lists_recent_telegram_messages_without_a_reply(session
     assert [(p.message_id, p.telegram_id) for p in pending] == [(lost.id, 2), (lost_too.id, 1)]
 
 
+async def test_an_owed_message_brings_the_message_its_reply_was_streamed_into(sessions):
+    """What a restart or a surviving replica needs to finish a cut reply in place: the draft's
+    Telegram id comes back with the owed message, on both backends, and can be cleared."""
+    from datetime import UTC, datetime, timedelta
+
+    async with sessions.begin() as session:
+        alice = await repository.get_or_create_user(session, 1, "Alice")
+        cut = await repository.add_message(session, alice, "user", "a", telegram_message_id=2)
+        untouched = await repository.add_message(session, alice, "user", "b", telegram_message_id=3)
+    big_id = 2**40  # a Telegram id past 32 bits
+    async with sessions.begin() as session:
+        await repository.set_reply_draft(session, cut.id, big_id)
+    since = datetime.now(UTC) - timedelta(minutes=10)
+    async with sessions() as session:
+        pending = await repository.unanswered_messages(session, since)
+    assert [(p.message_id, p.draft_id) for p in pending] == [(cut.id, big_id), (untouched.id, None)]
+    async with sessions.begin() as session:
+        await repository.set_reply_draft(session, cut.id, None)
+    async with sessions() as session:
+        assert [p.draft_id for p in await repository.unanswered_messages(session, since)] == [
+            None,
+            None,
+        ]
+
+
 async def test_a_stored_reset_bounds_history_until_carried_out_and_then_deletes_before_it(
     sessions,
 ):

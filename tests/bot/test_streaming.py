@@ -198,3 +198,25 @@ async def test_a_failed_stream_update_is_superseded_without_an_error_in_the_log(
         assert unhandled == []
     finally:
         loop.set_exception_handler(None)
+
+
+async def test_a_reply_whose_message_id_cannot_be_kept_still_finishes(recording_bot, caplog):
+    """The database refuses to note the reply's message (only needed after a crash): the reply
+    the user has is still finished, and the caller goes on to store it (``finish`` used to raise
+    when the reply was sent in one go, so a delivered reply was not stored and was sent again
+    at the next start)."""
+    bot, session = recording_bot
+
+    async def database_down(message_id: int) -> None:
+        raise ConnectionError("database down")
+
+    quick = ReplyStream(bot, CHAT, interval_s=1.0, on_sent=database_down)
+    quick.update("Быстрый")
+    await quick.finish("Быстрый ответ.")
+    streamed = ReplyStream(bot, CHAT, interval_s=0.0, on_sent=database_down)
+    streamed.update("Начало")
+    await asyncio.sleep(0.01)
+    await streamed.finish("Начало ответа.")
+    assert [type(m) for m in session.requests] == [SendMessage, SendMessage, EditMessageText]
+    assert what_the_user_sees(session, CHAT) == ["Быстрый ответ.", "Начало ответа."]
+    assert caplog.text.count("the reply's message id was not kept: ConnectionError") == 2
