@@ -61,16 +61,25 @@ class UserRef:
 
 @dataclass(frozen=True)
 class OwedMessage:
-    """A stored Telegram message with no delivered reply: whose, which, the forum topic its
-    reply belongs in (``None`` outside topics), and the bot's message an attempt that died was
-    streaming the reply into (``draft_id``); or, when ``role`` is a marker role
-    (``repository.RESET_ROLE``, ``FORGET_ROLE``), a /reset or /forget not carried out yet."""
+    """A stored Telegram message with no delivered reply: whose, which (``message_id`` in the
+    database, ``telegram_message_id`` in its chat), the forum topic its reply belongs in
+    (``None`` outside topics), and the bot's message an attempt that died was streaming the
+    reply into (``draft_id``); or, when ``role`` is a marker role (``repository.RESET_ROLE``,
+    ``FORGET_ROLE``), a /reset or /forget not carried out yet."""
 
     user: UserRef
     message_id: int
     thread_id: int | None
     role: str
     draft_id: int | None
+    telegram_message_id: int | None
+
+    @classmethod
+    def just_stored(
+        cls, user: UserRef, message_id: int, telegram_message_id: int, thread_id: int | None
+    ) -> OwedMessage:
+        """A user's message the moment it is stored: nothing was sent for it yet."""
+        return cls(user, message_id, thread_id, repository.USER_ROLE, None, telegram_message_id)
 
     @property
     def is_command(self) -> bool:
@@ -284,7 +293,12 @@ class DialogueService:
             )
         return [
             OwedMessage(
-                UserRef(p.telegram_id, p.name), p.message_id, p.thread_id, p.role, p.draft_id
+                UserRef(p.telegram_id, p.name),
+                p.message_id,
+                p.thread_id,
+                p.role,
+                p.draft_id,
+                p.telegram_message_id,
             )
             for p in pending
         ]
@@ -332,6 +346,11 @@ class DialogueService:
             await repository.add_message(
                 session, row, repository.BOT_ROLE, reply, reply_to_id=reply_to_id
             )
+
+    async def wrote_after(self, message_id: int) -> bool:
+        """Whether the user (or group) has written since message ``message_id``."""
+        async with self.sessions() as session:
+            return await repository.wrote_after(session, message_id)
 
     async def remember_draft(self, message_id: int, telegram_message_id: int | None) -> None:
         """The Telegram message the reply to ``message_id`` is being streamed into (None: no

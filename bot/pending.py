@@ -63,10 +63,7 @@ async def answer_unanswered(
                 metrics,
                 settings,
                 turn,
-                message.user,
-                message.message_id,
-                message.thread_id,
-                message.draft_id,
+                message,
             )
         tasks.append(asyncio.create_task(_settle(answering, turn, metrics)))
     return tasks
@@ -169,10 +166,7 @@ class OwedReplies:
                     self.metrics,
                     self.settings,
                     turn,
-                    user,
-                    message_id,
-                    message.thread_id,
-                    message.draft_id,
+                    message,
                 )
             finally:
                 turn.finish()

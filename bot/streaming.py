@@ -23,7 +23,7 @@ from collections.abc import Awaitable, Callable
 
 from aiogram import Bot
 from aiogram.exceptions import TelegramBadRequest
-from aiogram.types import Message
+from aiogram.types import Message, ReplyParameters
 
 from bot.dialogue import TELEGRAM_LIMIT, split_message
 
@@ -37,6 +37,8 @@ class ReplyStream:
     was writing into (a bot killed mid-reply, or a replica that died); the reply is written into
     it instead of a second message. ``on_sent`` learns the id of the message the reply goes
     into, as soon as it exists, so that a restart or another replica can do just that.
+    ``quote_message_id``: the user's message the reply's first message quotes (a Telegram
+    reply to it); sent even if that message was deleted meanwhile.
     """
 
     def __init__(
@@ -48,6 +50,7 @@ class ReplyStream:
         thread_id: int | None = None,
         resume_message_id: int | None = None,
         on_sent: Callable[[int], Awaitable[None]] | None = None,
+        quote_message_id: int | None = None,
     ) -> None:
         self.bot = bot
         self.chat_id = chat_id  # the reply goes to this chat (and forum topic, if any)
@@ -56,6 +59,11 @@ class ReplyStream:
         self.clock = clock
         self.sent: int | None = resume_message_id  # the message the reply is written into
         self._on_sent = on_sent
+        self._quote = (
+            ReplyParameters(message_id=quote_message_id, allow_sending_without_reply=True)
+            if quote_message_id is not None
+            else None
+        )
         self._latest = ""
         self._shown = ""
         self._last_send = clock()  # the user's message counts as the chat's last exchange
@@ -109,7 +117,7 @@ class ReplyStream:
                 # The message is gone (deleted by the user, or a draft too old to edit): the
                 # reply goes into a new one, so the user never misses it.
                 logger.info("cannot edit the reply's message (%s): sending anew", error.message)
-        self.sent = (await self._send(text)).message_id
+        self.sent = (await self._send(text, self._quote)).message_id
         if self._on_sent is not None:
             try:
                 await self._on_sent(self.sent)
@@ -146,7 +154,10 @@ class ReplyStream:
         for piece in pieces[1:]:
             await self._send(piece)
 
-    async def _send(self, text: str) -> Message:
+    async def _send(self, text: str, quote: ReplyParameters | None = None) -> Message:
         return await self.bot.send_message(
-            chat_id=self.chat_id, text=text, message_thread_id=self.thread_id
+            chat_id=self.chat_id,
+            text=text,
+            message_thread_id=self.thread_id,
+            reply_parameters=quote,
         )

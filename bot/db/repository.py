@@ -95,6 +95,7 @@ class PendingMessage:
     thread_id: int | None  # the forum topic it was written in, where its reply goes
     role: str
     draft_id: int | None  # the bot's message an earlier attempt was streaming its reply into
+    telegram_message_id: int  # the message in its chat, which a reply may quote
 
 
 async def unanswered_messages(
@@ -121,6 +122,7 @@ async def unanswered_messages(
             Message.telegram_thread_id,
             Message.role,
             Message.reply_draft_id,
+            Message.telegram_message_id,
         )
         .join(User, User.id == Message.user_id)
         .where(
@@ -138,6 +140,15 @@ async def unanswered_messages(
         query = query.where(User.telegram_id == telegram_id)
     rows = await session.execute(query)
     return [PendingMessage(*row) for row in rows.all()]
+
+
+async def wrote_after(session: AsyncSession, message_id: int) -> bool:
+    """Whether the author of message ``message_id`` has written anything since it."""
+    author = select(Message.user_id).where(Message.id == message_id).scalar_subquery()
+    later = select(Message.id).where(
+        Message.user_id == author, Message.id > message_id, Message.role != BOT_ROLE
+    )
+    return (await session.execute(select(exists(later)))).scalar_one()
 
 
 async def set_reply_draft(

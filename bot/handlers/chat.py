@@ -15,7 +15,7 @@ from aiogram.utils.chat_action import ChatActionSender
 
 from bot import texts
 from bot.config import Settings
-from bot.dialogue import DialogueService, Turn, UserRef, clean_user_text
+from bot.dialogue import DialogueService, OwedMessage, Turn, clean_user_text
 from bot.engine import EngineBusy, EngineTimeout
 from bot.handlers.commands import user_ref
 from bot.metrics import BotMetrics
@@ -75,7 +75,8 @@ async def chat(
         if owed is not None:
             owed.answer_soon(user, from_id=message_id)
             return
-        await answer(bot, dialogue, metrics, settings, turn, user, message_id, thread_id)
+        stored = OwedMessage.just_stored(user, message_id, message.message_id, thread_id)
+        await answer(bot, dialogue, metrics, settings, turn, stored)
     finally:
         turn.finish()
 
@@ -86,40 +87,49 @@ async def answer(
     metrics: BotMetrics,
     settings: Settings,
     turn: Turn,
-    user: UserRef,
-    message_id: int,
-    thread_id: int | None = None,
-    draft_id: int | None = None,
+    message: OwedMessage,
 ) -> bool:
-    """Answer the stored user message ``message_id`` in the user's chat, in turn; True when a
-    reply was delivered and stored, False when the user got a notice (busy, too slow) instead.
+    """Answer the stored user ``message`` in the user's chat, in turn; True when a reply was
+    delivered and stored, False when the user got a notice (busy, too slow) instead.
 
     The one path for a new message and for one left unanswered by a crash (bot.pending). The
     reply is stored only after Telegram took all of it: a reply that never reached the user
     leaves the message unanswered, to be answered at the next start. The chat is
     ``user.telegram_id``: a memory is a private chat's user or a group (see ``user_ref``), and
-    a private chat's id is its user's id. ``draft_id``: the bot's message an earlier attempt
-    (killed, or a replica that died) was streaming this reply into; the reply is finished there.
-    The message this attempt writes into is stored with the user's message as soon as it exists.
+    a private chat's id is its user's id. ``message.draft_id``: the bot's message an earlier
+    attempt (killed, or a replica that died) was streaming this reply into; the reply is
+    finished there. The message this attempt writes into is stored with the user's message as
+    soon as it exists.
+
+    The reply quotes the message it answers where a bare reply could be taken for an answer to
+    something else: in a group (several people talk to the bot), and when the user has written
+    again since (messages sent in a burst, a reply owed from before a restart).
     """
     await turn.wait_to_answer()
     started = time.perf_counter()
-    if draft_id is not None:
+    user, message_id = message.user, message.message_id
+    if message.draft_id is not None:
         logger.info(
             "message %d: an earlier attempt died mid-reply; replying in its place", message_id
         )
+    quote = None
+    if message.telegram_message_id is not None and (
+        user.telegram_id < 0 or await dialogue.wrote_after(message_id)
+    ):
+        quote = message.telegram_message_id
     stream = ReplyStream(
         bot,
         user.telegram_id,
         settings.stream_edit_interval_s,
-        thread_id=thread_id,
-        resume_message_id=draft_id,
+        thread_id=message.thread_id,
+        resume_message_id=message.draft_id,
         on_sent=functools.partial(dialogue.remember_draft, message_id),
+        quote_message_id=quote,
     )
     on_text = stream.update if settings.stream_replies else None
     try:
         async with ChatActionSender.typing(
-            bot=bot, chat_id=user.telegram_id, message_thread_id=thread_id
+            bot=bot, chat_id=user.telegram_id, message_thread_id=message.thread_id
         ):
             reply = await dialogue.make_reply(user, message_id, on_text=on_text)
     except (EngineBusy, EngineTimeout) as refusal:

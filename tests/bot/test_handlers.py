@@ -93,3 +93,26 @@ async def test_a_reset_replicas_left_stored_is_carried_out_in_its_place_at_the_n
         ("user", "Как меня зовут?")
     ]
     assert len(rows) == 2 and before not in [i for *_, i in rows]  # its reply, nothing older
+
+
+async def test_a_reply_quotes_its_message_when_the_user_has_written_since(wired):
+    """Two messages left unanswered by a restart: the reply to the first quotes it (the user
+    wrote again since, so a bare reply would read as an answer to the latest); the reply to
+    the last needs no quote."""
+    import asyncio
+
+    from aiogram.methods import SendMessage
+
+    from bot.dialogue import UserRef
+    from bot.pending import answer_unanswered
+
+    dp, bot, session, _ = wired
+    dialogue = dp["dialogue"]
+    user = UserRef(7, "Аня")
+    await dialogue.remember_user_message(user, "Первый вопрос", 101)
+    await dialogue.remember_user_message(user, "Второй вопрос", 102)
+    await asyncio.gather(*await answer_unanswered(bot, dialogue, dp["metrics"], dp["settings"]))
+    sends = [m for m in session.requests if isinstance(m, SendMessage)]
+    quotes = [m.reply_parameters for m in sends]
+    assert [q.message_id if q else None for q in quotes] == [101, None]
+    assert quotes[0].allow_sending_without_reply  # the user may have deleted it meanwhile

@@ -1,6 +1,7 @@
 """The real bot process under faults and hostile use (fake Bot API server on 127.0.0.1)."""
 
 import asyncio
+import json
 import signal
 import sqlite3
 import time
@@ -91,7 +92,7 @@ async def test_group_chat_answers_only_when_addressed_and_remembers_per_chat(
 ):
     await running()
     fake.send_text(ALICE, "просто болтаем между собой", chat_id=GROUP)
-    fake.send_text(BOB, "@test_bot привет, бот!", chat_id=GROUP)
+    to_bot = [fake.send_text(BOB, "@test_bot привет, бот!", chat_id=GROUP)]
     await fake.wait_replies(GROUP, 1)
     bot_message = {
         "message_id": 1,
@@ -100,7 +101,9 @@ async def test_group_chat_answers_only_when_addressed_and_remembers_per_chat(
         "from": {"id": 42, "is_bot": True, "first_name": "Тестбот"},
         "text": "ответ",
     }
-    fake.send_text(ALICE, "а это ответ боту", chat_id=GROUP, reply_to_message=bot_message)
+    to_bot.append(
+        fake.send_text(ALICE, "а это ответ боту", chat_id=GROUP, reply_to_message=bot_message)
+    )
     fake.send_text(ALICE, "/temp@test_bot 0.4", chat_id=GROUP)
     db = tmp_path / "bot.db"
     await eventually(lambda: len(bot_replies(db, GROUP)) == 2, "both replies in the group")
@@ -110,6 +113,13 @@ async def test_group_chat_answers_only_when_addressed_and_remembers_per_chat(
     memory = stored_messages(db, GROUP)  # kept under the chat, not the users
     assert [t for r, t in memory if r == "user"] == ["привет, бот!", "а это ответ боту"]
     assert stored_messages(tmp_path / "bot.db", ALICE) == []
+    # each reply quotes the message it answers: several people talk to the bot there
+    quoted = [
+        json.loads(c.params["reply_parameters"])["message_id"]
+        for c in fake.calls
+        if c.method == "sendMessage" and c.ok and "reply_parameters" in c.params
+    ]
+    assert quoted == [fake.delivered[u]["message"]["message_id"] for u in to_bot]
 
 
 async def test_forget_deletes_everything_about_the_user(fake, running, tmp_path):
