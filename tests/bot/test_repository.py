@@ -176,6 +176,9 @@ async def test_an_owed_message_brings_the_message_its_reply_was_streamed_into(se
     async with sessions() as session:
         pending = await repository.unanswered_messages(session, since)
     assert [(p.message_id, p.draft_id) for p in pending] == [(cut.id, big_id), (untouched.id, None)]
+    async with sessions() as session:  # whether a reply to it should quote it
+        assert await repository.wrote_after(session, cut.id)
+        assert not await repository.wrote_after(session, untouched.id)
     async with sessions.begin() as session:
         await repository.set_reply_draft(session, cut.id, None)
     async with sessions() as session:
