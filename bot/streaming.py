@@ -24,6 +24,7 @@ from collections.abc import Awaitable, Callable
 from aiogram import Bot
 from aiogram.exceptions import TelegramBadRequest
 from aiogram.types import Message, ReplyParameters
+from aiogram.utils.chat_action import ChatActionSender
 
 from bot.dialogue import TELEGRAM_LIMIT, split_message
 
@@ -161,3 +162,19 @@ class ReplyStream:
             message_thread_id=self.thread_id,
             reply_parameters=quote,
         )
+
+
+class TypingIndicator(ChatActionSender):
+    """aiogram's "typing…" sender, ending quietly when Telegram refuses it.
+
+    The indicator is a courtesy, not worth a retry (bot.middlewares.retry skips it). When a
+    call fails (a user who blocked the bot, a Bot API server without sendChatAction, a network
+    error), aiogram's worker task ends with the exception and nothing awaits it: asyncio then
+    logged "Task exception was never retrieved" with a traceback at ERROR, once per reply.
+    """
+
+    async def _worker(self) -> None:
+        try:
+            await super()._worker()
+        except Exception as error:
+            logger.debug("typing indicator stopped: %s", type(error).__name__)

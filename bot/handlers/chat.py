@@ -9,9 +9,9 @@ import time
 from typing import TYPE_CHECKING
 
 from aiogram import Bot, F, Router
+from aiogram.exceptions import TelegramForbiddenError
 from aiogram.filters import BaseFilter
 from aiogram.types import Message
-from aiogram.utils.chat_action import ChatActionSender
 
 from bot import texts
 from bot.config import Settings
@@ -20,7 +20,7 @@ from bot.engine import EngineBusy, EngineTimeout
 from bot.handlers.commands import user_ref
 from bot.metrics import BotMetrics
 from bot.replicas import check_lease
-from bot.streaming import ReplyStream
+from bot.streaming import ReplyStream, TypingIndicator
 
 if TYPE_CHECKING:
     from bot.pending import OwedReplies
@@ -90,7 +90,8 @@ async def answer(
     message: OwedMessage,
 ) -> bool:
     """Answer the stored user ``message`` in the user's chat, in turn; True when a reply was
-    delivered and stored, False when the user got a notice (busy, too slow) instead.
+    delivered and stored, False when the user got a notice (busy, too slow) instead, or the
+    chat takes no messages from the bot (blocked, removed from the group).
 
     The one path for a new message and for one left unanswered by a crash (bot.pending). The
     reply is stored only after Telegram took all of it: a reply that never reached the user
@@ -128,18 +129,29 @@ async def answer(
     )
     on_text = stream.update if settings.stream_replies else None
     try:
-        async with ChatActionSender.typing(
-            bot=bot, chat_id=user.telegram_id, message_thread_id=message.thread_id
-        ):
-            reply = await dialogue.make_reply(user, message_id, on_text=on_text)
-    except (EngineBusy, EngineTimeout) as refusal:
-        metrics.busy.inc()
-        # replaces whatever was streamed; a later answer (a restart) is a message of its own
-        await stream.finish(texts.BUSY if isinstance(refusal, EngineBusy) else texts.TIMEOUT)
-        await dialogue.remember_draft(message_id, None)
+        try:
+            async with TypingIndicator.typing(
+                bot=bot, chat_id=user.telegram_id, message_thread_id=message.thread_id
+            ):
+                reply = await dialogue.make_reply(user, message_id, on_text=on_text)
+        except (EngineBusy, EngineTimeout) as refusal:
+            metrics.busy.inc()
+            # replaces whatever was streamed; a later answer (a restart) is a message of its own
+            await stream.finish(texts.BUSY if isinstance(refusal, EngineBusy) else texts.TIMEOUT)
+            await dialogue.remember_draft(message_id, None)
+            return False
+        metrics.generation_seconds.observe(time.perf_counter() - started)
+        await stream.finish(reply)  # the final text is the one stored next
+    except TelegramForbiddenError as error:
+        # Blocked by the user, or no longer in the group: no answer can reach this chat, so it
+        # is not tried again (with replicas the message is settled: the sweep used to generate
+        # the reply anew every few seconds for as long as the message was young enough).
+        logger.warning(
+            "chat %s: the bot may not write there (%s); reply dropped",
+            user.telegram_id,
+            error.message,
+        )
         return False
-    metrics.generation_seconds.observe(time.perf_counter() - started)
-    await stream.finish(reply)  # the final text is the one stored next
     check_lease()  # with replicas: not if another replica has taken over this user meanwhile
     await dialogue.store_reply(user, reply, message_id)
     metrics.replies.inc()

@@ -13,7 +13,7 @@ from typing import Any
 
 from aiogram import Bot
 from aiogram.client.session.base import BaseSession
-from aiogram.exceptions import TelegramBadRequest
+from aiogram.exceptions import TelegramBadRequest, TelegramForbiddenError
 from aiogram.methods import EditMessageText, SendMessage, TelegramMethod
 from aiogram.types import Chat, Message, User
 
@@ -26,12 +26,16 @@ class RecordingSession(BaseSession):
         self.requests: list[TelegramMethod[Any]] = []
         self.times: list[float] = []  # time.monotonic() of each request
         self.gone: set[int] = set()  # message ids whose edits Telegram refuses (deleted)
+        self.blocked: set[int] = set()  # chats that refuse the bot (blocked, left the group)
 
     async def make_request(
         self, bot: Bot, method: TelegramMethod[Any], timeout: int | None = None
     ) -> Any:
         self.requests.append(method)
         self.times.append(time.monotonic())
+        chat_id = getattr(method, "chat_id", None)
+        if chat_id is not None and int(chat_id) in self.blocked:
+            raise TelegramForbiddenError(method, "Forbidden: bot was blocked by the user")
         if isinstance(method, EditMessageText) and method.message_id in self.gone:
             raise TelegramBadRequest(method, "Bad Request: message to edit not found")
         if isinstance(method, SendMessage):

@@ -116,3 +116,43 @@ async def test_a_reply_quotes_its_message_when_the_user_has_written_since(wired)
     quotes = [m.reply_parameters for m in sends]
     assert [q.message_id if q else None for q in quotes] == [101, None]
     assert quotes[0].allow_sending_without_reply  # the user may have deleted it meanwhile
+
+
+async def test_a_user_who_blocked_the_bot_is_not_answered_again_and_again(wired, redis_url, caplog):
+    """Telegram refuses every message to a user who blocked the bot. With replicas the sweep
+    used to generate the reply anew every few seconds for as long as the message was young
+    (and log a traceback each time); now the message is settled after one try, with a
+    one-line warning."""
+    import asyncio
+    import logging
+
+    from aiogram.methods import SendMessage
+
+    from bot.dialogue import UserRef
+    from bot.pending import OwedReplies
+    from bot.replicas import ReplicaCoordinator
+
+    dp, bot, session, _ = wired
+    dialogue = dp["dialogue"]
+    user = UserRef(7, "Аня")
+    session.blocked.add(7)
+    replicas = await ReplicaCoordinator.connect(redis_url, lease_s=5, wait_s=1, keep_s=60)
+    owed = OwedReplies(bot, dialogue, dp["metrics"], dp["settings"], replicas)
+    try:
+        message_id = await dialogue.remember_user_message(user, "Привет!", 101)
+        owed.answer_soon(user, from_id=message_id)
+        for _ in range(600):
+            if await replicas.settled([message_id]):
+                break
+            await asyncio.sleep(0.05)
+        assert await replicas.settled([message_id]) == {message_id}
+        tries = sum(isinstance(m, SendMessage) for m in session.requests)
+        assert tries >= 1
+        await owed.sweep_once()  # starts an answer at once for anything still owed
+        assert not owed._tasks
+        await owed.aclose()
+        assert sum(isinstance(m, SendMessage) for m in session.requests) == tries
+    finally:
+        await replicas.aclose()
+    assert "the bot may not write there" in caplog.text
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
