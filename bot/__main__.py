@@ -51,6 +51,13 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {name}: {problem['msg']}", file=sys.stderr)
         return 2
     configure_logging(settings)
+    try:  # what can be told at once, before ~15 s of importing aiogram, torch and transformers
+        if not args:
+            settings.require_token()
+        settings.require_model()
+    except ConfigError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     from bot.engine import ModelLoadError  # the model's stack: only once there is work to do
 
     if args == ["chat"]:

@@ -51,11 +51,7 @@ async def open_services(settings: Settings) -> tuple[AsyncEngine, DialogueServic
 
 
 def build_bot(settings: Settings) -> Bot:
-    if settings.telegram_bot_token is None or not settings.telegram_bot_token.get_secret_value():
-        raise ConfigError(
-            "TELEGRAM_BOT_TOKEN is not set: get a token from @BotFather and put it in .env "
-            "(see .env.example)"
-        )
+    token = settings.require_token()
     api = (
         TelegramAPIServer.from_base(settings.telegram_api_url)
         if settings.telegram_api_url
@@ -64,7 +60,7 @@ def build_bot(settings: Settings) -> Bot:
     session = AiohttpSession(api=api) if api else AiohttpSession()
     session.middleware(RetryMiddleware())
     session.middleware(LeaseFenceMiddleware())  # inside the retries: each attempt is checked
-    return Bot(token=settings.telegram_bot_token.get_secret_value(), session=session)
+    return Bot(token=token, session=session)
 
 
 def build_dispatcher(

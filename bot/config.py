@@ -19,6 +19,19 @@ class ConfigError(Exception):
     """A setting is missing or wrong; the message is one line saying what to set."""
 
 
+def missing_model(path: str) -> str | None:
+    """Why ``path`` (MODEL_PATH) names no model, or None: an existing directory, or what can
+    only be a hub id (``owner/name``), which the loader fetches. One line, saying what to do."""
+    local = Path(path)
+    looks_local = local.is_absolute() or path.startswith(".") or local.parent.exists()
+    if not local.exists() and (looks_local or path.count("/") != 1):  # not a hub id either
+        return (
+            f"no model at {path!r}: train one (`make finetune PROFILE=tiny-scratch`) or set "
+            "MODEL_PATH to a Hugging Face model directory or hub id"
+        )
+    return None
+
+
 class Settings(BaseSettings):
     """Everything the bot can be told. Names are the environment variables, case-insensitive."""
 
@@ -158,3 +171,19 @@ class Settings(BaseSettings):
     @property
     def model_dir(self) -> Path:
         return Path(self.model_path)
+
+    def require_token(self) -> str:
+        """The bot's token, or a ConfigError saying where to get one."""
+        token = self.telegram_bot_token.get_secret_value() if self.telegram_bot_token else ""
+        if not token:
+            raise ConfigError(
+                "TELEGRAM_BOT_TOKEN is not set: get a token from @BotFather and put it in .env "
+                "(see .env.example)"
+            )
+        return token
+
+    def require_model(self) -> None:
+        """A ConfigError when the model this process would load is not there (with
+        LLM_BASE_URL the model is the server's, and only its tokenizer is read here)."""
+        if not self.llm_base_url and (reason := missing_model(self.model_path)):
+            raise ConfigError(reason)

@@ -23,6 +23,7 @@ from transformers import (
 )
 from transformers.utils import logging as hf_logging
 
+from bot.config import missing_model
 from bot.engine import onednn
 from bot.engine.allocator import returning_freed_memory
 from bot.engine.quantize import load_int8_low_memory, quantize_int8
@@ -93,13 +94,9 @@ def load_model(
 def _load_model(
     path: str, device: str, dtype: str, quantize: str, cpu_onednn: bool
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    if reason := missing_model(path):
+        raise ModelLoadError(reason)
     local = Path(path)
-    looks_local = local.is_absolute() or path.startswith(".") or local.parent.exists()
-    if not local.exists() and (looks_local or path.count("/") != 1):  # not a hub id either
-        raise ModelLoadError(
-            f"no model at {path!r}: train one (`make finetune PROFILE=tiny-scratch`) or set "
-            "MODEL_PATH to a Hugging Face model directory or hub id"
-        )
     # Transformers' "Loading weights" bar would land in the service's log, or under the console
     # chat's prompt; the log lines around loading already say what is loaded and how long it took.
     # A first download from the hub (1.5 GB for RuGPT-3 medium) keeps its bar: minutes of silence

@@ -129,9 +129,16 @@ async def test_help_lists_the_commands_at_once_and_a_wrong_one_gets_the_usage(tm
 
 
 async def test_missing_token_and_missing_model_are_one_line_errors(bot_env, tmp_path):
-    for drop, expected in (
-        ("TELEGRAM_BOT_TOKEN", "TELEGRAM_BOT_TOKEN is not set"),
-        ("MODEL_PATH", "no model at"),
+    """Told at once, before aiogram, torch and transformers are imported (it took 17 s here)."""
+    probe = (
+        "import sys; from bot.__main__ import main; code = main(sys.argv[1:]); "
+        "heavy = sorted({'aiogram', 'torch', 'transformers'} & set(sys.modules)); "
+        "print('imported:', heavy); sys.exit(code)"
+    )
+    for args, drop, expected in (
+        ([], "TELEGRAM_BOT_TOKEN", "TELEGRAM_BOT_TOKEN is not set"),
+        ([], "MODEL_PATH", "no model at"),
+        (["chat"], "MODEL_PATH", "no model at"),
     ):
         env = dict(bot_env)
         if drop == "MODEL_PATH":
@@ -140,15 +147,17 @@ async def test_missing_token_and_missing_model_are_one_line_errors(bot_env, tmp_
             env.pop(drop)
         process = await asyncio.create_subprocess_exec(
             sys.executable,
-            "-m",
-            "bot",
+            "-c",
+            probe,
+            *args,
             cwd=tmp_path,
             env={**env, "PYTHONPATH": str(ROOT)},
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE,
         )
-        _, err = await asyncio.wait_for(process.communicate(), 120)
+        out, err = await asyncio.wait_for(process.communicate(), 120)
         assert process.returncode == 2
         lines = err.decode().strip().splitlines()
         assert lines[-1].startswith("error:") and expected in lines[-1], lines
         assert "Traceback" not in err.decode()
+        assert "imported: []" in out.decode(), (args, drop, out)
