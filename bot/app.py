@@ -183,7 +183,6 @@ async def run_bot(settings: Settings) -> None:
             settings.redis_url.get_secret_value(),
             lease_s=settings.replica_lease_s,
             wait_s=max(4 * settings.replica_lease_s, 2 * settings.request_timeout_s),
-            keep_s=settings.pending_reply_max_age_s,
         )
         health.redis = replicas.redis
     db_engine, dialogue = await open_services(settings)

@@ -352,9 +352,15 @@ class DialogueService:
         async with self.sessions() as session:
             return await repository.wrote_after(session, message_id)
 
-    async def remember_draft(self, message_id: int, telegram_message_id: int | None) -> None:
-        """The Telegram message the reply to ``message_id`` is being streamed into (None: no
-        longer), kept with the message so that whoever answers it after a crash writes into it."""
+    async def settle(self, message_id: int) -> None:
+        """Give up answering message ``message_id``: the user got a notice instead, or the
+        chat refuses the bot. No restart or sweep answers it again."""
+        async with self.sessions.begin() as session:
+            await repository.settle(session, message_id, datetime.now(UTC))
+
+    async def remember_draft(self, message_id: int, telegram_message_id: int) -> None:
+        """The Telegram message the reply to ``message_id`` is being streamed into, kept with
+        the message so that whoever answers it after a crash writes into it."""
         async with self.sessions.begin() as session:
             await repository.set_reply_draft(session, message_id, telegram_message_id)
 

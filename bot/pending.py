@@ -147,31 +147,19 @@ class OwedReplies:
                 since=since,
                 from_id=from_id,
             )
-            untried = [m for m in owed if m.message_id not in tried]
-            settled = await self.replicas.settled([m.message_id for m in untried])
-            message = next((m for m in untried if m.message_id not in settled), None)
+            message = next((m for m in owed if m.message_id not in tried), None)
             if message is None:
                 return
-            message_id = message.message_id
-            tried.add(message_id)
+            tried.add(message.message_id)
             turn = self.dialogue.take_turn(user)  # in line with this replica's own answers
             turn.mark_stored()
             try:
                 if message.is_command:
                     await _carry_out_in_turn(self.bot, self.dialogue, turn, message)
                     continue
-                replied = await answer(
-                    self.bot,
-                    self.dialogue,
-                    self.metrics,
-                    self.settings,
-                    turn,
-                    message,
-                )
+                await answer(self.bot, self.dialogue, self.metrics, self.settings, turn, message)
             finally:
                 turn.finish()
-            if not replied:
-                await self.replicas.settle(message_id)
 
     async def sweep_forever(self) -> None:
         """Every REPLICA_SWEEP_INTERVAL_S: answer owed messages nobody is answering (a replica
@@ -189,11 +177,9 @@ class OwedReplies:
         owed = await self.dialogue.unanswered(
             self.settings.pending_reply_max_age_s, min_age_s=older_than_s
         )
-        owed = [m for m in owed if m.user.telegram_id not in self._swept]
-        settled = await self.replicas.settled([m.message_id for m in owed])
         users: dict[int, UserRef] = {}
         for message in owed:
-            if message.message_id not in settled:
+            if message.user.telegram_id not in self._swept:
                 users.setdefault(message.user.telegram_id, message.user)
         for user in users.values():
             self._swept.add(user.telegram_id)

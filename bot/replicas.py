@@ -28,8 +28,9 @@ The rule that keeps one user's conversation in order whichever replica gets whic
   Telegram id of the message it was writing into (the *draft*) is stored with the user's message
   in the database (``messages.reply_draft_id``, as for a single bot's restart), and the survivor
   writes its reply into that same message.
-- A message answered with a notice (the model busy or too slow) is marked *settled*, so that
-  the sweep does not answer it again and again.
+- A message answered with a notice (the model busy or too slow), or whose chat refuses the
+  bot, is marked *settled* in the database (``messages.settled_at``), so that the sweep does not
+  answer it again and again.
 
 Why a lease of our own rather than aiogram's ``RedisEventIsolation``: that lock wraps one update's
 handler and lets waiting updates in in any order, and it cannot hand a dead replica's unfinished
@@ -59,7 +60,6 @@ PREFIX = "tgbot"
 # The lease is taken to end this share of REPLICA_LEASE_S before Redis lets it go, for the time
 # a request to Redis takes and for clocks that do not run at exactly the same rate.
 LEASE_MARGIN = 0.1
-KEEP_AT_LEAST_S = 3600.0
 
 
 class LeaseLost(Exception):
@@ -94,21 +94,15 @@ def check_lease() -> None:
 
 
 class ReplicaCoordinator:
-    """A user's lease and settled messages, shared by all replicas through Redis."""
+    """Users' leases, shared by all replicas through Redis."""
 
-    def __init__(self, redis: Redis, lease_s: float, wait_s: float, keep_s: float) -> None:
+    def __init__(self, redis: Redis, lease_s: float, wait_s: float) -> None:
         self.redis = redis
         self.lease_s = lease_s  # how long a dead replica's lease outlives it
         self.wait_s = wait_s  # longest wait for a user's lease before leaving it to the sweep
-        # How long settled marks are kept: as long as their message may still be answered, and
-        # at least an hour, since a message waiting behind its user's earlier ones is answered
-        # however late (bot.pending). A key each.
-        self.keep_s = max(keep_s, KEEP_AT_LEAST_S)
 
     @classmethod
-    async def connect(
-        cls, url: str, lease_s: float, wait_s: float, keep_s: float
-    ) -> ReplicaCoordinator:
+    async def connect(cls, url: str, lease_s: float, wait_s: float) -> ReplicaCoordinator:
         """Connect and check the server answers: a wrong REDIS_URL fails at start, in one line."""
         redis = Redis.from_url(url, socket_connect_timeout=2, socket_timeout=5)
         try:
@@ -116,7 +110,7 @@ class ReplicaCoordinator:
         except (RedisError, OSError) as error:
             await redis.aclose()
             raise ConfigError(f"REDIS_URL: cannot reach Redis ({error})") from None
-        return cls(redis, lease_s, wait_s, keep_s)
+        return cls(redis, lease_s, wait_s)
 
     async def aclose(self) -> None:
         await self.redis.aclose()
@@ -173,15 +167,3 @@ class ReplicaCoordinator:
                 logger.warning("could not renew the lease on user %s: %s", held.user_id, error)
                 continue
             held.deadline = self._deadline(asked_at)
-
-    async def settle(self, message_id: int) -> None:
-        """The message got a notice (busy, too slow) instead of a reply: not to be retried."""
-        await self.redis.set(f"{PREFIX}:settled:{message_id}", 1, ex=int(self.keep_s))
-
-    async def settled(self, message_ids: list[int]) -> set[int]:
-        """Which of these messages got a notice instead of a reply: one round trip for all
-        (a sweep after an outage may look at thousands)."""
-        if not message_ids:
-            return set()
-        marks = await self.redis.mget([f"{PREFIX}:settled:{m}" for m in message_ids])
-        return {m for m, mark in zip(message_ids, marks, strict=True) if mark is not None}

@@ -55,6 +55,9 @@ class Message(Base):
       being streamed into, set once the first words went out. Whoever answers the message after
       a crash (a restart, another replica) finishes the reply in that message, rather than
       leaving the cut text on the user's screen above a second, whole one.
+    * ``settled_at``: on a user message, when the bot gave up answering it: the user got a
+      notice instead (the model busy or too slow), or the chat refuses the bot (blocked, left
+      the group). Neither a restart nor a replica's sweep answers it again.
     """
 
     __tablename__ = "messages"
@@ -75,4 +78,5 @@ class Message(Base):
         ForeignKey("messages.id", ondelete="SET NULL"), index=True
     )
     reply_draft_id: Mapped[int | None] = mapped_column(BigInteger)
+    settled_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)

@@ -106,7 +106,8 @@ async def unanswered_messages(
     from_id: int | None = None,
 ) -> list[PendingMessage]:
     """Telegram messages stored from ``since`` (to ``until``), or with an id of at least
-    ``from_id``, that no stored reply answers, and the markers not carried out yet whatever
+    ``from_id``, that no stored reply answers and that were not settled (see :func:`settle`),
+    and the markers not carried out yet whatever
     their age (a /reset is never dropped for being late), oldest first; only the user
     ``telegram_id``'s when given."""
     reply = aliased(Message)
@@ -128,7 +129,7 @@ async def unanswered_messages(
         .where(
             Message.telegram_message_id.is_not(None),
             or_(
-                and_(Message.role == USER_ROLE, recent, ~answered),
+                and_(Message.role == USER_ROLE, recent, ~answered, Message.settled_at.is_(None)),
                 Message.role.in_(MARKER_ROLES),
             ),
         )
@@ -151,11 +152,16 @@ async def wrote_after(session: AsyncSession, message_id: int) -> bool:
     return (await session.execute(select(exists(later)))).scalar_one()
 
 
-async def set_reply_draft(
-    session: AsyncSession, message_id: int, telegram_message_id: int | None
-) -> None:
-    """Note (or, with None, clear) the Telegram message the reply to ``message_id`` is being
-    streamed into."""
+async def settle(session: AsyncSession, message_id: int, at: datetime) -> None:
+    """The bot gave up answering message ``message_id`` (a notice was sent instead, or the chat
+    refuses the bot): it is owed no more, and the message its reply was streamed into is none."""
+    await session.execute(
+        update(Message).where(Message.id == message_id).values(settled_at=at, reply_draft_id=None)
+    )
+
+
+async def set_reply_draft(session: AsyncSession, message_id: int, telegram_message_id: int) -> None:
+    """Note the Telegram message the reply to ``message_id`` is being streamed into."""
     await session.execute(
         update(Message).where(Message.id == message_id).values(reply_draft_id=telegram_message_id)
     )

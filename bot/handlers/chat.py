@@ -90,8 +90,8 @@ async def answer(
     message: OwedMessage,
 ) -> bool:
     """Answer the stored user ``message`` in the user's chat, in turn; True when a reply was
-    delivered and stored, False when the user got a notice (busy, too slow) instead, or the
-    chat takes no messages from the bot (blocked, removed from the group).
+    delivered and stored, False when the message was settled instead: the user got a notice
+    (busy, too slow), or the chat takes no messages from the bot (blocked, left the group).
 
     The one path for a new message and for one left unanswered by a crash (bot.pending). The
     reply is stored only after Telegram took all of it: a reply that never reached the user
@@ -138,19 +138,20 @@ async def answer(
             metrics.busy.inc()
             # replaces whatever was streamed; a later answer (a restart) is a message of its own
             await stream.finish(texts.BUSY if isinstance(refusal, EngineBusy) else texts.TIMEOUT)
-            await dialogue.remember_draft(message_id, None)
+            await dialogue.settle(message_id)  # the user was told to try again: no late answer
             return False
         metrics.generation_seconds.observe(time.perf_counter() - started)
         await stream.finish(reply)  # the final text is the one stored next
     except TelegramForbiddenError as error:
         # Blocked by the user, or no longer in the group: no answer can reach this chat, so it
-        # is not tried again (with replicas the message is settled: the sweep used to generate
-        # the reply anew every few seconds for as long as the message was young enough).
+        # is not tried again (a replica's sweep used to generate the reply anew every few
+        # seconds for as long as the message was young enough, a single bot at every start).
         logger.warning(
             "chat %s: the bot may not write there (%s); reply dropped",
             user.telegram_id,
             error.message,
         )
+        await dialogue.settle(message_id)
         return False
     check_lease()  # with replicas: not if another replica has taken over this user meanwhile
     await dialogue.store_reply(user, reply, message_id)

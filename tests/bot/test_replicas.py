@@ -344,20 +344,3 @@ async def test_messages_stored_while_redis_hangs_are_answered_once_it_is_back(
     ], deployment.logs()[-3000:]
     stored = [replies[0] for *_, replies in rows]
     await eventually(lambda: fake.sent_to(user) == stored, "the user sees each reply once")
-
-
-async def test_settled_messages_are_told_apart_in_one_round_trip(redis_url):
-    """A message answered with a notice (busy, too slow) is settled: the sweep skips it. The
-    marks of many messages are read at once, on the real server."""
-    from bot.replicas import ReplicaCoordinator
-
-    replicas = await ReplicaCoordinator.connect(redis_url, lease_s=2, wait_s=1, keep_s=60)
-    try:
-        assert await replicas.settled([]) == set()
-        for message_id in (3, 7):
-            await replicas.settle(message_id)
-        assert await replicas.settled(list(range(1, 1001))) == {3, 7}
-        # forgotten in time, but not before a message queued behind others may be answered
-        assert 3500 < await replicas.redis.ttl("tgbot:settled:3") <= 3600
-    finally:
-        await replicas.aclose()

@@ -162,7 +162,8 @@ async def test_unanswered_lists_recent_telegram_messages_without_a_reply(session
 
 async def test_an_owed_message_brings_the_message_its_reply_was_streamed_into(sessions):
     """What a restart or a surviving replica needs to finish a cut reply in place: the draft's
-    Telegram id comes back with the owed message, on both backends, and can be cleared."""
+    Telegram id comes back with the owed message, on both backends; a settled message is owed
+    no more."""
     from datetime import UTC, datetime, timedelta
 
     async with sessions.begin() as session:
@@ -179,13 +180,11 @@ async def test_an_owed_message_brings_the_message_its_reply_was_streamed_into(se
     async with sessions() as session:  # whether a reply to it should quote it
         assert await repository.wrote_after(session, cut.id)
         assert not await repository.wrote_after(session, untouched.id)
-    async with sessions.begin() as session:
-        await repository.set_reply_draft(session, cut.id, None)
+    async with sessions.begin() as session:  # given up (a notice sent instead): owed no more
+        await repository.settle(session, cut.id, datetime.now(UTC))
     async with sessions() as session:
-        assert [p.draft_id for p in await repository.unanswered_messages(session, since)] == [
-            None,
-            None,
-        ]
+        pending = await repository.unanswered_messages(session, since)
+    assert [(p.message_id, p.draft_id) for p in pending] == [(untouched.id, None)]
 
 
 async def test_a_stored_reset_bounds_history_until_carried_out_and_then_deletes_before_it(
