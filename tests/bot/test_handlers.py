@@ -159,3 +159,26 @@ async def test_a_user_who_blocked_the_bot_is_not_answered_again_and_again(wired,
         await replicas.aclose()
     assert "the bot may not write there" in caplog.text
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+
+
+async def test_a_message_answered_with_a_notice_is_not_answered_late(wired):
+    """The model was too slow: the user is told to try again, once. The message is settled,
+    so the next start does not answer it after all (it did, minutes later, unasked)."""
+    from bot.engine import GenerationEngine
+    from bot.pending import answer_unanswered
+
+    dp, bot, session, _ = wired
+    dialogue = dp["dialogue"]
+    working = dialogue.backend
+    # never started: every request waits out its timeout
+    dialogue.backend = GenerationEngine(
+        working.model, working.tokenizer, persona=None, timeout_s=0.2
+    )
+    try:
+        await dp.feed_raw_update(bot, text_update(1, 7, "Привет!"))
+    finally:
+        dialogue.backend.close()
+        dialogue.backend = working
+    assert session.texts_to(7) == [texts.TIMEOUT]
+    assert await answer_unanswered(bot, dialogue, dp["metrics"], dp["settings"]) == []
+    assert session.texts_to(7) == [texts.TIMEOUT]
