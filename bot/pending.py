@@ -65,7 +65,7 @@ async def answer_unanswered(
                 turn,
                 message,
             )
-        tasks.append(asyncio.create_task(_settle(answering, turn, metrics)))
+        tasks.append(asyncio.create_task(_run_in_turn(answering, turn, metrics)))
     return tasks
 
 
@@ -76,7 +76,7 @@ async def _carry_out_in_turn(
     await carry_out(bot, dialogue, command)
 
 
-async def _settle(
+async def _run_in_turn(
     answering: Callable[[], Awaitable[None]], turn: Turn, metrics: BotMetrics
 ) -> None:
     """Run one answer; whatever happens, the user's next turn may go on."""

@@ -106,10 +106,9 @@ async def unanswered_messages(
     from_id: int | None = None,
 ) -> list[PendingMessage]:
     """Telegram messages stored from ``since`` (to ``until``), or with an id of at least
-    ``from_id``, that no stored reply answers and that were not settled (see :func:`settle`),
-    and the markers not carried out yet whatever
-    their age (a /reset is never dropped for being late), oldest first; only the user
-    ``telegram_id``'s when given."""
+    ``from_id``, that no stored reply answers and that were not settled (:func:`settle`), and
+    the markers not carried out yet whatever their age (a /reset is never dropped for being
+    late), oldest first; only the user ``telegram_id``'s when given."""
     reply = aliased(Message)
     answered = exists().where(reply.reply_to_id == Message.id)
     recent = Message.created_at >= since

@@ -88,10 +88,10 @@ async def answer(
     settings: Settings,
     turn: Turn,
     message: OwedMessage,
-) -> bool:
-    """Answer the stored user ``message`` in the user's chat, in turn; True when a reply was
-    delivered and stored, False when the message was settled instead: the user got a notice
-    (busy, too slow), or the chat takes no messages from the bot (blocked, left the group).
+) -> None:
+    """Answer the stored user ``message`` in the user's chat, in turn: a reply delivered and
+    stored, or the message settled (``DialogueService.settle``) when the user got a notice
+    instead (busy, too slow) or the chat takes no messages from the bot (blocked, left it).
 
     The one path for a new message and for one left unanswered by a crash (bot.pending). The
     reply is stored only after Telegram took all of it: a reply that never reached the user
@@ -136,10 +136,10 @@ async def answer(
                 reply = await dialogue.make_reply(user, message_id, on_text=on_text)
         except (EngineBusy, EngineTimeout) as refusal:
             metrics.busy.inc()
-            # replaces whatever was streamed; a later answer (a restart) is a message of its own
+            # replaces whatever was streamed
             await stream.finish(texts.BUSY if isinstance(refusal, EngineBusy) else texts.TIMEOUT)
             await dialogue.settle(message_id)  # the user was told to try again: no late answer
-            return False
+            return
         metrics.generation_seconds.observe(time.perf_counter() - started)
         await stream.finish(reply)  # the final text is the one stored next
     except TelegramForbiddenError as error:
@@ -152,11 +152,10 @@ async def answer(
             error.message,
         )
         await dialogue.settle(message_id)
-        return False
+        return
     check_lease()  # with replicas: not if another replica has taken over this user meanwhile
     await dialogue.store_reply(user, reply, message_id)
     metrics.replies.inc()
-    return True
 
 
 def make_router() -> Router:
