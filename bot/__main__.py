@@ -54,6 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     try:  # what can be told at once, before ~15 s of importing aiogram, torch and transformers
         if not args:
             settings.require_token()
+            settings.require_webhook_secret()
         settings.require_model()
     except ConfigError as error:
         print(f"error: {error}", file=sys.stderr)

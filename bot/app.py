@@ -21,7 +21,7 @@ from aiohttp import web
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from bot import texts
-from bot.config import ConfigError, Settings
+from bot.config import Settings
 from bot.db.engine import create_engine, create_sessionmaker, upgrade_to_head
 from bot.dialogue import DialogueService
 from bot.engine.factory import open_backend
@@ -171,11 +171,8 @@ async def run_bot(settings: Settings) -> None:
     app = build_web_app(health, metrics)
     webhook = bool(settings.webhook_url)
     runner = None
-    if webhook:
-        secret = settings.webhook_secret.get_secret_value() if settings.webhook_secret else None
-        if not secret:
-            raise ConfigError("WEBHOOK_SECRET is not set: webhook mode needs a secret token")
-    elif settings.health_port:
+    secret = settings.require_webhook_secret()
+    if not webhook and settings.health_port:
         runner = await _serve(app, settings)  # answers 503 while the model loads
     replicas = None
     if settings.redis_url is not None:

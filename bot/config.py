@@ -5,6 +5,7 @@ The token is a ``SecretStr``: it never appears in ``repr``, logs or tracebacks.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 from pydantic import Field, SecretStr, field_validator, model_validator
@@ -13,6 +14,10 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 DEFAULT_PERSONA = (
     "Я дружелюбный собеседник. Отвечаю коротко, по-русски и по делу, с уважением к собеседнику."
 )
+
+
+#: What Telegram accepts as a webhook's secret token (setWebhook's ``secret_token``).
+WEBHOOK_SECRET_PATTERN = re.compile(r"[A-Za-z0-9_-]{1,256}")
 
 
 class ConfigError(Exception):
@@ -134,6 +139,19 @@ class Settings(BaseSettings):
     def admin_ids(self) -> frozenset[int]:
         return self._ids(self.admin_user_ids)
 
+    @field_validator("webhook_secret")
+    @classmethod
+    def _telegram_secret(cls, value: SecretStr | None) -> SecretStr | None:
+        # Telegram refuses any other secret at setWebhook, which the bot reaches only after
+        # loading the model; the value itself never goes into the message.
+        secret = value.get_secret_value() if value is not None else ""
+        if secret and not WEBHOOK_SECRET_PATTERN.fullmatch(secret):
+            raise ValueError(
+                "WEBHOOK_SECRET must be 1-256 characters of A-Z, a-z, 0-9, _ and - "
+                "(what Telegram accepts as a secret token)"
+            )
+        return value
+
     @field_validator("model_dtype")
     @classmethod
     def _known_dtype(cls, value: str) -> str:
@@ -181,6 +199,19 @@ class Settings(BaseSettings):
                 "(see .env.example)"
             )
         return token
+
+    def require_webhook_secret(self) -> str | None:
+        """The webhook's secret token in webhook mode (WEBHOOK_URL set), else None; a
+        ConfigError when webhook mode has none (anyone could post updates to the bot)."""
+        if not self.webhook_url:
+            return None
+        secret = self.webhook_secret.get_secret_value() if self.webhook_secret else ""
+        if not secret:
+            raise ConfigError(
+                "WEBHOOK_SECRET is not set: webhook mode needs a secret token "
+                "(1-256 characters of A-Z, a-z, 0-9, _ and -)"
+            )
+        return secret
 
     def require_model(self) -> None:
         """A ConfigError when the model this process would load is not there (with

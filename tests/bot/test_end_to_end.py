@@ -135,15 +135,18 @@ async def test_missing_token_and_missing_model_are_one_line_errors(bot_env, tmp_
         "heavy = sorted({'aiogram', 'torch', 'transformers'} & set(sys.modules)); "
         "print('imported:', heavy); sys.exit(code)"
     )
-    for args, drop, expected in (
-        ([], "TELEGRAM_BOT_TOKEN", "TELEGRAM_BOT_TOKEN is not set"),
-        ([], "MODEL_PATH", "no model at"),
-        (["chat"], "MODEL_PATH", "no model at"),
+    webhook = {"WEBHOOK_URL": "https://bot.example.com/webhook"}
+    for args, drop, extra, expected in (
+        ([], "TELEGRAM_BOT_TOKEN", {}, "TELEGRAM_BOT_TOKEN is not set"),
+        ([], "MODEL_PATH", {}, "no model at"),
+        (["chat"], "MODEL_PATH", {}, "no model at"),
+        ([], None, webhook, "WEBHOOK_SECRET is not set"),
+        ([], None, {**webhook, "WEBHOOK_SECRET": "my secret!"}, "WEBHOOK_SECRET must be 1-256"),
     ):
-        env = dict(bot_env)
+        env = {k: v for k, v in bot_env.items() if not k.startswith("WEBHOOK_")} | extra
         if drop == "MODEL_PATH":
             env["MODEL_PATH"] = str(tmp_path / "no-model")
-        else:
+        elif drop:
             env.pop(drop)
         process = await asyncio.create_subprocess_exec(
             sys.executable,
@@ -160,4 +163,5 @@ async def test_missing_token_and_missing_model_are_one_line_errors(bot_env, tmp_
         lines = err.decode().strip().splitlines()
         assert lines[-1].startswith("error:") and expected in lines[-1], lines
         assert "Traceback" not in err.decode()
+        assert "my secret" not in err.decode()  # a secret is never echoed, even a wrong one
         assert "imported: []" in out.decode(), (args, drop, out)
