@@ -23,6 +23,7 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
+from bot.engine.hub import pretrained_source
 from dataset_tools.dialogue_format import EOS_TEXT, SPEAKER_TAGS
 
 logger = logging.getLogger(__name__)
@@ -91,8 +92,9 @@ def load_pretrained(base_model: str) -> tuple[PreTrainedModel, PreTrainedTokeniz
     because the usual cause is a machine without access to the Hugging Face hub.
     """
     try:
-        tokenizer = AutoTokenizer.from_pretrained(base_model)
-        model = AutoModelForCausalLM.from_pretrained(base_model)
+        source = pretrained_source(base_model)  # without the hub: the cache, or fail at once
+        tokenizer = AutoTokenizer.from_pretrained(base_model, **source.tokenizer_kwargs)
+        model = AutoModelForCausalLM.from_pretrained(base_model, **source.model_kwargs)
     except (OSError, ValueError) as error:
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         where = "directory" if Path(base_model).exists() else "hub id or directory"

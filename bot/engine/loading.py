@@ -26,6 +26,7 @@ from transformers.utils import logging as hf_logging
 from bot.config import missing_model
 from bot.engine import onednn
 from bot.engine.allocator import returning_freed_memory
+from bot.engine.hub import pretrained_source
 from bot.engine.quantize import load_int8_low_memory, quantize_int8
 
 T = TypeVar("T")
@@ -114,7 +115,8 @@ def _load_model(
             raise ModelLoadError("MODEL_QUANTIZE=int8 needs MODEL_DTYPE=float32 (or auto)")
     dtype = pick_dtype(dtype, target, quantize)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path)
+        source = pretrained_source(path)  # a hub id without the hub: from the cache, or at once
+        tokenizer = AutoTokenizer.from_pretrained(path, **source.tokenizer_kwargs)
         use_onednn = (
             cpu_onednn
             and quantize == "none"
@@ -130,7 +132,9 @@ def _load_model(
             model = onednn.load_packed(local, DTYPES[dtype])
         converted = model is not None
         if model is None:
-            model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype])
+            model = AutoModelForCausalLM.from_pretrained(
+                path, dtype=DTYPES[dtype], **source.model_kwargs
+            )
     except (OSError, ValueError) as error:
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise ModelLoadError(

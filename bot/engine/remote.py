@@ -36,6 +36,7 @@ from openai import AsyncOpenAI
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from bot.engine.generation import EngineBusy, EngineTimeout, RequestStats, stop_token_ids
+from bot.engine.hub import HubUnreachable, pretrained_source
 from bot.engine.loading import ModelLoadError
 from bot.engine.sampling import SamplingParams
 from bot.memory import fit_turns
@@ -98,10 +99,14 @@ class RemoteBackend:
     ) -> RemoteBackend:
         """Load the tokenizer, ask the server for its model and window; one clear line if not."""
         try:
-            tokenizer = await asyncio.to_thread(AutoTokenizer.from_pretrained, tokenizer_path)
+            source = await asyncio.to_thread(pretrained_source, tokenizer_path)
+            tokenizer = await asyncio.to_thread(
+                AutoTokenizer.from_pretrained, tokenizer_path, **source.tokenizer_kwargs
+            )
         except (OSError, ValueError) as error:
+            why = str(error) if isinstance(error, HubUnreachable) else error.__class__.__name__
             raise ModelLoadError(
-                f"cannot load the tokenizer from {tokenizer_path!r} ({error.__class__.__name__}):"
+                f"cannot load the tokenizer from {tokenizer_path!r} ({why}):"
                 " set TOKENIZER_PATH to the served model's directory (its tokenizer files)"
             ) from None
         client = AsyncOpenAI(
