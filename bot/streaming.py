@@ -39,7 +39,10 @@ class ReplyStream:
     it instead of a second message. ``on_sent`` learns the id of the message the reply goes
     into, as soon as it exists, so that a restart or another replica can do just that.
     ``quote_message_id``: the user's message the reply's first message quotes (a Telegram
-    reply to it); sent even if that message was deleted meanwhile.
+    reply to it); sent even if that message was deleted meanwhile. ``quote_when``, if given,
+    decides whether to quote at the moment that message is sent, not before the reply is
+    generated: whether a bare reply could be taken for an answer to something else depends on
+    what the user wrote meanwhile.
     """
 
     def __init__(
@@ -52,6 +55,7 @@ class ReplyStream:
         resume_message_id: int | None = None,
         on_sent: Callable[[int], Awaitable[None]] | None = None,
         quote_message_id: int | None = None,
+        quote_when: Callable[[], Awaitable[bool]] | None = None,
     ) -> None:
         self.bot = bot
         self.chat_id = chat_id  # the reply goes to this chat (and forum topic, if any)
@@ -65,6 +69,7 @@ class ReplyStream:
             if quote_message_id is not None
             else None
         )
+        self._quote_when = quote_when
         self._latest = ""
         self._shown = ""
         self._last_send = clock()  # the user's message counts as the chat's last exchange
@@ -118,7 +123,7 @@ class ReplyStream:
                 # The message is gone (deleted by the user, or a draft too old to edit): the
                 # reply goes into a new one, so the user never misses it.
                 logger.info("cannot edit the reply's message (%s): sending anew", error.message)
-        self.sent = (await self._send(text, self._quote)).message_id
+        self.sent = (await self._send(text, await self._quote_now())).message_id
         if self._on_sent is not None:
             try:
                 await self._on_sent(self.sent)
@@ -126,6 +131,17 @@ class ReplyStream:
                 # Only a crash from here on would need it; failing the reply the user is
                 # already reading (and answering it again later) would be worse.
                 logger.warning("the reply's message id was not kept: %s", type(error).__name__)
+
+    async def _quote_now(self) -> ReplyParameters | None:
+        """The quote for a message sent now (see ``quote_when``); when asking fails (the
+        database down), the quote goes with it: a needless quote is harmless."""
+        if self._quote is None or self._quote_when is None:
+            return self._quote
+        try:
+            return self._quote if await self._quote_when() else None
+        except Exception as error:
+            logger.debug("quoting anyway, the check failed: %s", type(error).__name__)
+            return self._quote
 
     async def finish(self, final: str) -> None:
         """Replace the streamed text with ``final`` (and send what does not fit as more messages).

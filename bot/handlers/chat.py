@@ -104,7 +104,8 @@ async def answer(
 
     The reply quotes the message it answers where a bare reply could be taken for an answer to
     something else: in a group (several people talk to the bot), and when the user has written
-    again since (messages sent in a burst, a reply owed from before a restart).
+    again since (messages sent in a burst, a reply owed from before a restart), as it stands
+    when the reply's message is sent (a message written while the reply was generated counts).
     """
     await turn.wait_to_answer()
     started = time.perf_counter()
@@ -113,11 +114,10 @@ async def answer(
         logger.info(
             "message %d: an earlier attempt died mid-reply; replying in its place", message_id
         )
-    quote = None
-    if message.telegram_message_id is not None and (
-        user.telegram_id < 0 or await dialogue.wrote_after(message_id)
-    ):
-        quote = message.telegram_message_id
+
+    async def quote_needed() -> bool:
+        return user.telegram_id < 0 or await dialogue.wrote_after(message_id)
+
     stream = ReplyStream(
         bot,
         user.telegram_id,
@@ -125,7 +125,8 @@ async def answer(
         thread_id=message.thread_id,
         resume_message_id=message.draft_id,
         on_sent=functools.partial(dialogue.remember_draft, message_id),
-        quote_message_id=quote,
+        quote_message_id=message.telegram_message_id,
+        quote_when=quote_needed,
     )
     on_text = stream.update if settings.stream_replies else None
     try:

@@ -118,6 +118,36 @@ async def test_a_reply_quotes_its_message_when_the_user_has_written_since(wired)
     assert quotes[0].allow_sending_without_reply  # the user may have deleted it meanwhile
 
 
+async def test_a_message_written_while_the_reply_is_generated_makes_the_reply_quote(wired):
+    """The user sends a second message while the bot is still writing the answer to the
+    first: that answer arrives under the second one, so it quotes the first (it used to be
+    decided before generating, and the reply came bare)."""
+    import asyncio
+
+    from aiogram.methods import SendMessage
+
+    from bot.dialogue import UserRef
+    from bot.pending import answer_unanswered
+
+    dp, bot, session, _ = wired
+    dialogue = dp["dialogue"]
+    user = UserRef(7, "Аня")
+    await dialogue.remember_user_message(user, "Первый вопрос", 101)
+    make_reply = dialogue.make_reply
+
+    async def second_message_arrives_meanwhile(*args, **kwargs):
+        await dialogue.remember_user_message(user, "И ещё одно", 102)
+        return await make_reply(*args, **kwargs)
+
+    dialogue.make_reply = second_message_arrives_meanwhile
+    try:
+        await asyncio.gather(*await answer_unanswered(bot, dialogue, dp["metrics"], dp["settings"]))
+    finally:
+        dialogue.make_reply = make_reply
+    sends = [m for m in session.requests if isinstance(m, SendMessage)]
+    assert [m.reply_parameters.message_id if m.reply_parameters else None for m in sends] == [101]
+
+
 async def test_a_user_who_blocked_the_bot_is_not_answered_again_and_again(wired, redis_url, caplog):
     """Telegram refuses every message to a user who blocked the bot. With replicas the sweep
     used to generate the reply anew every few seconds for as long as the message was young
