@@ -10,6 +10,12 @@ newest text is ever sent. :meth:`ReplyStream.finish` puts the
 final, cleaned reply in place (the same text the database keeps), splitting it when it is longer
 than one Telegram message; it raises when Telegram does not take it, so the caller never stores
 a reply the user did not get.
+
+A group has a second limit: about 20 messages a minute per group, edits included (Telegram's
+FAQ, and its maintainers on edits), so one reply streamed at one edit a second used most of a
+group's minute, and the next replies met "Too Many Requests" with waits of tens of seconds.
+:class:`GroupPace` counts what the bot sent to each group in the last minute; a reply in a group
+shows its progress only while a share of that minute is left, and its final text always goes.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ import contextlib
 import contextvars
 import logging
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable
 
 from aiogram import Bot
@@ -29,6 +36,65 @@ from aiogram.utils.chat_action import ChatActionSender
 from bot.dialogue import TELEGRAM_LIMIT, split_message
 
 logger = logging.getLogger(__name__)
+
+#: Telegram's limit per group chat: "not more than 20 messages per minute", edits included.
+GROUP_MESSAGES_PER_MINUTE = 20
+#: Of those, what progress edits leave for final texts and notices.
+GROUP_RESERVE = 5
+
+
+class GroupPace:
+    """Messages and edits this process sent to each group in the last ``window_s`` seconds.
+
+    Private chats (positive ids) are not counted: one reply at a time and the per-chat interval
+    keep them within their limit. Per process: replicas answer a group from one replica at a
+    time (its lease), so the count follows the group.
+    """
+
+    def __init__(
+        self,
+        limit: int = GROUP_MESSAGES_PER_MINUTE,
+        reserve: int = GROUP_RESERVE,
+        window_s: float = 60.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.progress_limit = max(limit - reserve, 0)  # what progress edits may use
+        self.window_s = window_s
+        self.clock = clock
+        self._sent: dict[int, deque[float]] = {}
+
+    def _recent(self, chat_id: int) -> deque[float]:
+        sent = self._sent.get(chat_id)
+        if sent is None:
+            return deque()
+        horizon = self.clock() - self.window_s
+        while sent and sent[0] <= horizon:
+            sent.popleft()
+        if not sent:
+            del self._sent[chat_id]
+        return sent
+
+    def note(self, chat_id: int) -> None:
+        """A message or edit went to ``chat_id``."""
+        if chat_id < 0:
+            self._recent(chat_id)  # drops what left the window
+            self._sent.setdefault(chat_id, deque()).append(self.clock())
+
+    def progress_wait_s(self, chat_id: int) -> float:
+        """How long a progress edit to ``chat_id`` must wait for room (0: it may go now)."""
+        if chat_id >= 0:
+            return 0.0
+        sent = self._recent(chat_id)
+        if len(sent) < self.progress_limit:
+            return 0.0
+        if not self.progress_limit:  # no progress edits at all: only final texts
+            return self.window_s
+        # room once enough of the oldest have left the window
+        return sent[len(sent) - self.progress_limit] + self.window_s - self.clock()
+
+
+#: The process's count of what went to each group (every ReplyStream shares it).
+GROUP_PACE = GroupPace()
 
 
 class ReplyStream:
@@ -42,7 +108,7 @@ class ReplyStream:
     reply to it); sent even if that message was deleted meanwhile. ``quote_when``, if given,
     decides whether to quote at the moment that message is sent, not before the reply is
     generated: whether a bare reply could be taken for an answer to something else depends on
-    what the user wrote meanwhile.
+    what the user wrote meanwhile. ``pace``: the groups' minute budget (:data:`GROUP_PACE`).
     """
 
     def __init__(
@@ -56,6 +122,7 @@ class ReplyStream:
         on_sent: Callable[[int], Awaitable[None]] | None = None,
         quote_message_id: int | None = None,
         quote_when: Callable[[], Awaitable[bool]] | None = None,
+        pace: GroupPace | None = None,
     ) -> None:
         self.bot = bot
         self.chat_id = chat_id  # the reply goes to this chat (and forum topic, if any)
@@ -70,6 +137,7 @@ class ReplyStream:
             else None
         )
         self._quote_when = quote_when
+        self.pace = pace if pace is not None else GROUP_PACE
         self._latest = ""
         self._shown = ""
         self._last_send = clock()  # the user's message counts as the chat's last exchange
@@ -89,7 +157,10 @@ class ReplyStream:
 
     async def _run(self) -> None:
         while not self._finished and self._latest and self._latest != self._shown:
-            wait = self._last_send + self.interval_s - self.clock()
+            wait = max(
+                self._last_send + self.interval_s - self.clock(),
+                self.pace.progress_wait_s(self.chat_id),
+            )
             if wait > 0:
                 await asyncio.sleep(wait)
                 continue  # the reply may have grown or finished meanwhile
@@ -111,6 +182,7 @@ class ReplyStream:
         self._last_send = self.clock()
         self._shown = text
         if self.sent is not None:
+            self.pace.note(self.chat_id)
             try:
                 await self.bot.edit_message_text(
                     text=text, chat_id=self.chat_id, message_id=self.sent
@@ -172,6 +244,7 @@ class ReplyStream:
             await self._send(piece)
 
     async def _send(self, text: str, quote: ReplyParameters | None = None) -> Message:
+        self.pace.note(self.chat_id)
         return await self.bot.send_message(
             chat_id=self.chat_id,
             text=text,

@@ -220,3 +220,56 @@ async def test_a_reply_whose_message_id_cannot_be_kept_still_finishes(recording_
     assert [type(m) for m in session.requests] == [SendMessage, SendMessage, EditMessageText]
     assert what_the_user_sees(session, CHAT) == ["Быстрый ответ.", "Начало ответа."]
     assert caplog.text.count("the reply's message id was not kept: ConnectionError") == 2
+
+
+async def test_a_group_gets_progress_edits_only_within_its_messages_a_minute(recording_bot):
+    """Telegram allows a group ~20 messages a minute, edits included: a reply streamed there
+    shows its progress only while the minute has room beyond a reserve, and its final text
+    always goes. Scaled down here: 6 a second, 2 of them kept for final texts. A private chat
+    beside it is not held back."""
+    from bot.streaming import GroupPace
+
+    bot, session = recording_bot
+    pace = GroupPace(limit=6, reserve=2, window_s=1.0)
+    group, private = -100123, CHAT
+    finals = []
+    started = time.monotonic()
+    for chat in (group, private):
+        stream = ReplyStream(bot, chat, interval_s=0.05, pace=pace)
+        words: list[str] = []
+        while time.monotonic() - started < (0.6 if chat == group else 2.0):
+            words.append(f"слово{len(words)}")
+            stream.update(" ".join(words))
+            await asyncio.sleep(0.01)
+        finals.append(" ".join(words) + ".")
+        await stream.finish(finals[-1])
+
+    def sent_to(chat: int) -> list[float]:
+        return [
+            at - started
+            for at, method in zip(session.times, session.requests, strict=True)
+            if int(method.chat_id) == chat
+        ]
+
+    # At most 4 progress requests (the first words, 3 edits; ~12 without the pace), the final.
+    assert 2 <= len(sent_to(group)) <= 5, sent_to(group)
+    assert what_the_user_sees(session, group) == [finals[0]]
+    assert len(sent_to(private)) > 6  # ~28 (every 50 ms for 1.4 s): not held to the group's 6
+    assert what_the_user_sees(session, private) == [finals[1]]
+
+
+def test_group_pace_counts_a_sliding_minute_and_leaves_private_chats_alone():
+    from bot.streaming import GroupPace
+
+    now = [0.0]
+    pace = GroupPace(limit=20, reserve=5, window_s=60.0, clock=lambda: now[0])
+    for second in range(15):
+        now[0] = float(second)
+        assert pace.progress_wait_s(-1) == 0.0
+        pace.note(-1)
+        pace.note(7)  # a private chat: never counted
+    assert pace.progress_wait_s(-1) == pytest.approx(60.0 - 14.0)  # until second 0 leaves
+    assert pace.progress_wait_s(-2) == 0.0  # another group has its own minute
+    assert pace.progress_wait_s(7) == 0.0
+    now[0] = 60.5
+    assert pace.progress_wait_s(-1) == 0.0
