@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
 from aiogram import Bot, Router
@@ -42,31 +44,82 @@ async def help_(message: Message, settings: Settings) -> None:
     )
 
 
+#: What Telegram calls a group's administrators in ``getChatMember``.
+GROUP_ADMIN_STATUSES = frozenset({"creator", "administrator"})
+
+
+async def may_change_shared_memory(message: Message, bot: Bot, settings: Settings) -> bool:
+    """Whether the sender may reset, delete or retune the memory this chat shares: anyone in a
+    private chat; in a group (one memory for everyone there, see ``user_ref``) the group's
+    administrators, an administrator posting anonymously (as the group), and the bot's own
+    admins (ADMIN_USER_IDS). Otherwise any member could wipe the group's conversation."""
+    if message.chat.type == "private":
+        return True
+    if message.sender_chat is not None and message.sender_chat.id == message.chat.id:
+        return True  # an anonymous administrator of this group
+    sender = message.from_user
+    if sender is None:
+        return False
+    if sender.id in settings.admin_ids:
+        return True
+    member = await bot.get_chat_member(message.chat.id, sender.id)
+    return member.status in GROUP_ADMIN_STATUSES
+
+
 async def reset(
-    message: Message, dialogue: DialogueService, owed: OwedReplies | None = None
+    message: Message,
+    bot: Bot,
+    settings: Settings,
+    dialogue: DialogueService,
+    owed: OwedReplies | None = None,
 ) -> None:
-    await _end_conversation(message, dialogue, owed, repository.RESET_ROLE)
+    allowed = functools.partial(may_change_shared_memory, message, bot, settings)
+    await _end_conversation(message, dialogue, owed, repository.RESET_ROLE, allowed)
 
 
-async def temp(message: Message, command: CommandObject, dialogue: DialogueService) -> None:
+async def temp(
+    message: Message,
+    command: CommandObject,
+    bot: Bot,
+    settings: Settings,
+    dialogue: DialogueService,
+) -> None:
+    wants_change = bool(command.args and command.args.strip())
+    if wants_change and not await may_change_shared_memory(message, bot, settings):
+        await message.answer(texts.GROUP_ADMINS_ONLY)
+        return
     await message.answer(await dialogue.temperature_command(user_ref(message), command.args))
 
 
 async def forget(
-    message: Message, dialogue: DialogueService, owed: OwedReplies | None = None
+    message: Message,
+    bot: Bot,
+    settings: Settings,
+    dialogue: DialogueService,
+    owed: OwedReplies | None = None,
 ) -> None:
-    await _end_conversation(message, dialogue, owed, repository.FORGET_ROLE)
+    allowed = functools.partial(may_change_shared_memory, message, bot, settings)
+    await _end_conversation(message, dialogue, owed, repository.FORGET_ROLE, allowed)
 
 
 async def _end_conversation(
-    message: Message, dialogue: DialogueService, owed: OwedReplies | None, role: str
+    message: Message,
+    dialogue: DialogueService,
+    owed: OwedReplies | None,
+    role: str,
+    allowed: Callable[[], Awaitable[bool]],
 ) -> None:
-    """/reset or /forget (``role``), after the replies to the user's earlier messages."""
+    """/reset or /forget (``role``), after the replies to the user's earlier messages, if the
+    sender is ``allowed`` (awaited only once the command has its place in line: asking
+    Telegram takes a moment, and a message sent after the command must stay after it)."""
     if owed is not None:
-        await _store_in_line(message, dialogue, owed, role)
+        await _store_in_line(message, dialogue, owed, role, allowed)
         return
     user = user_ref(message)
     async with dialogue.exclusive(user):  # after this user's earlier messages are answered
+        if not await allowed():
+            await message.answer(texts.GROUP_ADMINS_ONLY)
+            return
         if role == repository.FORGET_ROLE:
             await dialogue.forget(user)
         else:
@@ -75,7 +128,11 @@ async def _end_conversation(
 
 
 async def _store_in_line(
-    message: Message, dialogue: DialogueService, owed: OwedReplies, role: str
+    message: Message,
+    dialogue: DialogueService,
+    owed: OwedReplies,
+    role: str,
+    allowed: Callable[[], Awaitable[bool]],
 ) -> None:
     """With replicas: store the command in line with the user's messages and leave it to
     whichever replica holds the user's lease, after the replies before it (bot.replicas).
@@ -84,6 +141,9 @@ async def _store_in_line(
     turn = dialogue.take_turn(user)  # before any await, like a message
     try:
         await turn.wait_to_store()
+        if not await allowed():
+            await message.answer(texts.GROUP_ADMINS_ONLY)
+            return
         thread_id = message.message_thread_id if message.is_topic_message else None
         stored = await dialogue.remember_command(user, role, message.message_id, thread_id)
         turn.mark_stored()

@@ -48,6 +48,7 @@ class FakeTelegram:
         self._webhook: tuple[str, str] | None = None  # (url, secret) once delivering
         self._http: aiohttp.ClientSession | None = None
         self._chat_queues: dict[int, list[dict[str, Any]]] = {}
+        self.group_admins: set[tuple[int, int]] = set()  # (group, user): getChatMember's creator
         self._chat_workers: dict[int, asyncio.Task[None]] = {}
         self.webhook_attempts = 0  # POSTs to the webhook, failed ones included
 
@@ -308,6 +309,13 @@ class FakeTelegram:
             "from": BOT_USER,
             "text": params["text"],
         }
+
+    async def _api_getChatMember(self, params: dict[str, Any]) -> Any:
+        chat_id, user_id = int(params["chat_id"]), int(params["user_id"])
+        user = {"id": user_id, "is_bot": False, "first_name": f"user{user_id}"}
+        if (chat_id, user_id) in self.group_admins:
+            return {"status": "creator", "user": user, "is_anonymous": False}
+        return {"status": "member", "user": user}
 
     async def _api_sendChatAction(self, params: dict[str, Any]) -> Any:
         return True

@@ -14,8 +14,8 @@ from typing import Any
 from aiogram import Bot
 from aiogram.client.session.base import BaseSession
 from aiogram.exceptions import TelegramBadRequest, TelegramForbiddenError
-from aiogram.methods import EditMessageText, SendMessage, TelegramMethod
-from aiogram.types import Chat, Message, User
+from aiogram.methods import EditMessageText, GetChatMember, SendMessage, TelegramMethod
+from aiogram.types import Chat, ChatMemberMember, ChatMemberOwner, Message, User
 
 BOT_USER = User(id=42, is_bot=True, first_name="Тестбот", username="test_bot")
 
@@ -27,6 +27,7 @@ class RecordingSession(BaseSession):
         self.times: list[float] = []  # time.monotonic() of each request
         self.gone: set[int] = set()  # message ids whose edits Telegram refuses (deleted)
         self.blocked: set[int] = set()  # chats that refuse the bot (blocked, left the group)
+        self.group_admins: set[tuple[int, int]] = set()  # (group, user) for getChatMember
 
     async def make_request(
         self, bot: Bot, method: TelegramMethod[Any], timeout: int | None = None
@@ -38,6 +39,11 @@ class RecordingSession(BaseSession):
             raise TelegramForbiddenError(method, "Forbidden: bot was blocked by the user")
         if isinstance(method, EditMessageText) and method.message_id in self.gone:
             raise TelegramBadRequest(method, "Bad Request: message to edit not found")
+        if isinstance(method, GetChatMember):
+            user = User(id=method.user_id, is_bot=False, first_name=f"user{method.user_id}")
+            if (int(method.chat_id), method.user_id) in self.group_admins:
+                return ChatMemberOwner(user=user, is_anonymous=False)
+            return ChatMemberMember(user=user)
         if isinstance(method, SendMessage):
             return Message(
                 message_id=len(self.requests),

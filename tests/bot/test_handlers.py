@@ -148,6 +148,52 @@ async def test_a_message_written_while_the_reply_is_generated_makes_the_reply_qu
     assert [m.reply_parameters.message_id if m.reply_parameters else None for m in sends] == [101]
 
 
+async def test_in_a_group_only_its_admins_reset_forget_or_retune_the_shared_memory(wired):
+    """A group shares one memory and one temperature: any member could wipe or retune it for
+    everyone with /reset, /forget or /temp 1.7. Now a member is told that only the group's
+    administrators can, and nothing changes; showing the temperature stays open to all."""
+    from bot.dialogue import UserRef
+
+    dp, bot, session, db = wired
+    dialogue = dp["dialogue"]
+    group_id, member, admin = -1001, 11, 12
+    session.group_admins.add((group_id, admin))
+    group = UserRef(group_id, "Группа")
+    await dialogue.remember_user_message(group, "Запомните: встреча в пятницу", 500)
+    temperature = await dialogue.get_temperature(group)
+
+    def in_group(update_id: int, user_id: int, text: str) -> dict:
+        update = text_update(update_id, user_id, text)
+        update["message"]["chat"] = {"id": group_id, "type": "group", "title": "Группа"}
+        return update
+
+    async def remembered() -> int:
+        async with db.connect() as connection:
+            return (
+                await connection.execute(
+                    text(
+                        "SELECT count(*) FROM messages JOIN users ON users.id = messages.user_id"
+                        " WHERE users.telegram_id = :chat"
+                    ),
+                    {"chat": group_id},
+                )
+            ).scalar_one()
+
+    for update_id, command in enumerate(("/reset", "/forget", "/temp 1.7"), start=1):
+        await dp.feed_raw_update(bot, in_group(update_id, member, command))
+    assert session.texts_to(group_id) == [texts.GROUP_ADMINS_ONLY] * 3
+    assert await remembered() == 1
+    assert await dialogue.get_temperature(group) == temperature
+    await dp.feed_raw_update(bot, in_group(4, member, "/temp"))
+    assert session.texts_to(group_id)[-1].startswith("Текущая температура")
+
+    await dp.feed_raw_update(bot, in_group(5, admin, "/temp 1.7"))
+    assert await dialogue.get_temperature(group) == 1.7
+    await dp.feed_raw_update(bot, in_group(6, admin, "/reset"))
+    assert session.texts_to(group_id)[-1] == texts.RESET_DONE
+    assert await remembered() == 0
+
+
 async def test_a_user_who_blocked_the_bot_is_not_answered_again_and_again(wired, redis_url, caplog):
     """Telegram refuses every message to a user who blocked the bot. With replicas the sweep
     used to generate the reply anew every few seconds for as long as the message was young

@@ -90,6 +90,7 @@ async def test_a_user_not_on_the_allowlist_gets_one_refusal_and_nothing_is_store
 async def test_group_chat_answers_only_when_addressed_and_remembers_per_chat(
     fake, running, tmp_path
 ):
+    fake.group_admins.add((GROUP, ALICE))  # the group's settings are its admins' to change
     await running()
     fake.send_text(ALICE, "просто болтаем между собой", chat_id=GROUP)
     to_bot = [fake.send_text(BOB, "@test_bot привет, бот!", chat_id=GROUP)]
