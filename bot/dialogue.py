@@ -378,6 +378,13 @@ class DialogueService:
         self.backend.forget(user.telegram_id)
         return deleted
 
+    async def move_chat(self, from_telegram_id: int, to_telegram_id: int) -> bool:
+        """A group became a supergroup under a new id: its memory goes with it."""
+        async with self.sessions.begin() as session:
+            moved = await repository.move_chat(session, from_telegram_id, to_telegram_id)
+        self.backend.forget(from_telegram_id)  # cached under the old id, never asked for again
+        return moved
+
     async def prune(self, older_than_days: float) -> int:
         """Delete messages older than the retention period."""
         before = datetime.now(UTC) - timedelta(days=older_than_days)

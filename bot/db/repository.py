@@ -249,6 +249,32 @@ async def delete_user(session: AsyncSession, telegram_id: int) -> bool:
     return True
 
 
+async def move_chat(session: AsyncSession, from_telegram_id: int, to_telegram_id: int) -> bool:
+    """Carry a chat's memory and settings over to its new id (a group upgraded to a
+    supergroup gets a new chat id). The old chat's Telegram message ids mean nothing in the new
+    one (and could collide with its new messages', which would then pass for re-deliveries),
+    so they are dropped: those messages count as history, no longer as owed. When the new id
+    already has a row (someone wrote there first), the old history is put under it and comes
+    first, by id. False when the old chat has nothing stored."""
+    old = await session.scalar(select(User).where(User.telegram_id == from_telegram_id))
+    if old is None:
+        return False
+    await session.execute(
+        update(Message)
+        .where(Message.user_id == old.id)
+        .values(telegram_message_id=None, telegram_thread_id=None, reply_draft_id=None)
+    )
+    new = await session.scalar(select(User).where(User.telegram_id == to_telegram_id))
+    if new is None:
+        old.telegram_id = to_telegram_id
+        return True
+    await session.execute(update(Message).where(Message.user_id == old.id).values(user_id=new.id))
+    if new.temperature is None:
+        new.temperature = old.temperature
+    await session.delete(old)
+    return True
+
+
 async def prune_messages(session: AsyncSession, before: datetime) -> int:
     """Delete every message older than ``before`` (the retention period)."""
     result = await session.execute(delete(Message).where(Message.created_at < before))

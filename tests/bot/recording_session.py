@@ -14,7 +14,7 @@ from typing import Any
 from aiogram import Bot
 from aiogram.client.session.base import BaseSession
 from aiogram.exceptions import TelegramBadRequest, TelegramForbiddenError
-from aiogram.methods import EditMessageText, GetChatMember, SendMessage, TelegramMethod
+from aiogram.methods import EditMessageText, GetChatMember, GetMe, SendMessage, TelegramMethod
 from aiogram.types import Chat, ChatMemberMember, ChatMemberOwner, Message, User
 
 BOT_USER = User(id=42, is_bot=True, first_name="Тестбот", username="test_bot")
@@ -39,6 +39,8 @@ class RecordingSession(BaseSession):
             raise TelegramForbiddenError(method, "Forbidden: bot was blocked by the user")
         if isinstance(method, EditMessageText) and method.message_id in self.gone:
             raise TelegramBadRequest(method, "Bad Request: message to edit not found")
+        if isinstance(method, GetMe):
+            return BOT_USER
         if isinstance(method, GetChatMember):
             user = User(id=method.user_id, is_bot=False, first_name=f"user{method.user_id}")
             if (int(method.chat_id), method.user_id) in self.group_admins:

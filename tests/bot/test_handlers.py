@@ -194,6 +194,46 @@ async def test_in_a_group_only_its_admins_reset_forget_or_retune_the_shared_memo
     assert await remembered() == 0
 
 
+async def test_a_group_upgraded_to_a_supergroup_keeps_its_memory_and_temperature(wired):
+    """Telegram gives the supergroup a new chat id; its first message names the old one. The
+    bot used to start from nothing there: no history, the default temperature."""
+    import time
+
+    from bot.dialogue import UserRef
+
+    dp, bot, session, db = wired
+    dialogue = dp["dialogue"]
+    old_id, new_id = -5001, -1005001
+    await dialogue.remember_user_message(UserRef(old_id, "Группа"), "Встреча в пятницу", 7)
+    await dialogue.set_temperature(UserRef(old_id, "Группа"), 0.4)
+
+    def in_supergroup(update_id: int, **fields: object) -> dict:
+        message = {
+            "message_id": update_id,
+            "date": int(time.time()),
+            "chat": {"id": new_id, "type": "supergroup", "title": "Группа"},
+            "from": {"id": 11, "is_bot": False, "first_name": "Аня"},
+        }
+        return {"update_id": update_id, "message": message | fields}
+
+    await dp.feed_raw_update(bot, in_supergroup(1, migrate_from_chat_id=old_id))
+    assert session.texts_to(new_id) == []  # a service message, not something to answer
+    command = {"type": "bot_command", "offset": 0, "length": 5}
+    await dp.feed_raw_update(bot, in_supergroup(2, text="/temp", entities=[command]))
+    assert session.texts_to(new_id)[-1].startswith("Текущая температура: 0.4")
+    async with db.connect() as connection:
+        rows = await connection.execute(
+            text(
+                "SELECT users.telegram_id, messages.text FROM messages"
+                " JOIN users ON users.id = messages.user_id"
+            )
+        )
+        assert rows.all() == [(new_id, "Встреча в пятницу")]
+    # the supergroup's own message 7 is new, not a re-delivery of the old group's message 7
+    supergroup = UserRef(new_id, "Группа")
+    assert await dialogue.remember_user_message(supergroup, "А когда встреча?", 7) is not None
+
+
 async def test_a_user_who_blocked_the_bot_is_not_answered_again_and_again(wired, redis_url, caplog):
     """Telegram refuses every message to a user who blocked the bot. With replicas the sweep
     used to generate the reply anew every few seconds for as long as the message was young

@@ -311,3 +311,26 @@ async def test_the_migrations_build_exactly_the_models_schema(backend, tmp_path,
         diff = await connection.run_sync(differences)
     await engine.dispose()
     assert diff == []
+
+
+async def test_a_chat_moved_to_a_new_id_joins_a_row_someone_made_there_first(sessions):
+    """A group upgraded to a supergroup: someone wrote in the supergroup before its memory was
+    moved. The old history comes first, the settings fill only what the new row lacks, and
+    the old Telegram ids no longer count (they could clash with the supergroup's)."""
+    async with sessions.begin() as session:
+        old = await repository.get_or_create_user(session, -5001, "Группа")
+        await repository.set_temperature(session, old, 0.4)
+        await repository.add_message(session, old, "user", "старое", telegram_message_id=7)
+        new = await repository.get_or_create_user(session, -1005001, "Группа")
+        await repository.add_message(session, new, "user", "новое", telegram_message_id=3)
+    async with sessions.begin() as session:
+        assert await repository.move_chat(session, -5001, -1005001)
+        assert not await repository.move_chat(session, -9999, -1005001)  # nothing stored there
+    async with sessions() as session:
+        new = await repository.get_or_create_user(session, -1005001, None)
+        turns = await repository.recent_turns(session, new, 10)
+        assert [t.text for t in turns] == ["старое", "новое"]
+        assert new.temperature == 0.4
+        assert not await repository.has_telegram_message(session, new, 7)
+        assert await repository.has_telegram_message(session, new, 3)
+        assert await repository.totals(session) == (1, 2)
