@@ -187,6 +187,17 @@ async def run_bot(settings: Settings) -> None:
     dp = build_dispatcher(dialogue, settings, db_engine, metrics, replicas)
     me = await bot.get_me()
     if not webhook:
+        # A webhook left registered by an earlier run in webhook mode makes Telegram refuse
+        # every getUpdates (409): the bot would poll in vain and never answer.
+        registered = await bot.get_webhook_info()
+        if registered.url:
+            logger.warning(
+                "a webhook is registered for this bot (%s, %d updates waiting): deleting it to "
+                "poll instead (set WEBHOOK_URL to use webhook mode)",
+                registered.url,
+                registered.pending_update_count,
+            )
+            await bot.delete_webhook(drop_pending_updates=False)
         logger.info("polling as @%s", me.username)
         try:
             await dp.start_polling(

@@ -49,6 +49,9 @@ class FakeTelegram:
         self._http: aiohttp.ClientSession | None = None
         self._chat_queues: dict[int, list[dict[str, Any]]] = {}
         self.group_admins: set[tuple[int, int]] = set()  # (group, user): getChatMember's creator
+        # The webhook Telegram has on record (setWebhook, deleteWebhook): while there is one,
+        # getUpdates is refused with 409, as Telegram does.
+        self.registered_webhook: str | None = None
         self._chat_workers: dict[int, asyncio.Task[None]] = {}
         self.webhook_attempts = 0  # POSTs to the webhook, failed ones included
 
@@ -258,6 +261,17 @@ class FakeTelegram:
                     description="Too Many Requests: retry after 1", parameters={"retry_after": 1}
                 )
             return web.json_response(body, status=status)
+        if method == "getUpdates" and self.registered_webhook:
+            self.calls[-1].ok = False
+            return web.json_response(
+                {
+                    "ok": False,
+                    "error_code": 409,
+                    "description": "Conflict: can't use getUpdates method while webhook is "
+                    "active; use deleteWebhook to delete the webhook first",
+                },
+                status=409,
+            )
         handler = getattr(self, f"_api_{method}", None)
         if handler is None:
             return web.json_response(
@@ -327,10 +341,19 @@ class FakeTelegram:
         return True
 
     async def _api_deleteWebhook(self, params: dict[str, Any]) -> Any:
+        self.registered_webhook = None
         return True
 
     async def _api_setWebhook(self, params: dict[str, Any]) -> Any:
+        self.registered_webhook = params.get("url") or None
         return True
+
+    async def _api_getWebhookInfo(self, params: dict[str, Any]) -> Any:
+        return {
+            "url": self.registered_webhook or "",
+            "has_custom_certificate": False,
+            "pending_update_count": len(self.pending),
+        }
 
     async def _api_close(self, params: dict[str, Any]) -> Any:
         return True

@@ -67,6 +67,19 @@ async def test_polling_survives_getupdates_failing_three_times(fake, running):
     assert not fake.faults["getUpdates"]
 
 
+async def test_a_webhook_left_by_an_earlier_run_does_not_stop_polling(fake, running, tmp_path):
+    """An operator ran the bot in webhook mode, then went back to polling: Telegram refuses
+    getUpdates (409) while a webhook is registered, and the bot polled in vain, answering
+    nobody. It now deletes the webhook first, saying so in its log."""
+    fake.registered_webhook = "https://old.example.com/webhook"
+    await running()
+    fake.send_text(ALICE, "/start")
+    assert len(await fake.wait_replies(ALICE, 1, timeout=60)) == 1
+    assert fake.registered_webhook is None
+    log = (tmp_path / "bot.log").read_text(errors="replace")
+    assert "a webhook is registered for this bot (https://old.example.com/webhook" in log
+
+
 async def test_a_user_not_on_the_allowlist_gets_one_refusal_and_nothing_is_stored(
     fake, running, tmp_path
 ):
