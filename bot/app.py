@@ -14,14 +14,14 @@ import signal
 from aiogram import Bot, Dispatcher
 from aiogram.client.session.aiohttp import AiohttpSession
 from aiogram.client.telegram import TelegramAPIServer
-from aiogram.exceptions import TelegramAPIError
-from aiogram.types import BotCommand, ErrorEvent
+from aiogram.exceptions import TelegramAPIError, TelegramNetworkError, TelegramUnauthorizedError
+from aiogram.types import BotCommand, ErrorEvent, User
 from aiogram.webhook.aiohttp_server import SimpleRequestHandler, setup_application
 from aiohttp import web
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from bot import texts
-from bot.config import Settings
+from bot.config import ConfigError, Settings
 from bot.db.engine import create_engine, create_sessionmaker, upgrade_to_head
 from bot.dialogue import DialogueService
 from bot.engine.factory import open_backend
@@ -164,9 +164,35 @@ async def _serve(app: web.Application, settings: Settings) -> web.AppRunner:
     return runner
 
 
+async def whoami(bot: Bot, settings: Settings) -> User:
+    """The bot's own account (getMe), asked before the slow model load: a token Telegram
+    refuses, or a Bot API that cannot be reached, is one line at once rather than a traceback
+    once the model has loaded. The token never appears in the line."""
+    token = settings.require_token()
+    try:
+        return await bot.get_me()
+    except TelegramUnauthorizedError:
+        raise ConfigError(
+            "TELEGRAM_BOT_TOKEN was refused by the Bot API (401 Unauthorized): copy the token "
+            "again from @BotFather (/mybots), it may have been revoked"
+        ) from None
+    except TelegramNetworkError as error:
+        where = settings.telegram_api_url or "https://api.telegram.org"
+        reason = error.message.replace(token, "<token>")
+        raise ConfigError(
+            f"cannot reach the Telegram Bot API at {where} ({reason}): check the network "
+            "(or TELEGRAM_API_URL)"
+        ) from None
+
+
 async def run_bot(settings: Settings) -> None:
     """Start everything; long polling, or a webhook server when WEBHOOK_URL is set."""
-    bot = build_bot(settings)  # fail on a missing token before the slow model load
+    bot = build_bot(settings)
+    try:
+        me = await whoami(bot, settings)  # before the slow model load
+    except BaseException:
+        await bot.session.close()
+        raise
     health, metrics = Health(), BotMetrics()
     app = build_web_app(health, metrics)
     webhook = bool(settings.webhook_url)
@@ -185,7 +211,6 @@ async def run_bot(settings: Settings) -> None:
     db_engine, dialogue = await open_services(settings)
     health.db, health.model_ready = db_engine, True
     dp = build_dispatcher(dialogue, settings, db_engine, metrics, replicas)
-    me = await bot.get_me()
     if not webhook:
         # A webhook left registered by an earlier run in webhook mode makes Telegram refuse
         # every getUpdates (409): the bot would poll in vain and never answer.
