@@ -48,7 +48,8 @@ def main(argv: list[str] | None = None) -> int:
     except ValidationError as error:
         for problem in error.errors():
             name = ".".join(str(p) for p in problem["loc"]).upper() or "settings"
-            print(f"error: {name}: {problem['msg']}", file=sys.stderr)
+            reason = problem["msg"].removeprefix("Value error, ")  # pydantic's wording
+            print(f"error: {name}: {reason}", file=sys.stderr)
         return 2
     configure_logging(settings)
     try:  # what can be told at once, before ~15 s of importing aiogram, torch and transformers

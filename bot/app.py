@@ -18,6 +18,8 @@ from aiogram.exceptions import TelegramAPIError, TelegramNetworkError, TelegramU
 from aiogram.types import BotCommand, ErrorEvent, User
 from aiogram.webhook.aiohttp_server import SimpleRequestHandler, setup_application
 from aiohttp import web
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from bot import texts
@@ -38,10 +40,38 @@ logger = logging.getLogger(__name__)
 RETENTION_INTERVAL_S = 3600.0
 
 
+async def open_database(url: str) -> AsyncEngine:
+    """The database, migrated to the newest schema; one line (ConfigError, the password hidden)
+    when it cannot be opened: a server not running, refused credentials, a missing database, a
+    SQLite folder that cannot be made. It used to be a traceback."""
+    engine: AsyncEngine | None = None
+    try:
+        engine = create_engine(url)  # makes a SQLite file's folder
+        await upgrade_to_head(url)
+        return engine
+    except (OSError, DBAPIError) as error:
+        if engine is not None:
+            await engine.dispose()
+        parsed = make_url(url)
+        cause = error.orig if isinstance(error, DBAPIError) else error
+        reason = str(cause).strip().splitlines()[0] if str(cause).strip() else ""
+        if isinstance(cause, OSError):  # "[Errno 111] Connect call failed" needs its name
+            reason = f"{type(cause).__name__}: {reason}"
+        check = (
+            "can its folder be made and written?"
+            if parsed.get_backend_name() == "sqlite"
+            else "is the server running, and are the credentials and database name right?"
+        )
+        raise ConfigError(
+            f"cannot open the database at DATABASE_URL="
+            f"{parsed.render_as_string(hide_password=True)} ({reason}): "
+            f"{check}"
+        ) from None
+
+
 async def open_services(settings: Settings) -> tuple[AsyncEngine, DialogueService]:
     """Migrate the database, open the model backend: what both front-ends need."""
-    db_engine = create_engine(settings.database_url)
-    await upgrade_to_head(settings.database_url)
+    db_engine = await open_database(settings.database_url)
     try:
         backend = await open_backend(settings)
     except BaseException:

@@ -20,6 +20,44 @@ DEFAULT_PERSONA = (
 WEBHOOK_SECRET_PATTERN = re.compile(r"[A-Za-z0-9_-]{1,256}")
 
 
+#: The async driver the bot uses for each database it supports (DATABASE_URL's scheme).
+ASYNC_DRIVERS = {"sqlite": "aiosqlite", "postgresql": "asyncpg"}
+DATABASE_URL_EXAMPLES = (
+    "sqlite+aiosqlite:///data/bot.db or postgresql+asyncpg://user:password@host/dbname"
+)
+
+
+def async_database_url(url: str) -> str:
+    """DATABASE_URL with the async driver the bot needs, or a ValueError saying what to set.
+
+    Hosts hand out PostgreSQL URLs as ``postgres://`` or ``postgresql://`` with libpq's
+    ``sslmode``; SQLAlchemy then loads psycopg (not installed, and not async) and asyncpg takes
+    ``ssl`` instead. Both are translated, so the URL a host gives works as it is. The URL
+    itself (it holds the password) never goes into the message.
+    """
+    scheme, separator, rest = url.partition("://")
+    if not separator:
+        raise ValueError(f"not a database URL; examples: {DATABASE_URL_EXAMPLES}")
+    backend, _, driver = scheme.lower().partition("+")
+    backend = "postgresql" if backend == "postgres" else backend
+    wanted = ASYNC_DRIVERS.get(backend)
+    if wanted is None:
+        raise ValueError(
+            f"{backend} is not supported, only SQLite and PostgreSQL ({DATABASE_URL_EXAMPLES})"
+        )
+    if driver and driver != wanted:
+        raise ValueError(
+            f"the bot talks to {backend} through {wanted} (async), not {driver}: "
+            f"write {backend}+{wanted}://..."
+        )
+    if backend == "postgresql":
+        path, mark, query = rest.partition("?")
+        if mark:
+            params = [p.replace("sslmode=", "ssl=", 1) for p in query.split("&")]
+            rest = f"{path}?{'&'.join(params)}"
+    return f"{backend}+{wanted}://{rest}"
+
+
 class ConfigError(Exception):
     """A setting is missing or wrong; the message is one line saying what to set."""
 
@@ -165,6 +203,11 @@ class Settings(BaseSettings):
         if value not in ("none", "int8"):
             raise ValueError("MODEL_QUANTIZE must be none or int8")
         return value
+
+    @field_validator("database_url")
+    @classmethod
+    def _async_database_url(cls, value: str) -> str:
+        return async_database_url(value)
 
     @field_validator("telegram_api_url", "llm_base_url")
     @classmethod

@@ -55,3 +55,40 @@ def test_settings_defaults_and_validation(monkeypatch):
     monkeypatch.setenv("MODEL_DTYPE", "int4")
     with pytest.raises(ValidationError):
         Settings(_env_file=None)
+
+
+@pytest.mark.parametrize(
+    ("given", "used"),
+    [
+        # what PostgreSQL hosts hand out: SQLAlchemy alone loaded psycopg (not installed, not
+        # async) and asyncpg refused libpq's sslmode
+        (
+            "postgres://u:pw@db.example.com:5432/bot",
+            "postgresql+asyncpg://u:pw@db.example.com:5432/bot",
+        ),
+        (
+            "postgresql://u:pw@h/bot?sslmode=require&application_name=tg",
+            "postgresql+asyncpg://u:pw@h/bot?ssl=require&application_name=tg",
+        ),
+        ("sqlite:///data/bot.db", "sqlite+aiosqlite:///data/bot.db"),
+        ("sqlite+aiosqlite:///data/bot.db", "sqlite+aiosqlite:///data/bot.db"),
+        ("postgresql+asyncpg://u:pw@h/bot", "postgresql+asyncpg://u:pw@h/bot"),
+    ],
+)
+def test_a_database_url_as_hosts_write_it_gets_the_async_driver(given, used):
+    assert Settings(_env_file=None, database_url=given).database_url == used
+
+
+@pytest.mark.parametrize(
+    ("given", "told"),
+    [
+        ("mysql://u:pw@h/bot", "mysql is not supported, only SQLite and PostgreSQL"),
+        ("postgresql+psycopg2://u:pw@h/bot", "through asyncpg (async), not psycopg2"),
+        ("data/bot.db", "not a database URL"),
+    ],
+)
+def test_a_database_url_the_bot_cannot_use_is_refused_saying_what_to_write(given, told):
+    with pytest.raises(ValidationError) as refused:
+        Settings(_env_file=None, database_url=given)
+    assert told in str(refused.value)
+    assert "pw@" not in str(refused.value).replace(f"input_value='{given}'", "")

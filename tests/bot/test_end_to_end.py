@@ -142,6 +142,7 @@ async def test_missing_token_and_missing_model_are_one_line_errors(bot_env, tmp_
         (["chat"], "MODEL_PATH", {}, "no model at"),
         ([], None, webhook, "WEBHOOK_SECRET is not set"),
         ([], None, {**webhook, "WEBHOOK_SECRET": "my secret!"}, "WEBHOOK_SECRET must be 1-256"),
+        (["chat"], None, {"DATABASE_URL": "mysql://u:pw@h/bot"}, "DATABASE_URL: mysql is not"),
     ):
         env = {k: v for k, v in bot_env.items() if not k.startswith("WEBHOOK_")} | extra
         if drop == "MODEL_PATH":
@@ -164,6 +165,7 @@ async def test_missing_token_and_missing_model_are_one_line_errors(bot_env, tmp_
         assert lines[-1].startswith("error:") and expected in lines[-1], lines
         assert "Traceback" not in err.decode()
         assert "my secret" not in err.decode()  # a secret is never echoed, even a wrong one
+        assert "Value error" not in err.decode() and "pw@" not in err.decode()
         assert "imported: []" in out.decode(), (args, drop, out)
 
 

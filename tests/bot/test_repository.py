@@ -334,3 +334,28 @@ async def test_a_chat_moved_to_a_new_id_joins_a_row_someone_made_there_first(ses
         assert not await repository.has_telegram_message(session, new, 7)
         assert await repository.has_telegram_message(session, new, 3)
         assert await repository.totals(session) == (1, 2)
+
+
+async def test_a_database_that_cannot_be_opened_is_one_line_without_the_password(postgres_url):
+    """Before: a traceback (ConnectionRefusedError, InvalidCatalogNameError...) at start."""
+    from sqlalchemy.engine import make_url
+
+    from bot.app import open_database
+    from bot.config import ConfigError, Settings
+
+    server = make_url(postgres_url).set(password="s3cret-pw")
+    as_hosts_write_it = server.render_as_string(hide_password=False).replace(
+        "postgresql+asyncpg://", "postgres://"
+    )
+    engine = await open_database(
+        Settings(_env_file=None, database_url=as_hosts_write_it).database_url
+    )
+    await engine.dispose()  # the host's own URL form works
+    missing = server.set(database="no_such_database").render_as_string(hide_password=False)
+    closed = server.set(port=1).render_as_string(hide_password=False)
+    for url, cause in ((missing, "does not exist"), (closed, "ConnectionRefusedError")):
+        with pytest.raises(ConfigError) as refused:
+            await open_database(url)
+        line = str(refused.value)
+        assert line.startswith("cannot open the database at DATABASE_URL=postgresql+asyncpg://")
+        assert cause in line and "s3cret-pw" not in line and "\n" not in line, line
