@@ -25,13 +25,22 @@ A reply is cut where the model starts the next speaker's turn (either tag) or em
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 USER_TAG = "@@ПЕРВЫЙ@@"
 BOT_TAG = "@@ВТОРОЙ@@"
 SPEAKER_TAGS = (USER_TAG, BOT_TAG)
 EOS_TEXT = "<|endoftext|>"
+
+
+def missing_speaker_tags(vocabulary: Iterable[str]) -> list[str]:
+    """The speaker tags that are not single tokens of this tokenizer's ``vocabulary``
+    (``get_vocab()``): the trainer adds them; a model whose tokenizer lacks them was never
+    fine-tuned on this format, and its replies will not stop where a turn ends."""
+    known = set(vocabulary)
+    return [tag for tag in SPEAKER_TAGS if tag not in known]
+
 
 #: The user's half of the synthetic exchange that carries a persona.
 PERSONA_QUESTION = "Расскажи о себе."

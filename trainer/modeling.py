@@ -24,7 +24,7 @@ from transformers import (
 )
 
 from bot.engine.hub import pretrained_source
-from dataset_tools.dialogue_format import EOS_TEXT, SPEAKER_TAGS
+from dataset_tools.dialogue_format import EOS_TEXT, missing_speaker_tags
 
 logger = logging.getLogger(__name__)
 
@@ -67,7 +67,7 @@ def add_speaker_tokens(tokenizer: PreTrainedTokenizerBase) -> int:
     ``lstrip`` means " @@ВТОРОЙ@@" is a single token, so a prompt ends exactly on the bot's tag
     and a reply ends on one token (the user's tag) that generation can stop on.
     """
-    missing = [tag for tag in SPEAKER_TAGS if tag not in tokenizer.get_vocab()]
+    missing = missing_speaker_tags(tokenizer.get_vocab())
     return tokenizer.add_tokens([AddedToken(tag, lstrip=True, normalized=False) for tag in missing])
 
 

@@ -9,13 +9,30 @@ from __future__ import annotations
 
 import logging
 
+from transformers import PreTrainedTokenizerBase
+
 from bot.config import Settings
 from bot.engine.backend import ReplyBackend
 from bot.engine.generation import GenerationEngine
 from bot.engine.loading import ModelLoadError, load_model, run_in_own_thread
 from bot.engine.remote import RemoteBackend
+from dataset_tools.dialogue_format import missing_speaker_tags
 
 logger = logging.getLogger(__name__)
+
+
+def warn_if_not_dialogue_tuned(tokenizer: PreTrainedTokenizerBase, where: str) -> None:
+    """One warning at start when the model never learned this project's dialogue format (its
+    tokenizer lacks the speaker tags the trainer adds): the usual cause is pointing MODEL_PATH
+    at the base RuGPT-3, whose replies then run on and on, speaking for both sides."""
+    if missing := missing_speaker_tags(tokenizer.get_vocab()):
+        logger.warning(
+            "the model at %s was not fine-tuned on this project's dialogue format (its "
+            "tokenizer has no %s token): replies will ramble; fine-tune it first "
+            "(`make finetune`, README: Stage 2) and point MODEL_PATH at the result",
+            where,
+            " / ".join(missing),
+        )
 
 
 async def open_local_engine(settings: Settings) -> GenerationEngine:
@@ -28,6 +45,7 @@ async def open_local_engine(settings: Settings) -> GenerationEngine:
         settings.model_quantize,
         settings.model_cpu_onednn,
     )
+    warn_if_not_dialogue_tuned(tokenizer, f"MODEL_PATH={settings.model_path}")
     engine = GenerationEngine(
         model,
         tokenizer,
@@ -65,7 +83,7 @@ async def open_backend(settings: Settings) -> ReplyBackend:
         return await open_local_engine(settings)
     if settings.num_beams > 1:
         logger.warning("NUM_BEAMS is ignored with LLM_BASE_URL: the server samples")
-    return await RemoteBackend.connect(
+    backend = await RemoteBackend.connect(
         settings.llm_base_url,
         api_key=settings.llm_api_key.get_secret_value() if settings.llm_api_key else None,
         model=settings.llm_model,
@@ -76,3 +94,6 @@ async def open_backend(settings: Settings) -> ReplyBackend:
         timeout_s=settings.llm_timeout_s,
         connect_timeout_s=settings.llm_connect_timeout_s,
     )
+    tokenizer_path = settings.tokenizer_path or settings.model_path
+    warn_if_not_dialogue_tuned(backend.tokenizer, f"TOKENIZER_PATH={tokenizer_path}")
+    return backend

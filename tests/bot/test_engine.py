@@ -114,3 +114,45 @@ async def test_run_in_own_thread_returns_raises_and_leaves_no_thread():
     with pytest.raises(ZeroDivisionError):
         await run_in_own_thread(divmod, 1, 0)
     assert threading.active_count() == before  # each call's thread has ended
+
+
+async def test_a_model_never_tuned_on_the_dialogue_format_is_named_at_start(
+    tiny_model_dir, tmp_path, caplog
+):
+    """Pointing MODEL_PATH at a base model (RuGPT-3 as downloaded) gave replies that ran on,
+    speaking for both sides, and nothing said why. Now one warning at start says so; a model
+    the trainer made starts without it."""
+    import logging
+
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from bot.config import Settings
+    from bot.engine.factory import open_local_engine
+    from dataset_tools.sample_data import generate_dialogues
+    from trainer.modeling import build_scratch_model
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    texts = (" ".join(dialogue) for dialogue in generate_dialogues())  # no tags: a base model
+    bpe.train_from_iterator(
+        texts, trainers.BpeTrainer(vocab_size=400, special_tokens=["<|endoftext|>"])
+    )
+    base_tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|endoftext|>")
+    torch.manual_seed(0)
+    base = build_scratch_model(base_tokenizer, {"n_layer": 1, "n_embd": 32, "n_head": 2})
+    base_dir = tmp_path / "base-model"
+    base.save_pretrained(base_dir)
+    base_tokenizer.save_pretrained(base_dir)
+
+    for model_dir, warned in ((base_dir, True), (tiny_model_dir, False)):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="bot.engine.factory"):
+            engine = await open_local_engine(Settings(_env_file=None, model_path=str(model_dir)))
+        engine.close()
+        lines = [r.getMessage() for r in caplog.records if "not fine-tuned" in r.getMessage()]
+        assert len(lines) == warned, lines
+        if warned:
+            assert f"MODEL_PATH={model_dir}" in lines[0] and "@@ПЕРВЫЙ@@" in lines[0]
