@@ -58,10 +58,10 @@ def test_without_the_hub_a_cached_model_loads_at_once_and_another_is_one_error(
     cached = [line.split() for line in lines if line.startswith("cached:")]
     refused = [line for line in lines if line.startswith("refused:")]
     assert [words[2] for words in cached] == ["GPT2LMHeadModel"] * 2, lines
-    assert all(float(words[1]) < 10 for words in cached), lines
+    assert all(float(words[1]) < 15 for words in cached), lines  # retries: 23 s+
     assert len(refused) == 2, lines
     for line in refused:
-        assert float(line.split()[1]) < 10, line
+        assert float(line.split()[1]) < 15, line
         assert "cannot be reached from this machine" in line, line
         assert "'someone/not-downloaded' is not in the local Hugging Face cache" in line, line
     assert "hf download someone/not-downloaded" in refused[1]  # the trainer's way out
