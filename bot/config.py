@@ -53,7 +53,10 @@ def async_database_url(url: str) -> str:
     if backend == "postgresql":
         path, mark, query = rest.partition("?")
         if mark:
-            params = [p.replace("sslmode=", "ssl=", 1) for p in query.split("&")]
+            params = [
+                f"ssl={p.removeprefix('sslmode=')}" if p.startswith("sslmode=") else p
+                for p in query.split("&")
+            ]
             rest = f"{path}?{'&'.join(params)}"
     return f"{backend}+{wanted}://{rest}"
 
