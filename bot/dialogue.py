@@ -308,17 +308,23 @@ class DialogueService:
         user: UserRef,
         message_id: int | None = None,
         on_text: Callable[[str], None] | None = None,
+        thread_id: int | None = None,
     ) -> str:
         """Generate the reply to the history up to ``message_id`` (may raise EngineBusy/Timeout).
 
         Bounding the history by the message id means a reply answers exactly the messages sent
         before it, even when the user has already written more while waiting. ``on_text`` gets
-        the reply so far while it is generated (for streaming).
+        the reply so far while it is generated (for streaming). ``thread_id``: the forum topic
+        the message was written in; the reply sees that topic's conversation only.
         """
         async with self.sessions() as session:
             row = await repository.get_or_create_user(session, user.telegram_id, user.name)
             history = await repository.recent_turns(
-                session, row, self.settings.history_messages, up_to_id=message_id
+                session,
+                row,
+                self.settings.history_messages,
+                up_to_id=message_id,
+                thread_id=thread_id,
             )
             temperature = row.temperature or self.settings.temperature
         turns = build_prompt_turns(
@@ -336,7 +342,9 @@ class DialogueService:
             max_new_tokens=self.settings.reply_tokens,
             num_beams=self.settings.num_beams,
         )
-        reply = await self.backend.generate(turns, params, key=user.telegram_id, on_text=on_text)
+        # one cached dialogue per topic (a topic's prompt is no prefix of another's)
+        key = user.telegram_id if thread_id is None else (user.telegram_id, thread_id)
+        reply = await self.backend.generate(turns, params, key=key, on_text=on_text)
         return reply or texts.FALLBACK_REPLY
 
     async def store_reply(self, user: UserRef, reply: str, reply_to_id: int | None) -> None:

@@ -48,7 +48,8 @@ class Message(Base):
       re-delivers an update it thinks unacknowledged; the unique (chat, message id) pair turns
       the second delivery into a no-op. ``None`` for the console chat.
     * ``telegram_thread_id``: the forum topic the message was written in, where its reply goes
-      (whichever replica or restart answers it); ``None`` outside topics.
+      (whichever replica or restart answers it) and whose conversation it belongs to (a reply
+      sees only its topic's history); ``None`` outside topics.
     * ``reply_to_id``: on a bot reply, the user message it answers. A bot reply is stored only
       after Telegram accepted it, so a user message with no reply pointing at it is unanswered.
     * ``reply_draft_id``: on a user message, the Telegram id of the bot's message its reply is

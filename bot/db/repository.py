@@ -167,10 +167,19 @@ async def set_reply_draft(session: AsyncSession, message_id: int, telegram_messa
 
 
 async def recent_turns(
-    session: AsyncSession, user: User, limit: int, up_to_id: int | None = None
+    session: AsyncSession,
+    user: User,
+    limit: int,
+    up_to_id: int | None = None,
+    thread_id: int | None = None,
 ) -> list[Turn]:
     """The user's last ``limit`` messages in conversation order, oldest first; with ``up_to_id``,
     only what comes before the reply to that message.
+
+    Only the conversation of one forum topic, ``thread_id`` (None: outside topics, the General
+    topic included): a reply belongs to the topic of the message it answers. A forum group
+    talks about different things in different topics, and one topic's history in another's
+    prompt made the bot answer out of context.
 
     Conversation order puts each reply right after the message it answers, not where its row
     id falls: a user who writes twice before the first reply is stored (``u1 u2 b1 b2`` by id)
@@ -186,10 +195,17 @@ async def recent_turns(
     )
     if up_to_id is not None:
         last_marker = last_marker.where(Message.id < up_to_id)
-    query = select(Message.role, Message.text).where(
-        Message.user_id == user.id,
-        Message.role.in_(DIALOGUE_ROLES),
-        place > func.coalesce(last_marker.scalar_subquery(), 0),
+    answered = aliased(Message)
+    topic = func.coalesce(Message.telegram_thread_id, answered.telegram_thread_id)
+    query = (
+        select(Message.role, Message.text)
+        .outerjoin(answered, answered.id == Message.reply_to_id)
+        .where(
+            Message.user_id == user.id,
+            Message.role.in_(DIALOGUE_ROLES),
+            place > func.coalesce(last_marker.scalar_subquery(), 0),
+            topic.is_not_distinct_from(thread_id),
+        )
     )
     if up_to_id is not None:
         query = query.where(

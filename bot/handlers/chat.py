@@ -134,7 +134,9 @@ async def answer(
             async with TypingIndicator.typing(
                 bot=bot, chat_id=user.telegram_id, message_thread_id=message.thread_id
             ):
-                reply = await dialogue.make_reply(user, message_id, on_text=on_text)
+                reply = await dialogue.make_reply(
+                    user, message_id, on_text=on_text, thread_id=message.thread_id
+                )
         except (EngineBusy, EngineTimeout) as refusal:
             metrics.busy.inc()
             # replaces whatever was streamed

@@ -234,6 +234,49 @@ async def test_a_group_upgraded_to_a_supergroup_keeps_its_memory_and_temperature
     assert await dialogue.remember_user_message(supergroup, "А когда встреча?", 7) is not None
 
 
+async def test_a_reply_in_a_forum_topic_sees_only_that_topics_conversation(wired):
+    """Before: every topic's messages went into every prompt, so the bot answered a question
+    about dogs with the cats discussed in another topic."""
+    import time
+
+    dp, bot, session, _ = wired
+    backend = dp["dialogue"].backend
+    prompts: list[list[str]] = []
+    generate = backend.generate
+
+    async def seen(turns, *args, **kwargs):  # the real engine, its prompts noted
+        prompts.append(list(turns))
+        return await generate(turns, *args, **kwargs)
+
+    backend.generate = seen
+
+    def in_topic(update_id: int, topic: int, text: str) -> dict:
+        return {
+            "update_id": update_id,
+            "message": {
+                "message_id": update_id,
+                "message_thread_id": topic,
+                "is_topic_message": True,
+                "date": int(time.time()),
+                "chat": {"id": -100500, "type": "supergroup", "title": "Форум", "is_forum": True},
+                "from": {"id": 11, "is_bot": False, "first_name": "Аня"},
+                "text": text,
+            },
+        }
+
+    try:
+        await dp.feed_raw_update(bot, in_topic(1, 5, "@test_bot расскажи про кошек"))
+        await dp.feed_raw_update(bot, in_topic(2, 9, "@test_bot а что про собак?"))
+        await dp.feed_raw_update(bot, in_topic(3, 5, "@test_bot и ещё про кошек"))
+    finally:
+        backend.generate = generate
+    assert len(session.texts_to(-100500)) == 3  # each answered, in its topic
+    assert len(prompts) == 3
+    assert not any("кошек" in turn for turn in prompts[1])  # the dogs' topic
+    assert any("расскажи про кошек" in turn for turn in prompts[2])  # the cats' topic again
+    assert not any("собак" in turn for turn in prompts[2])
+
+
 async def test_a_user_who_blocked_the_bot_is_not_answered_again_and_again(wired, redis_url, caplog):
     """Telegram refuses every message to a user who blocked the bot. With replicas the sweep
     used to generate the reply anew every few seconds for as long as the message was young

@@ -359,3 +359,29 @@ async def test_a_database_that_cannot_be_opened_is_one_line_without_the_password
         line = str(refused.value)
         assert line.startswith("cannot open the database at DATABASE_URL=postgresql+asyncpg://")
         assert cause in line and "s3cret-pw" not in line and "\n" not in line, line
+
+
+async def test_each_forum_topic_has_its_own_conversation(sessions):
+    """A forum group's topics talk about different things: a reply sees its own topic's
+    messages and the replies to them, not the other topics' (nor the General topic's)."""
+    async with sessions.begin() as session:
+        group = await repository.get_or_create_user(session, -100500, "Форум")
+        cats = await repository.add_message(
+            session, group, "user", "про кошек", telegram_message_id=1, telegram_thread_id=5
+        )
+        await repository.add_message(session, group, "user", "общий вопрос", telegram_message_id=2)
+        await repository.add_message(session, group, "bot", "мяу", reply_to_id=cats.id)
+        await repository.add_message(
+            session, group, "user", "про собак", telegram_message_id=3, telegram_thread_id=9
+        )
+        again = await repository.add_message(
+            session, group, "user", "ещё о кошках", telegram_message_id=4, telegram_thread_id=5
+        )
+    async with sessions() as session:
+        group = await repository.get_or_create_user(session, -100500, None)
+        in_cats = await repository.recent_turns(session, group, 10, up_to_id=again.id, thread_id=5)
+        in_dogs = await repository.recent_turns(session, group, 10, thread_id=9)
+        in_general = await repository.recent_turns(session, group, 10)
+    assert [t.text for t in in_cats] == ["про кошек", "мяу", "ещё о кошках"]
+    assert [t.text for t in in_dogs] == ["про собак"]
+    assert [t.text for t in in_general] == ["общий вопрос"]
