@@ -259,9 +259,17 @@ class DialogueService:
         before it are answered (with replicas, under the user's lease)."""
         async with self.sessions.begin() as session:
             row = await repository.get_or_create_user(session, user.telegram_id, user.name)
+            topics = await repository.topics(session, user.telegram_id)
             deleted = await repository.carry_out_marker(session, row, marker_id, role)
-        self.backend.forget(user.telegram_id)
+        self._forget_cached(user.telegram_id, topics)
         return deleted
+
+    def _forget_cached(self, telegram_id: int, topics: list[int]) -> None:
+        """Drop the keys/values the engine keeps for this chat's dialogues: its own and one per
+        forum topic (``make_reply``'s keys)."""
+        self.backend.forget(telegram_id)
+        for topic in topics:
+            self.backend.forget((telegram_id, topic))
 
     async def _is_stored(self, user: UserRef, telegram_message_id: int) -> bool:
         async with self.sessions() as session:
@@ -375,22 +383,25 @@ class DialogueService:
     async def reset(self, user: UserRef) -> int:
         async with self.sessions.begin() as session:
             row = await repository.get_or_create_user(session, user.telegram_id, user.name)
+            topics = await repository.topics(session, user.telegram_id)
             cleared = await repository.clear_history(session, row)
-        self.backend.forget(user.telegram_id)
+        self._forget_cached(user.telegram_id, topics)
         return cleared
 
     async def forget(self, user: UserRef) -> bool:
         """Delete everything stored about the user (``/forget``)."""
         async with self.sessions.begin() as session:
+            topics = await repository.topics(session, user.telegram_id)
             deleted = await repository.delete_user(session, user.telegram_id)
-        self.backend.forget(user.telegram_id)
+        self._forget_cached(user.telegram_id, topics)
         return deleted
 
     async def move_chat(self, from_telegram_id: int, to_telegram_id: int) -> bool:
         """A group became a supergroup under a new id: its memory goes with it."""
         async with self.sessions.begin() as session:
+            topics = await repository.topics(session, from_telegram_id)
             moved = await repository.move_chat(session, from_telegram_id, to_telegram_id)
-        self.backend.forget(from_telegram_id)  # cached under the old id, never asked for again
+        self._forget_cached(from_telegram_id, topics)  # under the old id: never asked for again
         return moved
 
     async def prune(self, older_than_days: float) -> int:

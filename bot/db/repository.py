@@ -218,6 +218,17 @@ async def recent_turns(
     return [Turn(role, text) for role, text in reversed(rows.all())]
 
 
+async def topics(session: AsyncSession, telegram_id: int) -> list[int]:
+    """The forum topics this chat has messages in (each has its own cached dialogue)."""
+    rows = await session.scalars(
+        select(Message.telegram_thread_id)
+        .join(User, User.id == Message.user_id)
+        .where(User.telegram_id == telegram_id, Message.telegram_thread_id.is_not(None))
+        .distinct()
+    )
+    return [int(topic) for topic in rows.all() if topic is not None]
+
+
 async def clear_history(session: AsyncSession, user: User) -> int:
     """Forget this user's messages (only theirs); returns how many were deleted."""
     result = await session.execute(delete(Message).where(Message.user_id == user.id))

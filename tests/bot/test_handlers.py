@@ -275,6 +275,15 @@ async def test_a_reply_in_a_forum_topic_sees_only_that_topics_conversation(wired
     assert not any("кошек" in turn for turn in prompts[1])  # the dogs' topic
     assert any("расскажи про кошек" in turn for turn in prompts[2])  # the cats' topic again
     assert not any("собак" in turn for turn in prompts[2])
+    # /forget drops what the engine keeps of every topic's dialogue, not only the group's own
+    kept = backend.prefix_cache
+    assert (-100500, 5) in kept and (-100500, 9) in kept
+    session.group_admins.add((-100500, 11))
+    forget = in_topic(4, 9, "/forget")
+    forget["message"]["entities"] = [{"type": "bot_command", "offset": 0, "length": 7}]
+    await dp.feed_raw_update(bot, forget)
+    assert session.texts_to(-100500)[-1] == texts.FORGET_DONE
+    assert (-100500, 5) not in kept and (-100500, 9) not in kept
 
 
 async def test_a_user_who_blocked_the_bot_is_not_answered_again_and_again(wired, redis_url, caplog):
