@@ -309,7 +309,13 @@ async def prune_messages(session: AsyncSession, before: datetime) -> int:
 
 
 async def totals(session: AsyncSession) -> tuple[int, int]:
-    """(users, messages) in the whole database, for /stats."""
+    """(users, messages) in the whole database, for /stats: messages of the dialogues, not the
+    /reset and /forget markers waiting in line (with replicas) to be carried out."""
     users = await session.scalar(select(func.count()).select_from(User)) or 0
-    messages = await session.scalar(select(func.count()).select_from(Message)) or 0
+    messages = (
+        await session.scalar(
+            select(func.count()).select_from(Message).where(Message.role.in_(DIALOGUE_ROLES))
+        )
+        or 0
+    )
     return users, messages

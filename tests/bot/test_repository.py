@@ -385,3 +385,14 @@ async def test_each_forum_topic_has_its_own_conversation(sessions):
     assert [t.text for t in in_cats] == ["про кошек", "мяу", "ещё о кошках"]
     assert [t.text for t in in_dogs] == ["про собак"]
     assert [t.text for t in in_general] == ["общий вопрос"]
+
+
+async def test_stats_count_dialogue_messages_not_commands_waiting_in_line(sessions):
+    async with sessions.begin() as session:
+        user = await repository.get_or_create_user(session, 7, "Аня")
+        await repository.add_message(session, user, "user", "привет", telegram_message_id=1)
+        await repository.add_message(session, user, "bot", "здравствуйте")
+        reset = repository.RESET_ROLE
+        await repository.add_message(session, user, reset, "", telegram_message_id=2)
+    async with sessions() as session:
+        assert await repository.totals(session) == (1, 2)
