@@ -14,7 +14,12 @@ import signal
 from aiogram import Bot, Dispatcher
 from aiogram.client.session.aiohttp import AiohttpSession
 from aiogram.client.telegram import TelegramAPIServer
-from aiogram.exceptions import TelegramAPIError, TelegramNetworkError, TelegramUnauthorizedError
+from aiogram.exceptions import (
+    ClientDecodeError,
+    TelegramAPIError,
+    TelegramNetworkError,
+    TelegramUnauthorizedError,
+)
 from aiogram.types import BotCommand, ErrorEvent, User
 from aiogram.webhook.aiohttp_server import SimpleRequestHandler, setup_application
 from aiohttp import web
@@ -212,6 +217,14 @@ async def whoami(bot: Bot, settings: Settings) -> User:
         raise ConfigError(
             f"cannot reach the Telegram Bot API at {where} ({reason}): check the network "
             "(or TELEGRAM_API_URL)"
+        ) from None
+    except (TelegramAPIError, ClientDecodeError) as error:  # e.g. a URL ending in /bot: 404
+        where = settings.telegram_api_url or "https://api.telegram.org"
+        reason = str(error).strip().splitlines()[0].replace(token, "<token>")
+        raise ConfigError(
+            f"the Bot API at {where} did not answer getMe as Telegram does "
+            f"({type(error).__name__}: {reason}): TELEGRAM_API_URL is the server's base URL, "
+            "e.g. http://127.0.0.1:8081, without /bot<token>"
         ) from None
 
 

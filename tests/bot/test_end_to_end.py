@@ -170,26 +170,28 @@ async def test_missing_token_and_missing_model_are_one_line_errors(bot_env, tmp_
 
 
 async def test_a_token_telegram_refuses_is_one_line_before_the_model_loads(bot_env, fake, tmp_path):
-    """A revoked or mistyped token: the bot used to load the model first and then die with a
-    traceback from getMe (and an unclosed-session error)."""
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "bot",
-        cwd=tmp_path,
-        env={**bot_env, "TELEGRAM_BOT_TOKEN": "1:not-the-token", "PYTHONPATH": str(ROOT)},
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    _, err = await asyncio.wait_for(process.communicate(), 120)
-    output = err.decode()
-    assert process.returncode == 2, output[-3000:]
-    assert (
-        output.strip()
-        .splitlines()[-1]
-        .startswith("error: TELEGRAM_BOT_TOKEN was refused by the Bot API (401 Unauthorized)")
-    )
-    assert "Traceback" not in output and "Unclosed" not in output
-    assert "not-the-token" not in output
-    assert "ready:" not in output  # the model was never loaded
-    assert fake.calls == []  # the fake answers 401 before recording: nothing else was tried
+    """A revoked or mistyped token, or a Bot API URL with /bot at its end: the bot used to load
+    the model first and then die with a traceback from getMe (and an unclosed session)."""
+    token_refused = "TELEGRAM_BOT_TOKEN was refused by the Bot API"
+    for extra, told in (
+        ({"TELEGRAM_BOT_TOKEN": "1:not-the-token"}, token_refused),
+        ({"TELEGRAM_API_URL": f"{fake.base_url}/bot"}, "without /bot<token>"),
+    ):
+        process = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "bot",
+            cwd=tmp_path,
+            env={**bot_env, **extra, "PYTHONPATH": str(ROOT)},
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        _, err = await asyncio.wait_for(process.communicate(), 120)
+        output = err.decode()
+        assert process.returncode == 2, output[-3000:]
+        last = output.strip().splitlines()[-1]
+        assert last.startswith("error: ") and told in last, last
+        assert "Traceback" not in output and "Unclosed" not in output
+        assert "not-the-token" not in output and bot_env["TELEGRAM_BOT_TOKEN"] not in output
+        assert "ready:" not in output  # the model was never loaded
+    assert fake.calls == []  # 401 and 404 come before the fake records a call
