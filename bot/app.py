@@ -204,6 +204,7 @@ async def whoami(bot: Bot, settings: Settings) -> User:
     refuses, or a Bot API that cannot be reached, is one line at once rather than a traceback
     once the model has loaded. The token never appears in the line."""
     token = settings.require_token()
+    where = settings.telegram_api_url or "https://api.telegram.org"
     try:
         return await bot.get_me()
     except TelegramUnauthorizedError:
@@ -212,14 +213,12 @@ async def whoami(bot: Bot, settings: Settings) -> User:
             "again from @BotFather (/mybots), it may have been revoked"
         ) from None
     except TelegramNetworkError as error:
-        where = settings.telegram_api_url or "https://api.telegram.org"
         reason = error.message.replace(token, "<token>")
         raise ConfigError(
             f"cannot reach the Telegram Bot API at {where} ({reason}): check the network "
             "(or TELEGRAM_API_URL)"
         ) from None
     except (TelegramAPIError, ClientDecodeError) as error:  # e.g. a URL ending in /bot: 404
-        where = settings.telegram_api_url or "https://api.telegram.org"
         reason = str(error).strip().splitlines()[0].replace(token, "<token>")
         raise ConfigError(
             f"the Bot API at {where} did not answer getMe as Telegram does "
