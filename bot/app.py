@@ -28,7 +28,7 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from bot import texts
-from bot.config import ConfigError, Settings
+from bot.config import ConfigError, Settings, error_line
 from bot.db.engine import create_engine, create_sessionmaker, upgrade_to_head
 from bot.dialogue import DialogueService
 from bot.engine.factory import open_backend
@@ -59,7 +59,7 @@ async def open_database(url: str) -> AsyncEngine:
             await engine.dispose()
         parsed = make_url(url)
         cause = error.orig if isinstance(error, DBAPIError) else error
-        reason = str(cause).strip().splitlines()[0] if str(cause).strip() else ""
+        reason = error_line(cause)
         if isinstance(cause, OSError):  # "[Errno 111] Connect call failed" needs its name
             reason = f"{type(cause).__name__}: {reason}"
         check = (
@@ -219,7 +219,7 @@ async def whoami(bot: Bot, settings: Settings) -> User:
             "(or TELEGRAM_API_URL)"
         ) from None
     except (TelegramAPIError, ClientDecodeError) as error:  # e.g. a URL ending in /bot: 404
-        reason = str(error).strip().splitlines()[0].replace(token, "<token>")
+        reason = error_line(error).replace(token, "<token>")
         raise ConfigError(
             f"the Bot API at {where} did not answer getMe as Telegram does "
             f"({type(error).__name__}: {reason}): TELEGRAM_API_URL is the server's base URL, "

@@ -65,6 +65,13 @@ class ConfigError(Exception):
     """A setting is missing or wrong; the message is one line saying what to set."""
 
 
+def error_line(error: BaseException) -> str:
+    """The first line of an exception's message (its type's name when it has none): what a
+    one-line error for the operator quotes of the cause."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
 def missing_model(path: str) -> str | None:
     """Why ``path`` (MODEL_PATH) names no model, or None: an existing directory, or what can
     only be a hub id (``owner/name``), which the loader fetches. One line, saying what to do."""

@@ -23,6 +23,7 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
+from bot.config import error_line
 from bot.engine.hub import pretrained_source
 from dataset_tools.dialogue_format import EOS_TEXT, missing_speaker_tags
 
@@ -96,7 +97,7 @@ def load_pretrained(base_model: str) -> tuple[PreTrainedModel, PreTrainedTokeniz
         tokenizer = AutoTokenizer.from_pretrained(base_model, **source.tokenizer_kwargs)
         model = AutoModelForCausalLM.from_pretrained(base_model, **source.model_kwargs)
     except (OSError, ValueError) as error:
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        reason = error_line(error)
         where = "directory" if Path(base_model).exists() else "hub id or directory"
         raise BaseModelError(
             f"cannot load base model {base_model!r} ({where}): {reason}. "

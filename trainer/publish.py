@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from bot.config import error_line
 from trainer.model_card import write_model_card
 
 #: Left out of an upload: training state, not the model.
@@ -65,13 +66,8 @@ def push(model_dir: Path, repo_id: str, private: bool = False) -> str:
     except HfHubHTTPError as error:
         status = error.response.status_code if error.response is not None else "?"
         raise PublishError(
-            f"the Hub refused the upload (HTTP {status}): {_first_line(error)}"
+            f"the Hub refused the upload (HTTP {status}): {error_line(error)}"
         ) from None
     except (OSError, httpx2.TransportError) as error:  # no network, DNS, refused, TLS
-        raise PublishError(f"cannot reach the Hugging Face Hub: {_first_line(error)}") from None
+        raise PublishError(f"cannot reach the Hugging Face Hub: {error_line(error)}") from None
     return str(getattr(commit, "repo_url", f"https://huggingface.co/{repo_id}"))
-
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__

@@ -23,7 +23,7 @@ from transformers import (
 )
 from transformers.utils import logging as hf_logging
 
-from bot.config import missing_model
+from bot.config import error_line, missing_model
 from bot.engine import onednn
 from bot.engine.allocator import returning_freed_memory
 from bot.engine.hub import pretrained_source
@@ -136,7 +136,7 @@ def _load_model(
                 path, dtype=DTYPES[dtype], **source.model_kwargs
             )
     except (OSError, ValueError) as error:
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        reason = error_line(error)
         raise ModelLoadError(
             f"cannot load the model from MODEL_PATH={path!r}: {reason}. Set MODEL_PATH to a "
             "Hugging Face model directory (e.g. checkpoints/latest after `make finetune`)"
