@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+from datetime import UTC, datetime
 
 from aiogram import Bot, Dispatcher
 from aiogram.client.session.aiohttp import AiohttpSession
@@ -104,13 +105,21 @@ def build_dispatcher(
     db_engine: AsyncEngine,
     metrics: BotMetrics | None = None,
     replicas: ReplicaCoordinator | None = None,
+    online_since: datetime | None = None,
 ) -> Dispatcher:
     """The dispatcher and its life cycle. With ``replicas`` (REDIS_URL), messages are answered
     under each user's lease by :class:`bot.pending.OwedReplies`, and its sweep replaces the
-    start-up pass over unanswered messages."""
+    start-up pass over unanswered messages. ``online_since``: when this process started (default
+    now); a message Telegram held from before it is answered only while recent
+    (``bot.handlers.chat.held_too_long``)."""
     metrics = metrics or BotMetrics()
     metrics.watch_queue(lambda: dialogue.backend.queue_depth)
-    dp = Dispatcher(dialogue=dialogue, settings=settings, metrics=metrics)
+    dp = Dispatcher(
+        dialogue=dialogue,
+        settings=settings,
+        metrics=metrics,
+        online_since=online_since or datetime.now(UTC),
+    )
     dp.update.outer_middleware(CountUpdatesMiddleware(metrics))
     dp.message.outer_middleware(AllowlistMiddleware(settings.allowed_ids))
     dp.include_routers(*make_routers())
@@ -229,6 +238,7 @@ async def whoami(bot: Bot, settings: Settings) -> User:
 
 async def run_bot(settings: Settings) -> None:
     """Start everything; long polling, or a webhook server when WEBHOOK_URL is set."""
+    online_since = datetime.now(UTC)  # messages sent before it waited for a bot that was down
     bot = build_bot(settings)
     try:
         me = await whoami(bot, settings)  # before the slow model load
@@ -252,7 +262,7 @@ async def run_bot(settings: Settings) -> None:
         health.redis = replicas.redis
     db_engine, dialogue = await open_services(settings)
     health.db, health.model_ready = db_engine, True
-    dp = build_dispatcher(dialogue, settings, db_engine, metrics, replicas)
+    dp = build_dispatcher(dialogue, settings, db_engine, metrics, replicas, online_since)
     if not webhook:
         # A webhook left registered by an earlier run in webhook mode makes Telegram refuse
         # every getUpdates (409): the bot would poll in vain and never answer.

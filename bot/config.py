@@ -136,7 +136,7 @@ class Settings(BaseSettings):
     admin_user_ids: str = Field("", description="comma-separated ids allowed to use /stats")
     retention_days: float = Field(0, ge=0, description="prune older messages; 0 keeps all")
     pending_reply_max_age_s: float = Field(
-        600, ge=0, description="answer messages left unanswered (a restart) this recent; 0: none"
+        600, ge=0, description="answer owed or sent-while-down messages this recent; 0: none"
     )
     # The model behind an OpenAI-compatible server (`python -m bot serve`, vLLM): when
     # LLM_BASE_URL is set the bot loads no model and sends each turn there (bot.engine.remote).

@@ -6,6 +6,7 @@ import functools
 import logging
 import re
 import time
+from datetime import datetime
 from typing import TYPE_CHECKING
 
 from aiogram import Bot, F, Router
@@ -45,16 +46,36 @@ class AddressedToBot(BaseFilter):
         return bool(me.username) and f"@{me.username}".lower() in (message.text or "").lower()
 
 
+def held_too_long(message: Message, online_since: datetime, max_age_s: float) -> bool:
+    """Whether Telegram held ``message`` while the bot was down, for longer than
+    PENDING_REPLY_MAX_AGE_S: sent before this process started and older than that now.
+
+    Telegram keeps a stopped bot's updates for a day and hands them all over at the next start.
+    Answered like new ones they flood the queue with replies hours late (new users meanwhile
+    told the bot is busy) and, in groups, bury the conversation under answers to what nobody
+    remembers asking. They get what a message left unanswered by a crash gets (bot.pending):
+    answered while recent, otherwise kept in the history unanswered. A message sent since the
+    start is live, however long it waits.
+    """
+    sent = message.date  # whole seconds, so the start is compared in whole seconds too
+    if sent >= online_since.replace(microsecond=0):
+        return False
+    return (datetime.now(sent.tzinfo) - sent).total_seconds() > max_age_s
+
+
 async def chat(
     message: Message,
     bot: Bot,
     dialogue: DialogueService,
     metrics: BotMetrics,
     settings: Settings,
+    online_since: datetime,
     owed: OwedReplies | None = None,
 ) -> None:
     """Store the message, then answer it: here, or (with replicas, ``owed`` set) by whichever
-    replica holds the user's lease, after the update has been acknowledged (bot.replicas)."""
+    replica holds the user's lease, after the update has been acknowledged (bot.replicas).
+    A message held by Telegram while the bot was down is only stored once it is too old
+    (:func:`held_too_long`)."""
     user = user_ref(message)
     turn = dialogue.take_turn(user)  # first, before any await: fixes this message's place
     try:
@@ -71,6 +92,16 @@ async def chat(
         message_id = await dialogue.remember_user_message(user, text, message.message_id, thread_id)
         turn.mark_stored()
         if message_id is None:  # the same update again: answered once already, or pending
+            return
+        if held_too_long(message, online_since, settings.pending_reply_max_age_s):
+            await dialogue.settle(message_id)
+            logger.info(
+                "chat %s: message %d was sent %s, while the bot was down: kept in the history, "
+                "not answered (older than PENDING_REPLY_MAX_AGE_S)",
+                user.telegram_id,
+                message.message_id,
+                message.date.isoformat(timespec="seconds"),
+            )
             return
         if owed is not None:
             owed.answer_soon(user, from_id=message_id)

@@ -350,3 +350,74 @@ async def test_a_message_answered_with_a_notice_is_not_answered_late(wired):
     assert session.texts_to(7) == [texts.TIMEOUT]
     assert await answer_unanswered(bot, dialogue, dp["metrics"], dp["settings"]) == []
     assert session.texts_to(7) == [texts.TIMEOUT]
+
+
+async def test_messages_telegram_held_while_the_bot_was_down_are_answered_only_while_recent(
+    wired,
+):
+    """Telegram keeps a stopped bot's updates for a day and delivers them all at the next start.
+    Before, each was answered like a new message (replies hours late, the queue full of them).
+    Now one sent longer than PENDING_REPLY_MAX_AGE_S before the start is kept in the history
+    unanswered, as a message a crash left unanswered that long; one a minute old is answered,
+    and so is the user's next message, whose prompt holds both."""
+    import time
+
+    dp, bot, session, db = wired
+    backend = dp["dialogue"].backend
+    prompts: list[list[str]] = []
+    generate = backend.generate
+
+    async def seen(turns, *args, **kwargs):  # the real engine, its prompts noted
+        prompts.append(list(turns))
+        return await generate(turns, *args, **kwargs)
+
+    def sent_ago(update: dict, seconds: float) -> dict:
+        update["message"]["date"] = int(time.time() - seconds)
+        return update
+
+    backend.generate = seen
+    try:
+        await dp.feed_raw_update(bot, sent_ago(text_update(1, 7, "Ты тут? Уже час жду"), 3600))
+        await dp.feed_raw_update(bot, sent_ago(text_update(2, 7, "Алло"), 60))
+        await dp.feed_raw_update(bot, text_update(3, 7, "Привет!"))
+    finally:
+        backend.generate = generate
+    assert len(session.texts_to(7)) == 2
+    assert len(prompts) == 2
+    first, second = ("\n".join(prompt) for prompt in prompts)
+    assert "Ты тут? Уже час жду" in first and "Алло" in first
+    assert "Ты тут? Уже час жду" in second and "Привет!" in second
+    async with db.connect() as connection:
+        rows = (
+            await connection.execute(
+                text(
+                    "SELECT m.telegram_message_id FROM messages m JOIN messages r "
+                    "ON r.reply_to_id = m.id ORDER BY m.id"
+                )
+            )
+        ).all()
+    assert [row[0] for row in rows] == [2, 3]  # the hour-old message has no reply
+    # nor does it get one late at the next start
+    from bot.pending import answer_unanswered
+
+    assert await answer_unanswered(bot, dp["dialogue"], dp["metrics"], dp["settings"]) == []
+
+
+async def test_with_no_late_answers_a_message_sent_just_after_the_start_is_answered(
+    tmp_path, tiny_model_dir
+):
+    """PENDING_REPLY_MAX_AGE_S=0 answers nothing sent before the start; Telegram's dates are
+    whole seconds, so a message from the start's own second must not count as held."""
+    dp, bot, session, db = await in_process_bot(
+        f"sqlite+aiosqlite:///{tmp_path / 'bot.db'}", tiny_model_dir, pending_reply_max_age_s=0
+    )
+    try:
+        await dp.feed_raw_update(bot, text_update(1, 7, "Привет!"))
+        assert len(session.texts_to(7)) == 1
+        held = text_update(2, 7, "Это я писал вчера")
+        held["message"]["date"] -= 2
+        await dp.feed_raw_update(bot, held)
+        assert len(session.texts_to(7)) == 1
+    finally:
+        dp["dialogue"].backend.close()
+        await db.dispose()
