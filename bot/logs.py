@@ -40,3 +40,23 @@ def configure_logging(settings: Settings) -> None:
     for handler in logging.getLogger().handlers:
         handler.addFilter(RedactSecrets(*known, *settings.server_api_keys))
     logging.getLogger("aiogram.event").setLevel(logging.WARNING)  # one line per update otherwise
+
+
+#: Libraries that print through a handler of their own instead of the application's.
+_SELF_LOGGING_LIBRARIES = ("transformers", "huggingface_hub")
+
+
+def adopt_library_logs() -> None:
+    """Send transformers' and huggingface_hub's records through the application's handlers.
+
+    Once imported, each library hangs its own stream handler on its root logger: transformers
+    also stops propagation, so its lines skip the format and the token filter set up above;
+    huggingface_hub keeps propagating, so each of its warnings came out twice (bare, then in
+    our format). Call after they are imported (it drops the handlers they already added; they
+    add none later).
+    """
+    for name in _SELF_LOGGING_LIBRARIES:
+        library = logging.getLogger(name)
+        for handler in list(library.handlers):
+            library.removeHandler(handler)
+        library.propagate = True

@@ -16,6 +16,7 @@ from bot.engine.backend import ReplyBackend
 from bot.engine.generation import GenerationEngine
 from bot.engine.loading import ModelLoadError, load_model, run_in_own_thread
 from bot.engine.remote import RemoteBackend
+from bot.logs import adopt_library_logs
 from dataset_tools.dialogue_format import missing_speaker_tags
 
 logger = logging.getLogger(__name__)
@@ -79,6 +80,7 @@ async def open_local_engine(settings: Settings) -> GenerationEngine:
 
 async def open_backend(settings: Settings) -> ReplyBackend:
     """The remote backend when ``LLM_BASE_URL`` is set, else the local engine."""
+    adopt_library_logs()  # transformers is imported by now: its warnings in our format, once
     if not settings.llm_base_url:
         return await open_local_engine(settings)
     if settings.num_beams > 1:
