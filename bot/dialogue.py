@@ -200,6 +200,19 @@ class DialogueService:
             telegram_thread_id,
         )
 
+    async def edit_user_message(self, user: UserRef, telegram_message_id: int, text: str) -> bool:
+        """The user edited a message in Telegram: memory takes the corrected text, so the
+        next replies see what the chat shows (a fixed typo, a changed name). No new reply: the
+        one already sent stays; a reply still to come is written from the corrected text.
+        False when the message was never stored. Cut to MAX_MESSAGE_CHARS like a new one."""
+        async with self.sessions.begin() as session:
+            return await repository.edit_user_message(
+                session,
+                user.telegram_id,
+                telegram_message_id,
+                text[: self.settings.max_message_chars],
+            )
+
     async def remember_command(
         self,
         user: UserRef,

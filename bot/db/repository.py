@@ -159,6 +159,25 @@ async def settle(session: AsyncSession, message_id: int, at: datetime) -> None:
     )
 
 
+async def edit_user_message(
+    session: AsyncSession, telegram_id: int, telegram_message_id: int, text: str
+) -> bool:
+    """Replace the text of the user message Telegram knows as ``telegram_message_id`` in chat
+    ``telegram_id``; False when no such message is stored (never addressed to the bot,
+    forgotten, pruned)."""
+    chat = select(User.id).where(User.telegram_id == telegram_id).scalar_subquery()
+    result = await session.execute(
+        update(Message)
+        .where(
+            Message.user_id == chat,
+            Message.role == USER_ROLE,
+            Message.telegram_message_id == telegram_message_id,
+        )
+        .values(text=text)
+    )
+    return bool(result.rowcount)
+
+
 async def set_reply_draft(session: AsyncSession, message_id: int, telegram_message_id: int) -> None:
     """Note the Telegram message the reply to ``message_id`` is being streamed into."""
     await session.execute(

@@ -79,11 +79,7 @@ async def chat(
     user = user_ref(message)
     turn = dialogue.take_turn(user)  # first, before any await: fixes this message's place
     try:
-        text = message.text or ""
-        if message.chat.type != "private":
-            me = await bot.me()
-            text = re.sub(rf"@{re.escape(me.username or '')}\b", " ", text, flags=re.IGNORECASE)
-        text = clean_user_text(text)
+        text = await _remembered_text(message, bot)
         if not text:
             await message.answer(texts.NOT_TEXT)
             return
@@ -110,6 +106,24 @@ async def chat(
         await answer(bot, dialogue, metrics, settings, turn, stored)
     finally:
         turn.finish()
+
+
+async def _remembered_text(message: Message, bot: Bot) -> str:
+    """What of a message goes into memory: in a group without the mention of the bot."""
+    text = message.text or ""
+    if message.chat.type != "private":
+        me = await bot.me()
+        text = re.sub(rf"@{re.escape(me.username or '')}\b", " ", text, flags=re.IGNORECASE)
+    return clean_user_text(text)
+
+
+async def edited(message: Message, bot: Bot, dialogue: DialogueService) -> None:
+    """A user edited a message: if the bot stored it, its memory takes the new text. Nothing
+    is sent (the reply already given stays); an edit of a message the bot never stored (in a
+    group, one not addressed to it) changes nothing."""
+    text = await _remembered_text(message, bot)
+    if text and await dialogue.edit_user_message(user_ref(message), message.message_id, text):
+        logger.info("chat %s: message %d edited", message.chat.id, message.message_id)
 
 
 async def answer(
@@ -195,4 +209,5 @@ async def answer(
 def make_router() -> Router:
     router = Router(name="chat")
     router.message.register(chat, F.text, AddressedToBot())
+    router.edited_message.register(edited, F.text)
     return router

@@ -421,3 +421,36 @@ async def test_with_no_late_answers_a_message_sent_just_after_the_start_is_answe
     finally:
         dp["dialogue"].backend.close()
         await db.dispose()
+
+
+async def test_an_edited_message_is_remembered_as_edited(wired):
+    """The user fixes a message in Telegram: the next reply's prompt holds the corrected text
+    (before, the bot went on remembering what the chat no longer shows). The edit itself gets
+    no reply; an edit of a message the bot never stored changes nothing."""
+    dp, bot, session, _ = wired
+    backend = dp["dialogue"].backend
+    prompts: list[str] = []
+    generate = backend.generate
+
+    async def seen(turns, *args, **kwargs):  # the real engine, its prompts noted
+        prompts.append("\n".join(turns))
+        return await generate(turns, *args, **kwargs)
+
+    def edit_of(update_id: int, message_id: int, text: str) -> dict:
+        update = text_update(message_id, 7, text)
+        update["message"]["edit_date"] = update["message"]["date"] + 5
+        return {"update_id": update_id, "edited_message": update["message"]}
+
+    backend.generate = seen
+    try:
+        await dp.feed_raw_update(bot, text_update(1, 7, "Меня зовут Вася"))
+        await dp.feed_raw_update(bot, edit_of(2, 1, "Меня зовут Петя"))
+        await dp.feed_raw_update(bot, edit_of(3, 99, "Этого сообщения бот не видел"))
+        await dp.feed_raw_update(bot, text_update(4, 7, "Как меня зовут?"))
+    finally:
+        backend.generate = generate
+    assert len(session.texts_to(7)) == 2  # one reply to each message, none to the edits
+    assert "Меня зовут Вася" in prompts[0]
+    assert "Меня зовут Петя" in prompts[1] and "Вася" not in prompts[1]
+    assert "не видел" not in prompts[1]
+    assert "edited_message" in dp.resolve_used_update_types()  # polling and webhook ask for them

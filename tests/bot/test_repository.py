@@ -396,3 +396,21 @@ async def test_stats_count_dialogue_messages_not_commands_waiting_in_line(sessio
         await repository.add_message(session, user, reset, "", telegram_message_id=2)
     async with sessions() as session:
         assert await repository.totals(session) == (1, 2)
+
+
+async def test_an_edit_changes_only_that_chats_message(sessions):
+    """Telegram message ids repeat across chats: an edit in one chat leaves another's alone."""
+    async with sessions.begin() as session:
+        alice = await repository.get_or_create_user(session, 7, None)
+        bob = await repository.get_or_create_user(session, 8, None)
+        await repository.add_message(session, alice, "user", "Вася", telegram_message_id=5)
+        await repository.add_message(session, bob, "user", "Коля", telegram_message_id=5)
+    async with sessions.begin() as session:
+        assert await repository.edit_user_message(session, 7, 5, "Петя")
+        assert not await repository.edit_user_message(session, 7, 6, "нет такого")
+        assert not await repository.edit_user_message(session, 9, 5, "нет такого чата")
+    async with sessions() as session:
+        alice = await repository.get_or_create_user(session, 7, None)
+        bob = await repository.get_or_create_user(session, 8, None)
+        assert [t.text for t in await repository.recent_turns(session, alice, 10)] == ["Петя"]
+        assert [t.text for t in await repository.recent_turns(session, bob, 10)] == ["Коля"]
