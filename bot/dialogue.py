@@ -17,7 +17,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Hashable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
@@ -266,15 +266,21 @@ class DialogueService:
                 await asyncio.sleep(0.5 * 2**attempt)
         raise AssertionError("unreachable")
 
-    async def carry_out(self, user: UserRef, marker_id: int, role: str) -> int:
+    async def carry_out(
+        self, user: UserRef, marker_id: int, role: str, thread_id: int | None = None
+    ) -> int:
         """Do what a stored /reset or /forget asked (``marker_id``, see
-        :meth:`remember_command`): delete everything before it. Call it when the messages
-        before it are answered (with replicas, under the user's lease)."""
+        :meth:`remember_command`, sent in forum topic ``thread_id``): delete everything before
+        it (/reset: in that topic). Call it when the messages before it are answered (with
+        replicas, under the user's lease)."""
         async with self.sessions.begin() as session:
             row = await repository.get_or_create_user(session, user.telegram_id, user.name)
             topics = await repository.topics(session, user.telegram_id)
             deleted = await repository.carry_out_marker(session, row, marker_id, role)
-        self._forget_cached(user.telegram_id, topics)
+        if role == repository.RESET_ROLE:
+            self.backend.forget(dialogue_key(user.telegram_id, thread_id))
+        else:
+            self._forget_cached(user.telegram_id, topics)
         return deleted
 
     def _forget_cached(self, telegram_id: int, topics: list[int]) -> None:
@@ -282,7 +288,7 @@ class DialogueService:
         forum topic (``make_reply``'s keys)."""
         self.backend.forget(telegram_id)
         for topic in topics:
-            self.backend.forget((telegram_id, topic))
+            self.backend.forget(dialogue_key(telegram_id, topic))
 
     async def _is_stored(self, user: UserRef, telegram_message_id: int) -> bool:
         async with self.sessions() as session:
@@ -363,8 +369,7 @@ class DialogueService:
             max_new_tokens=self.settings.reply_tokens,
             num_beams=self.settings.num_beams,
         )
-        # one cached dialogue per topic (a topic's prompt is no prefix of another's)
-        key = user.telegram_id if thread_id is None else (user.telegram_id, thread_id)
+        key = dialogue_key(user.telegram_id, thread_id)
         reply = await self.backend.generate(turns, params, key=key, on_text=on_text)
         return reply or texts.FALLBACK_REPLY
 
@@ -393,12 +398,12 @@ class DialogueService:
         async with self.sessions.begin() as session:
             await repository.set_reply_draft(session, message_id, telegram_message_id)
 
-    async def reset(self, user: UserRef) -> int:
+    async def reset(self, user: UserRef, thread_id: int | None = None) -> int:
+        """Forget the conversation (``/reset``); in a forum group, that of topic ``thread_id``."""
         async with self.sessions.begin() as session:
             row = await repository.get_or_create_user(session, user.telegram_id, user.name)
-            topics = await repository.topics(session, user.telegram_id)
-            cleared = await repository.clear_history(session, row)
-        self._forget_cached(user.telegram_id, topics)
+            cleared = await repository.clear_history(session, row, thread_id)
+        self.backend.forget(dialogue_key(user.telegram_id, thread_id))
         return cleared
 
     async def forget(self, user: UserRef) -> bool:
@@ -460,6 +465,12 @@ class DialogueService:
             return str(error)
         await self.set_temperature(user, value)
         return texts.TEMP_SET.format(value=value)
+
+
+def dialogue_key(telegram_id: int, thread_id: int | None) -> Hashable:
+    """The engine's cache key of a chat's dialogue: one per forum topic (a topic's prompt is no
+    prefix of another's), the chat id alone outside topics."""
+    return telegram_id if thread_id is None else (telegram_id, thread_id)
 
 
 def clean_user_text(text: str) -> str:

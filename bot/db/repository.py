@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime
 
-from sqlalchemy import and_, delete, exists, func, or_, select, update
+from sqlalchemy import Select, and_, delete, exists, func, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import aliased
 
@@ -206,11 +206,19 @@ async def recent_turns(
     never depends on which reply happened to be stored first.
 
     The history starts after the last /reset or /forget stored before ``up_to_id`` (carried
-    out or not yet): a message sent after /reset never sees what came before it.
+    out or not yet): a message sent after /reset never sees what came before it. A /reset
+    counts in its own topic only; /forget everywhere.
     """
     place = func.coalesce(Message.reply_to_id, Message.id)
     last_marker = select(func.max(Message.id)).where(
-        Message.user_id == user.id, Message.role.in_(MARKER_ROLES)
+        Message.user_id == user.id,
+        or_(
+            Message.role == FORGET_ROLE,
+            and_(
+                Message.role == RESET_ROLE,
+                Message.telegram_thread_id.is_not_distinct_from(thread_id),
+            ),
+        ),
     )
     if up_to_id is not None:
         last_marker = last_marker.where(Message.id < up_to_id)
@@ -248,9 +256,28 @@ async def topics(session: AsyncSession, telegram_id: int) -> list[int]:
     return [int(topic) for topic in rows.all() if topic is not None]
 
 
-async def clear_history(session: AsyncSession, user: User) -> int:
-    """Forget this user's messages (only theirs); returns how many were deleted."""
-    result = await session.execute(delete(Message).where(Message.user_id == user.id))
+def _in_topic(user: User, thread_id: int | None) -> Select[tuple[int]]:
+    """The ids of this chat's rows in forum topic ``thread_id`` (None: outside topics, which is
+    every row of a chat without topics). A reply is stored without a topic: it is in the topic
+    of the message it answers."""
+    answered = aliased(Message)
+    topic = func.coalesce(Message.telegram_thread_id, answered.telegram_thread_id)
+    return (
+        select(Message.id)
+        .outerjoin(answered, answered.id == Message.reply_to_id)
+        .where(Message.user_id == user.id, topic.is_not_distinct_from(thread_id))
+    )
+
+
+async def clear_history(session: AsyncSession, user: User, thread_id: int | None = None) -> int:
+    """Forget this user's conversation (only theirs): in a forum group, only that of topic
+    ``thread_id``, where /reset was sent (the others are other conversations). Returns how
+    many messages were deleted."""
+    result = await session.execute(
+        delete(Message)
+        .where(Message.id.in_(_in_topic(user, thread_id)))
+        .execution_options(synchronize_session=False)
+    )
     return result.rowcount or 0
 
 
@@ -260,14 +287,15 @@ async def carry_out_marker(session: AsyncSession, user: User, marker_id: int, ro
     Returns how many messages were deleted.
 
     Everything placed before the marker goes: its messages, the replies to them (whenever
-    those were stored), and earlier markers.
+    those were stored), and earlier markers; for /reset only in the marker's forum topic
+    (:func:`clear_history`).
     """
     place = func.coalesce(Message.reply_to_id, Message.id)
-    result = await session.execute(
-        delete(Message)
-        .where(Message.user_id == user.id, place <= marker_id)
-        .execution_options(synchronize_session=False)
-    )
+    gone = delete(Message).where(Message.user_id == user.id, place <= marker_id)
+    if role == RESET_ROLE:
+        topic = select(Message.telegram_thread_id).where(Message.id == marker_id)
+        gone = gone.where(Message.id.in_(_in_topic(user, await session.scalar(topic))))
+    result = await session.execute(gone.execution_options(synchronize_session=False))
     if role == FORGET_ROLE:
         if await count_messages(session, user) == 0:
             await session.delete(user)

@@ -18,7 +18,7 @@ from bot import texts
 from bot.config import Settings
 from bot.dialogue import DialogueService, OwedMessage, Turn, clean_user_text
 from bot.engine import EngineBusy, EngineTimeout
-from bot.handlers.commands import user_ref
+from bot.handlers.commands import topic_of, user_ref
 from bot.metrics import BotMetrics
 from bot.replicas import check_lease
 from bot.streaming import ReplyStream, TypingIndicator
@@ -83,7 +83,7 @@ async def chat(
         if not text:
             await message.answer(texts.NOT_TEXT)
             return
-        thread_id = message.message_thread_id if message.is_topic_message else None
+        thread_id = topic_of(message)
         await turn.wait_to_store()
         message_id = await dialogue.remember_user_message(user, text, message.message_id, thread_id)
         turn.mark_stored()

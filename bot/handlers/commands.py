@@ -32,6 +32,12 @@ def user_ref(message: Message) -> UserRef:
     return UserRef(sender.id, sender.full_name)
 
 
+def topic_of(message: Message) -> int | None:
+    """The forum topic a message was written in; None outside topics (the General topic, a
+    chat without topics, a reply thread in an ordinary group)."""
+    return message.message_thread_id if message.is_topic_message else None
+
+
 async def start(message: Message, dialogue: DialogueService) -> None:
     user = user_ref(message)
     await dialogue.get_temperature(user)  # registers the user
@@ -123,8 +129,8 @@ async def _end_conversation(
         if role == repository.FORGET_ROLE:
             await dialogue.forget(user)
         else:
-            await dialogue.reset(user)
-    await message.answer(DONE[role])
+            await dialogue.reset(user, topic_of(message))
+    await message.answer(done_text(role, topic_of(message)))
 
 
 async def _store_in_line(
@@ -144,8 +150,7 @@ async def _store_in_line(
         if not await allowed():
             await message.answer(texts.GROUP_ADMINS_ONLY)
             return
-        thread_id = message.message_thread_id if message.is_topic_message else None
-        stored = await dialogue.remember_command(user, role, message.message_id, thread_id)
+        stored = await dialogue.remember_command(user, role, message.message_id, topic_of(message))
         turn.mark_stored()
         if stored is not None:
             owed.answer_soon(user, from_id=stored)
@@ -153,7 +158,12 @@ async def _store_in_line(
         turn.finish()
 
 
-DONE = {repository.RESET_ROLE: texts.RESET_DONE, repository.FORGET_ROLE: texts.FORGET_DONE}
+def done_text(role: str, thread_id: int | None) -> str:
+    """What the user is told once /reset (``role``) or /forget is carried out: in a forum
+    topic, /reset forgets that topic's conversation only, and says so."""
+    if role == repository.FORGET_ROLE:
+        return texts.FORGET_DONE
+    return texts.RESET_DONE if thread_id is None else texts.RESET_TOPIC_DONE
 
 
 async def carry_out(bot: Bot, dialogue: DialogueService, command: OwedMessage) -> None:
@@ -161,9 +171,11 @@ async def carry_out(bot: Bot, dialogue: DialogueService, command: OwedMessage) -
     delivered), then tell the user, in the topic it was sent in. The deletion comes first:
     if telling fails, the history is gone all the same and the user can ask again."""
     check_lease()  # with replicas: only while this replica holds the user's lease
-    await dialogue.carry_out(command.user, command.message_id, command.role)
+    await dialogue.carry_out(command.user, command.message_id, command.role, command.thread_id)
     await bot.send_message(
-        command.user.telegram_id, DONE[command.role], message_thread_id=command.thread_id
+        command.user.telegram_id,
+        done_text(command.role, command.thread_id),
+        message_thread_id=command.thread_id,
     )
 
 

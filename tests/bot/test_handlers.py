@@ -454,3 +454,47 @@ async def test_an_edited_message_is_remembered_as_edited(wired):
     assert "Меня зовут Петя" in prompts[1] and "Вася" not in prompts[1]
     assert "не видел" not in prompts[1]
     assert "edited_message" in dp.resolve_used_update_types()  # polling and webhook ask for them
+
+
+async def test_reset_in_a_forum_topic_forgets_that_topics_conversation_only(wired):
+    """Before, an admin's /reset in one topic wiped every topic's conversation."""
+    import time
+
+    dp, bot, session, _ = wired
+    backend = dp["dialogue"].backend
+    prompts: list[str] = []
+    generate = backend.generate
+
+    async def seen(turns, *args, **kwargs):  # the real engine, its prompts noted
+        prompts.append("\n".join(turns))
+        return await generate(turns, *args, **kwargs)
+
+    def in_topic(update_id: int, topic: int, text: str) -> dict:
+        message = {
+            "message_id": update_id,
+            "message_thread_id": topic,
+            "is_topic_message": True,
+            "date": int(time.time()),
+            "chat": {"id": -100500, "type": "supergroup", "title": "Форум", "is_forum": True},
+            "from": {"id": 11, "is_bot": False, "first_name": "Аня"},
+            "text": text,
+        }
+        if text.startswith("/"):
+            message["entities"] = [{"type": "bot_command", "offset": 0, "length": len(text)}]
+        return {"update_id": update_id, "message": message}
+
+    session.group_admins.add((-100500, 11))
+    backend.generate = seen
+    try:
+        await dp.feed_raw_update(bot, in_topic(1, 5, "@test_bot расскажи про кошек"))
+        await dp.feed_raw_update(bot, in_topic(2, 9, "@test_bot а что про собак?"))
+        await dp.feed_raw_update(bot, in_topic(3, 5, "/reset"))
+        assert session.texts_to(-100500)[-1] == texts.RESET_TOPIC_DONE
+        kept = backend.prefix_cache
+        assert (-100500, 5) not in kept and (-100500, 9) in kept
+        await dp.feed_raw_update(bot, in_topic(4, 5, "@test_bot и ещё про кошек"))
+        await dp.feed_raw_update(bot, in_topic(5, 9, "@test_bot и ещё про собак"))
+    finally:
+        backend.generate = generate
+    assert "расскажи про кошек" not in prompts[2]  # the topic /reset was sent in
+    assert "а что про собак?" in prompts[3]  # another topic remembers

@@ -414,3 +414,84 @@ async def test_an_edit_changes_only_that_chats_message(sessions):
         bob = await repository.get_or_create_user(session, 8, None)
         assert [t.text for t in await repository.recent_turns(session, alice, 10)] == ["Петя"]
         assert [t.text for t in await repository.recent_turns(session, bob, 10)] == ["Коля"]
+
+
+async def _forum(session) -> dict[str, int]:
+    """A forum group talking in topic 5 (cats), topic 9 (dogs) and General; each message
+    answered. Returns the row ids by text."""
+    group = await repository.get_or_create_user(session, -100500, "Форум")
+    ids = {}
+    for number, (text_, topic) in enumerate(
+        (("про кошек", 5), ("про собак", 9), ("общий вопрос", None)), start=1
+    ):
+        asked = await repository.add_message(
+            session, group, "user", text_, telegram_message_id=number, telegram_thread_id=topic
+        )
+        await repository.add_message(session, group, "bot", f"ответ: {text_}", reply_to_id=asked.id)
+        ids[text_] = asked.id
+    return ids
+
+
+async def test_a_reset_in_a_forum_topic_forgets_that_topic_only(sessions):
+    """Before, /reset in one topic wiped every topic's conversation (and General's)."""
+    async with sessions.begin() as session:
+        await _forum(session)
+    async with sessions.begin() as session:
+        group = await repository.get_or_create_user(session, -100500, None)
+        assert await repository.clear_history(session, group, 5) == 2
+    async with sessions() as session:
+        group = await repository.get_or_create_user(session, -100500, None)
+        assert await repository.recent_turns(session, group, 10, thread_id=5) == []
+        assert [t.text for t in await repository.recent_turns(session, group, 10, thread_id=9)] == [
+            "про собак",
+            "ответ: про собак",
+        ]
+        assert len(await repository.recent_turns(session, group, 10)) == 2  # General's
+
+
+async def test_a_stored_reset_bounds_and_deletes_its_own_topic_and_a_forget_all(sessions):
+    """With replicas /reset waits in line as a marker: it hides its topic's history before it
+    from the next replies, other topics' not; carried out, it deletes only its topic's rows.
+    A /forget marker, in any topic, ends every topic's conversation."""
+    async with sessions.begin() as session:
+        await _forum(session)
+        group = await repository.get_or_create_user(session, -100500, None)
+        mark = await repository.add_message(
+            session, group, "reset", "/reset", telegram_message_id=4, telegram_thread_id=5
+        )
+        later = {}
+        for number, topic in ((5, 5), (6, 9)):
+            later[topic] = await repository.add_message(
+                session,
+                group,
+                "user",
+                "и снова",
+                telegram_message_id=number,
+                telegram_thread_id=topic,
+            )
+    async with sessions() as session:
+        group = await repository.get_or_create_user(session, -100500, None)
+        cats = await repository.recent_turns(session, group, 10, up_to_id=later[5].id, thread_id=5)
+        dogs = await repository.recent_turns(session, group, 10, up_to_id=later[9].id, thread_id=9)
+    assert [t.text for t in cats] == ["и снова"]
+    assert [t.text for t in dogs] == ["про собак", "ответ: про собак", "и снова"]
+    async with sessions.begin() as session:
+        group = await repository.get_or_create_user(session, -100500, None)
+        assert await repository.carry_out_marker(session, group, mark.id, "reset") == 3
+        assert await repository.count_messages(session, group) == 6  # dogs', General's, 2 new
+        forget = await repository.add_message(
+            session, group, "forget", "/forget", telegram_message_id=7, telegram_thread_id=9
+        )
+        await repository.add_message(
+            session, group, "user", "что помнишь?", telegram_message_id=8, telegram_thread_id=5
+        )
+    async with sessions() as session:
+        group = await repository.get_or_create_user(session, -100500, None)
+        assert [t.text for t in await repository.recent_turns(session, group, 10, thread_id=5)] == [
+            "что помнишь?"
+        ]
+        assert await repository.recent_turns(session, group, 10) == []
+    async with sessions.begin() as session:
+        group = await repository.get_or_create_user(session, -100500, None)
+        await repository.carry_out_marker(session, group, forget.id, "forget")
+        assert await repository.count_messages(session, group) == 1
