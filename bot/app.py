@@ -37,6 +37,12 @@ from bot.handlers import make_routers
 from bot.metrics import BotMetrics, Health
 from bot.middlewares.access import AllowlistMiddleware, CountUpdatesMiddleware
 from bot.middlewares.lease_fence import LeaseFenceMiddleware
+from bot.middlewares.rate_limit import (
+    LocalWindowCounter,
+    MessageRateLimit,
+    RedisWindowCounter,
+    WindowCounter,
+)
 from bot.middlewares.retry import RetryMiddleware
 from bot.pending import OwedReplies, answer_unanswered
 from bot.replicas import ReplicaCoordinator
@@ -122,6 +128,18 @@ def build_dispatcher(
     )
     dp.update.outer_middleware(CountUpdatesMiddleware(metrics))
     dp.message.outer_middleware(AllowlistMiddleware(settings.allowed_ids))
+    if settings.rate_limit_messages:
+        window = settings.rate_limit_window_s
+        counter: WindowCounter = (
+            RedisWindowCounter(replicas.redis, window)
+            if replicas is not None
+            else LocalWindowCounter(window)
+        )
+        dp.message.middleware(
+            MessageRateLimit(
+                settings.rate_limit_messages, window, counter, metrics, settings.admin_ids
+            )
+        )
     dp.include_routers(*make_routers())
     background: list[asyncio.Task[None]] = []
 

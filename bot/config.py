@@ -132,6 +132,10 @@ class Settings(BaseSettings):
     console_user_id: int = Field(0, description="the user id `python -m bot chat` talks as")
     # Abuse limits and access.
     max_message_chars: int = Field(2000, ge=1, description="longer user messages are cut")
+    rate_limit_messages: int = Field(
+        20, ge=0, description="messages per sender per RATE_LIMIT_WINDOW_S; 0: no limit"
+    )
+    rate_limit_window_s: float = Field(60, gt=0)
     allowed_user_ids: str = Field("", description="comma-separated ids; empty: everyone")
     admin_user_ids: str = Field("", description="comma-separated ids allowed to use /stats")
     retention_days: float = Field(0, ge=0, description="prune older messages; 0 keeps all")

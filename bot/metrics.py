@@ -23,6 +23,9 @@ class BotMetrics:
         self.busy = Counter(
             "bot_busy", "messages refused: queue full or timeout", registry=self.registry
         )
+        self.throttled = Counter(
+            "bot_throttled", "messages dropped: the sender's rate limit", registry=self.registry
+        )
         self.generation_seconds = Histogram(
             "bot_generation_seconds",
             "time from a user's message to the model's reply",

@@ -52,6 +52,7 @@ async def run(users: int, messages: int, reply_tokens: int) -> int:
         REPLY_TOKENS=str(reply_tokens),
         QUEUE_SIZE=str(users * messages),
         REQUEST_TIMEOUT_S="600",
+        RATE_LIMIT_MESSAGES="0",  # a load test floods on purpose
         LOG_LEVEL="DEBUG",
         PYTHONUNBUFFERED="1",
     )
