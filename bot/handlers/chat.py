@@ -80,8 +80,8 @@ async def chat(
     turn = dialogue.take_turn(user)  # first, before any await: fixes this message's place
     try:
         text = await _remembered_text(message, bot)
-        if not text:
-            await message.answer(texts.NOT_TEXT)
+        if not text:  # only the bot's name ("@bot" to call it), or nothing a model can read
+            await message.answer(texts.LISTENING)
             return
         thread_id = topic_of(message)
         await turn.wait_to_store()

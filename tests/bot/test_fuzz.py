@@ -19,7 +19,9 @@ def wired(tiny_model_dir, tmp_path_factory):
     loop = asyncio.new_event_loop()
     url = f"sqlite+aiosqlite:///{tmp_path_factory.mktemp('fuzz') / 'bot.db'}"
 
-    dp, bot, session, db = loop.run_until_complete(in_process_bot(url, tiny_model_dir, 4))
+    # hundreds of messages from one user: the rate limit (test_rate_limit) would drop them
+    starting = in_process_bot(url, tiny_model_dir, 4, rate_limit_messages=0)
+    dp, bot, session, db = loop.run_until_complete(starting)
     counter = iter(range(1, 10**9))
     yield lambda text: _feed(loop, dp, bot, session, next(counter), text)
     dp["dialogue"].backend.close()

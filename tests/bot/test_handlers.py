@@ -1,5 +1,9 @@
 """Handlers run in-process through the real dispatcher, with a database that can fail."""
 
+import contextlib
+import time
+from collections.abc import Iterator
+
 import pytest
 from sqlalchemy import text
 
@@ -15,6 +19,39 @@ async def wired(tmp_path, tiny_model_dir):
     yield dp, bot, session, db
     dp["dialogue"].backend.close()
     await db.dispose()
+
+
+@contextlib.contextmanager
+def prompts_seen(backend) -> Iterator[list[str]]:
+    """The real engine, each prompt it is given noted (its turns, one per line)."""
+    prompts: list[str] = []
+    generate = backend.generate
+
+    async def seen(turns, *args, **kwargs):
+        prompts.append("\n".join(turns))
+        return await generate(turns, *args, **kwargs)
+
+    backend.generate = seen
+    try:
+        yield prompts
+    finally:
+        backend.generate = generate
+
+
+def forum_update(update_id: int, topic: int, text_: str, user_id: int = 11) -> dict:
+    """A message in topic ``topic`` of a forum supergroup (-100500)."""
+    message = {
+        "message_id": update_id,
+        "message_thread_id": topic,
+        "is_topic_message": True,
+        "date": int(time.time()),
+        "chat": {"id": -100500, "type": "supergroup", "title": "Форум", "is_forum": True},
+        "from": {"id": user_id, "is_bot": False, "first_name": "Аня"},
+        "text": text_,
+    }
+    if text_.startswith("/"):
+        message["entities"] = [{"type": "bot_command", "offset": 0, "length": len(text_)}]
+    return {"update_id": update_id, "message": message}
 
 
 async def test_a_failing_handler_apologises_and_the_bot_keeps_working(wired):
@@ -197,8 +234,6 @@ async def test_in_a_group_only_its_admins_reset_forget_or_retune_the_shared_memo
 async def test_a_group_upgraded_to_a_supergroup_keeps_its_memory_and_temperature(wired):
     """Telegram gives the supergroup a new chat id; its first message names the old one. The
     bot used to start from nothing there: no history, the default temperature."""
-    import time
-
     from bot.dialogue import UserRef
 
     dp, bot, session, db = wired
@@ -237,51 +272,22 @@ async def test_a_group_upgraded_to_a_supergroup_keeps_its_memory_and_temperature
 async def test_a_reply_in_a_forum_topic_sees_only_that_topics_conversation(wired):
     """Before: every topic's messages went into every prompt, so the bot answered a question
     about dogs with the cats discussed in another topic."""
-    import time
-
     dp, bot, session, _ = wired
     backend = dp["dialogue"].backend
-    prompts: list[list[str]] = []
-    generate = backend.generate
-
-    async def seen(turns, *args, **kwargs):  # the real engine, its prompts noted
-        prompts.append(list(turns))
-        return await generate(turns, *args, **kwargs)
-
-    backend.generate = seen
-
-    def in_topic(update_id: int, topic: int, text: str) -> dict:
-        return {
-            "update_id": update_id,
-            "message": {
-                "message_id": update_id,
-                "message_thread_id": topic,
-                "is_topic_message": True,
-                "date": int(time.time()),
-                "chat": {"id": -100500, "type": "supergroup", "title": "Форум", "is_forum": True},
-                "from": {"id": 11, "is_bot": False, "first_name": "Аня"},
-                "text": text,
-            },
-        }
-
-    try:
-        await dp.feed_raw_update(bot, in_topic(1, 5, "@test_bot расскажи про кошек"))
-        await dp.feed_raw_update(bot, in_topic(2, 9, "@test_bot а что про собак?"))
-        await dp.feed_raw_update(bot, in_topic(3, 5, "@test_bot и ещё про кошек"))
-    finally:
-        backend.generate = generate
+    with prompts_seen(backend) as prompts:
+        await dp.feed_raw_update(bot, forum_update(1, 5, "@test_bot расскажи про кошек"))
+        await dp.feed_raw_update(bot, forum_update(2, 9, "@test_bot а что про собак?"))
+        await dp.feed_raw_update(bot, forum_update(3, 5, "@test_bot и ещё про кошек"))
     assert len(session.texts_to(-100500)) == 3  # each answered, in its topic
     assert len(prompts) == 3
-    assert not any("кошек" in turn for turn in prompts[1])  # the dogs' topic
-    assert any("расскажи про кошек" in turn for turn in prompts[2])  # the cats' topic again
-    assert not any("собак" in turn for turn in prompts[2])
+    assert "кошек" not in prompts[1]  # the dogs' topic
+    assert "расскажи про кошек" in prompts[2]  # the cats' topic again
+    assert "собак" not in prompts[2]
     # /forget drops what the engine keeps of every topic's dialogue, not only the group's own
     kept = backend.prefix_cache
     assert (-100500, 5) in kept and (-100500, 9) in kept
     session.group_admins.add((-100500, 11))
-    forget = in_topic(4, 9, "/forget")
-    forget["message"]["entities"] = [{"type": "bot_command", "offset": 0, "length": 7}]
-    await dp.feed_raw_update(bot, forget)
+    await dp.feed_raw_update(bot, forum_update(4, 9, "/forget"))
     assert session.texts_to(-100500)[-1] == texts.FORGET_DONE
     assert (-100500, 5) not in kept and (-100500, 9) not in kept
 
@@ -360,33 +366,20 @@ async def test_messages_telegram_held_while_the_bot_was_down_are_answered_only_w
     Now one sent longer than PENDING_REPLY_MAX_AGE_S before the start is kept in the history
     unanswered, as a message a crash left unanswered that long; one a minute old is answered,
     and so is the user's next message, whose prompt holds both."""
-    import time
-
     dp, bot, session, db = wired
-    backend = dp["dialogue"].backend
-    prompts: list[list[str]] = []
-    generate = backend.generate
-
-    async def seen(turns, *args, **kwargs):  # the real engine, its prompts noted
-        prompts.append(list(turns))
-        return await generate(turns, *args, **kwargs)
 
     def sent_ago(update: dict, seconds: float) -> dict:
         update["message"]["date"] = int(time.time() - seconds)
         return update
 
-    backend.generate = seen
-    try:
+    with prompts_seen(dp["dialogue"].backend) as prompts:
         await dp.feed_raw_update(bot, sent_ago(text_update(1, 7, "Ты тут? Уже час жду"), 3600))
         await dp.feed_raw_update(bot, sent_ago(text_update(2, 7, "Алло"), 60))
         await dp.feed_raw_update(bot, text_update(3, 7, "Привет!"))
-    finally:
-        backend.generate = generate
     assert len(session.texts_to(7)) == 2
     assert len(prompts) == 2
-    first, second = ("\n".join(prompt) for prompt in prompts)
-    assert "Ты тут? Уже час жду" in first and "Алло" in first
-    assert "Ты тут? Уже час жду" in second and "Привет!" in second
+    assert "Ты тут? Уже час жду" in prompts[0] and "Алло" in prompts[0]
+    assert "Ты тут? Уже час жду" in prompts[1] and "Привет!" in prompts[1]
     async with db.connect() as connection:
         rows = (
             await connection.execute(
@@ -428,27 +421,17 @@ async def test_an_edited_message_is_remembered_as_edited(wired):
     (before, the bot went on remembering what the chat no longer shows). The edit itself gets
     no reply; an edit of a message the bot never stored changes nothing."""
     dp, bot, session, _ = wired
-    backend = dp["dialogue"].backend
-    prompts: list[str] = []
-    generate = backend.generate
-
-    async def seen(turns, *args, **kwargs):  # the real engine, its prompts noted
-        prompts.append("\n".join(turns))
-        return await generate(turns, *args, **kwargs)
 
     def edit_of(update_id: int, message_id: int, text: str) -> dict:
         update = text_update(message_id, 7, text)
         update["message"]["edit_date"] = update["message"]["date"] + 5
         return {"update_id": update_id, "edited_message": update["message"]}
 
-    backend.generate = seen
-    try:
+    with prompts_seen(dp["dialogue"].backend) as prompts:
         await dp.feed_raw_update(bot, text_update(1, 7, "Меня зовут Вася"))
         await dp.feed_raw_update(bot, edit_of(2, 1, "Меня зовут Петя"))
         await dp.feed_raw_update(bot, edit_of(3, 99, "Этого сообщения бот не видел"))
         await dp.feed_raw_update(bot, text_update(4, 7, "Как меня зовут?"))
-    finally:
-        backend.generate = generate
     assert len(session.texts_to(7)) == 2  # one reply to each message, none to the edits
     assert "Меня зовут Вася" in prompts[0]
     assert "Меня зовут Петя" in prompts[1] and "Вася" not in prompts[1]
@@ -458,43 +441,26 @@ async def test_an_edited_message_is_remembered_as_edited(wired):
 
 async def test_reset_in_a_forum_topic_forgets_that_topics_conversation_only(wired):
     """Before, an admin's /reset in one topic wiped every topic's conversation."""
-    import time
-
     dp, bot, session, _ = wired
     backend = dp["dialogue"].backend
-    prompts: list[str] = []
-    generate = backend.generate
-
-    async def seen(turns, *args, **kwargs):  # the real engine, its prompts noted
-        prompts.append("\n".join(turns))
-        return await generate(turns, *args, **kwargs)
-
-    def in_topic(update_id: int, topic: int, text: str) -> dict:
-        message = {
-            "message_id": update_id,
-            "message_thread_id": topic,
-            "is_topic_message": True,
-            "date": int(time.time()),
-            "chat": {"id": -100500, "type": "supergroup", "title": "Форум", "is_forum": True},
-            "from": {"id": 11, "is_bot": False, "first_name": "Аня"},
-            "text": text,
-        }
-        if text.startswith("/"):
-            message["entities"] = [{"type": "bot_command", "offset": 0, "length": len(text)}]
-        return {"update_id": update_id, "message": message}
-
     session.group_admins.add((-100500, 11))
-    backend.generate = seen
-    try:
-        await dp.feed_raw_update(bot, in_topic(1, 5, "@test_bot расскажи про кошек"))
-        await dp.feed_raw_update(bot, in_topic(2, 9, "@test_bot а что про собак?"))
-        await dp.feed_raw_update(bot, in_topic(3, 5, "/reset"))
+    with prompts_seen(backend) as prompts:
+        await dp.feed_raw_update(bot, forum_update(1, 5, "@test_bot расскажи про кошек"))
+        await dp.feed_raw_update(bot, forum_update(2, 9, "@test_bot а что про собак?"))
+        await dp.feed_raw_update(bot, forum_update(3, 5, "/reset"))
         assert session.texts_to(-100500)[-1] == texts.RESET_TOPIC_DONE
         kept = backend.prefix_cache
         assert (-100500, 5) not in kept and (-100500, 9) in kept
-        await dp.feed_raw_update(bot, in_topic(4, 5, "@test_bot и ещё про кошек"))
-        await dp.feed_raw_update(bot, in_topic(5, 9, "@test_bot и ещё про собак"))
-    finally:
-        backend.generate = generate
+        await dp.feed_raw_update(bot, forum_update(4, 5, "@test_bot и ещё про кошек"))
+        await dp.feed_raw_update(bot, forum_update(5, 9, "@test_bot и ещё про собак"))
     assert "расскажи про кошек" not in prompts[2]  # the topic /reset was sent in
     assert "а что про собак?" in prompts[3]  # another topic remembers
+
+
+async def test_a_mention_alone_gets_an_invitation_not_a_complaint_about_text(wired):
+    """Calling the bot in a group by its name alone got "I only understand text"."""
+    dp, bot, session, _ = wired
+    update = text_update(1, 11, "@test_bot")
+    update["message"]["chat"] = {"id": -300, "type": "group", "title": "Группа"}
+    await dp.feed_raw_update(bot, update)
+    assert session.texts_to(-300) == [texts.LISTENING]
