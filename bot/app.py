@@ -35,7 +35,7 @@ from bot.dialogue import DialogueService
 from bot.engine.factory import open_backend
 from bot.handlers import make_routers
 from bot.metrics import BotMetrics, Health
-from bot.middlewares.access import AllowlistMiddleware, CountUpdatesMiddleware
+from bot.middlewares.access import AccessMiddleware, CountUpdatesMiddleware
 from bot.middlewares.lease_fence import LeaseFenceMiddleware
 from bot.middlewares.rate_limit import (
     LocalWindowCounter,
@@ -127,7 +127,7 @@ def build_dispatcher(
         online_since=online_since or datetime.now(UTC),
     )
     dp.update.outer_middleware(CountUpdatesMiddleware(metrics))
-    dp.message.outer_middleware(AllowlistMiddleware(settings.allowed_ids))
+    dp.message.outer_middleware(AccessMiddleware(settings.allowed_ids, settings.blocked_ids))
     if settings.rate_limit_messages:
         window = settings.rate_limit_window_s
         counter: WindowCounter = (

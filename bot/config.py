@@ -137,6 +137,7 @@ class Settings(BaseSettings):
     )
     rate_limit_window_s: float = Field(60, gt=0)
     allowed_user_ids: str = Field("", description="comma-separated ids; empty: everyone")
+    blocked_user_ids: str = Field("", description="comma-separated ids the bot ignores")
     admin_user_ids: str = Field("", description="comma-separated ids allowed to use /stats")
     retention_days: float = Field(0, ge=0, description="prune older messages; 0 keeps all")
     pending_reply_max_age_s: float = Field(
@@ -171,7 +172,7 @@ class Settings(BaseSettings):
     listen_port: int = Field(8080, ge=1, le=65535)
     health_port: int = Field(0, ge=0, le=65535, description="polling mode; 0: no server")
 
-    @field_validator("allowed_user_ids", "admin_user_ids")
+    @field_validator("allowed_user_ids", "blocked_user_ids", "admin_user_ids")
     @classmethod
     def _id_list(cls, value: str) -> str:
         for part in value.replace(" ", "").split(","):
@@ -186,6 +187,10 @@ class Settings(BaseSettings):
     @property
     def allowed_ids(self) -> frozenset[int]:
         return self._ids(self.allowed_user_ids)
+
+    @property
+    def blocked_ids(self) -> frozenset[int]:
+        return self._ids(self.blocked_user_ids)
 
     @property
     def admin_ids(self) -> frozenset[int]:

@@ -17,21 +17,27 @@ logger = logging.getLogger(__name__)
 Handler = Callable[[TelegramObject, dict[str, Any]], Awaitable[Any]]
 
 
-class AllowlistMiddleware(BaseMiddleware):
-    """With ``ALLOWED_USER_IDS`` set, everyone else gets one polite refusal and nothing is stored.
+class AccessMiddleware(BaseMiddleware):
+    """Who may talk to the bot. ``BLOCKED_USER_IDS`` are ignored: no answer, nothing stored, in
+    private chats and groups alike (an operator's answer to an abusive user, who is not told,
+    so as not to invite a new account). With ``ALLOWED_USER_IDS`` set, everyone else gets one
+    polite refusal and nothing is stored.
 
-    It runs before any handler, so a refused user never reaches the database.
+    It runs before any handler, so a refused or blocked user never reaches the database.
     """
 
-    def __init__(self, allowed: frozenset[int]) -> None:
-        self.allowed = allowed
+    def __init__(self, allowed: frozenset[int], blocked: frozenset[int] = frozenset()) -> None:
+        self.allowed, self.blocked = allowed, blocked
         self.refused: set[int] = set()
 
     async def __call__(self, handler: Handler, event: TelegramObject, data: dict[str, Any]) -> Any:
-        if not self.allowed or not isinstance(event, Message):
+        if not isinstance(event, Message) or not (self.allowed or self.blocked):
             return await handler(event, data)
         sender = event.from_user
-        if sender is not None and sender.id in self.allowed:
+        if sender is not None and sender.id in self.blocked:
+            logger.debug("ignored a message from blocked user %s", sender.id)
+            return None
+        if not self.allowed or (sender is not None and sender.id in self.allowed):
             return await handler(event, data)
         key = sender.id if sender is not None else event.chat.id
         if key not in self.refused:

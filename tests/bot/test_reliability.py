@@ -419,3 +419,22 @@ async def test_a_bot_api_without_setmycommands_or_typing_still_gets_replies(
     await eventually(lambda: len(bot_replies(tmp_path / "bot.db", ALICE)) == 1, "the reply")
     log = (tmp_path / "bot.log").read_text(errors="replace")
     assert "Task exception was never retrieved" not in log  # it was, with a traceback
+
+
+async def test_a_blocked_user_is_ignored_in_private_and_in_groups(fake, running, tmp_path):
+    """BLOCKED_USER_IDS: an operator's answer to an abusive user. Nothing answered, nothing
+    stored, in a private chat or a group; everyone else is served as before."""
+    db = tmp_path / "bot.db"
+    await running(BLOCKED_USER_IDS=str(ALICE))
+    fake.send_text(ALICE, "Привет!")
+    fake.send_text(ALICE, "@test_bot Привет!", chat_id=GROUP)
+    fake.send_text(BOB, "Привет!")
+    await fake.wait_replies(BOB, 1)
+
+    def ignored() -> int:
+        log = (tmp_path / "bot.log").read_text(errors="replace")
+        return log.count(f"ignored a message from blocked user {ALICE}")
+
+    await eventually(lambda: ignored() == 2, "both of Alice's messages handled")
+    assert fake.sent_to(ALICE) == [] and fake.sent_to(GROUP) == []
+    assert stored_messages(db, ALICE) == [] and stored_messages(db, GROUP) == []
