@@ -275,12 +275,13 @@ class DialogueService:
         replicas, under the user's lease)."""
         async with self.sessions.begin() as session:
             row = await repository.get_or_create_user(session, user.telegram_id, user.name)
-            topics = await repository.topics(session, user.telegram_id)
+            everything = role == repository.FORGET_ROLE
+            topics = await repository.topics(session, user.telegram_id) if everything else []
             deleted = await repository.carry_out_marker(session, row, marker_id, role)
-        if role == repository.RESET_ROLE:
-            self.backend.forget(dialogue_key(user.telegram_id, thread_id))
-        else:
+        if everything:
             self._forget_cached(user.telegram_id, topics)
+        else:
+            self.backend.forget(dialogue_key(user.telegram_id, thread_id))
         return deleted
 
     def _forget_cached(self, telegram_id: int, topics: list[int]) -> None:

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from typing import Any, Protocol
 
 from aiogram import BaseMiddleware
@@ -29,11 +29,10 @@ from redis.exceptions import RedisError
 
 from bot import texts
 from bot.metrics import BotMetrics
+from bot.middlewares.access import Handler
 from bot.replicas import PREFIX
 
 logger = logging.getLogger(__name__)
-
-Handler = Callable[[TelegramObject, dict[str, Any]], Awaitable[Any]]
 
 
 class WindowCounter(Protocol):
