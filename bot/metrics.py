@@ -36,6 +36,10 @@ class BotMetrics:
             "bot_queue_depth", "requests waiting for the model", registry=self.registry
         )
 
+    def count(self, name: str) -> int:
+        """A counter's value since the start (``name`` without Prometheus' ``_total``)."""
+        return int(self.registry.get_sample_value(f"{name}_total") or 0)
+
     def watch_queue(self, depth: Callable[[], int]) -> None:
         self.queue_depth.set_function(depth)
 

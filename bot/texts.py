@@ -36,6 +36,7 @@ STATS = (
     "С запуска ({uptime}): ответов {replies} ({replies_per_s:.3f}/с), "
     "токенов {tokens} ({tokens_per_s:.1f}/с)"
 )
+STATS_REFUSALS = "Не ответил: занят или не успел — {busy}, сверх лимита сообщений — {throttled}"
 TEMP_SHOW = "Текущая температура: {value}. Изменить: /temp 0.7 (допустимо от {low} до {high})."
 TEMP_SET = "Температура установлена: {value}."
 TEMP_NOT_NUMBER = "Не понял число «{raw}». Пример: /temp 0.7 (можно и 0,7)."

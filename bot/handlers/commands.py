@@ -185,7 +185,10 @@ async def stats(
     if message.from_user is None or message.from_user.id not in settings.admin_ids:
         await message.answer(texts.ADMINS_ONLY)
         return
-    await message.answer(await dialogue.stats_text(metrics.started))
+    refusals = texts.STATS_REFUSALS.format(
+        busy=metrics.count("bot_busy"), throttled=metrics.count("bot_throttled")
+    )
+    await message.answer(await dialogue.stats_text(metrics.started) + "\n" + refusals)
 
 
 def make_router() -> Router:

@@ -113,3 +113,11 @@ async def test_a_window_ends_and_a_redis_failure_lets_messages_through(redis_url
         assert await RedisWindowCounter(closed, 60).hit(7) == 0
     finally:
         await closed.aclose()
+
+
+async def test_stats_show_the_admin_how_many_messages_the_limit_dropped(limited):
+    dp, bot, session, _ = limited
+    for update_id in range(1, LIMIT + 3):
+        await dp.feed_raw_update(bot, text_update(update_id, 7, "ещё"))
+    await dp.feed_raw_update(bot, text_update(50, 9, "/stats"))  # 9: the bot's admin
+    assert session.texts_to(9)[-1].endswith("сверх лимита сообщений — 2")
