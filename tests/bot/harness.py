@@ -3,6 +3,7 @@
 import asyncio
 import signal
 import sqlite3
+import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -13,6 +14,23 @@ from tests.bot.fake_telegram import FakeTelegram
 ROOT = Path(__file__).resolve().parents[2]
 TOKEN = "123456:TEST-token-never-logged"
 ALICE, BOB = 1001, 1002
+
+
+def run_python(
+    *args: str, cwd: Path, env: dict[str, str], input_: str | None = None
+) -> subprocess.CompletedProcess[str]:
+    """This interpreter run to the end with ``args`` (``-m bot chat``, ``-c <script>``), its
+    output captured as text; five minutes at most (a busy CI machine loading a model)."""
+    return subprocess.run(
+        [sys.executable, *args],
+        input=input_,
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
 
 
 class BotProcess:

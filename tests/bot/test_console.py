@@ -3,11 +3,9 @@
 import io
 import os
 import sqlite3
-import subprocess
-import sys
 
 from bot.console import ConsoleStream
-from tests.bot.harness import ROOT
+from tests.bot.harness import ROOT, run_python
 
 
 def test_console_stream_prints_each_new_piece_once():
@@ -34,16 +32,7 @@ def test_console_chat_answers_and_remembers(tmp_path, tiny_model_dir):
         "PYTHONPATH": str(ROOT),
         "STREAM_EDIT_INTERVAL_S": "0",
     }
-    done = subprocess.run(
-        [sys.executable, "-m", "bot", "chat"],
-        input="Привет!\n/exit\n",
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
+    done = run_python("-m", "bot", "chat", cwd=tmp_path, env=env, input_="Привет!\n/exit\n")
     assert done.returncode == 0, done.stderr[-2000:]
     assert "Loading weights" not in done.stderr  # no loader bar under the chat prompt
     shown = [line for line in done.stdout.splitlines() if "бот> " in line]

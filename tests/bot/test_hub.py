@@ -2,10 +2,8 @@
 
 import os
 import shutil
-import subprocess
-import sys
 
-from tests.bot.harness import ROOT
+from tests.bot.harness import ROOT, run_python
 from tests.servers import free_port
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
@@ -44,15 +42,7 @@ def test_without_the_hub_a_cached_model_loads_at_once_and_another_is_one_error(
         "HF_HUB_CACHE": str(cache),
         "PYTHONPATH": str(ROOT),
     }
-    done = subprocess.run(
-        [sys.executable, "-c", PROBE],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
+    done = run_python("-c", PROBE, cwd=tmp_path, env=env)
     assert done.returncode == 0, done.stderr[-3000:]
     lines = done.stdout.splitlines()
     cached = [line.split() for line in lines if line.startswith("cached:")]

@@ -1,11 +1,8 @@
 """The bot's log: one format for every line, libraries' lines included, and no secret in it."""
 
 import os
-import subprocess
-import sys
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
+from tests.bot.harness import ROOT, run_python
 
 SCRIPT = """
 from bot.config import Settings
@@ -26,14 +23,7 @@ def test_transformers_and_hub_warnings_come_once_in_the_bots_format_without_the_
     """Before: huggingface_hub's warnings came twice (its own bare line, then ours), and
     transformers' bypassed the format and the filter that hides the bot token."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("TELEGRAM", "LOG_"))}
-    done = subprocess.run(
-        [sys.executable, "-c", SCRIPT],
-        cwd=ROOT,
-        env=env | {"PYTHONPATH": str(ROOT)},
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    done = run_python("-c", SCRIPT, cwd=ROOT, env=env | {"PYTHONPATH": str(ROOT)})
     assert done.returncode == 0, done.stderr
     lines = done.stderr.splitlines()
     hub = [line for line in lines if "the hub is unreachable" in line]
