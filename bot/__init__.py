@@ -2,12 +2,15 @@
 
 import os
 
-# OpenMP threads that finish their share of a matrix product wait for the others. By default
-# they spin, which is best on idle cores and a collapse on shared ones: when another program
-# takes a core, the spinning thread burns the time the descheduled one needs. Measured with
-# RuGPT-3 medium's shape, 8 users, one busy process beside the bot on the 2 cores: the engine's
-# batch step went from ~183 ms to 558 ms spinning, to 344 ms sleeping (2.02x -> 3.15x the naive
-# design's tokens/s); on idle cores the step time did not change measurably. libgomp reads this
-# once, when torch is first imported, so it is set here, before any module of the bot imports
-# torch; an operator's own OMP_WAIT_POLICY wins. README, "A shared CPU".
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# OpenMP threads that finish their share of a matrix product wait for the others: by default
+# they spin 300,000 times, then sleep. Spinning that long is a collapse on shared cores (a
+# spinning thread burns the time its descheduled sibling needs); sleeping at once costs a
+# wake-up at every one of a step's hundreds of small products (on a 2-core AVX512 machine two
+# sleeping threads decoded no faster than one). So the bot's threads spin briefly (3,000 times,
+# tens of microseconds: enough to span the gap between two products of a step) and the engine
+# drops to fewer threads when its own measured steps say the cores are shared
+# (bot.engine.threads has the figures). libgomp reads this once, when torch is first imported,
+# so it is set here, before any module of the bot imports torch; an operator's own
+# OMP_WAIT_POLICY or GOMP_SPINCOUNT wins. README, "A shared CPU".
+if "OMP_WAIT_POLICY" not in os.environ:
+    os.environ.setdefault("GOMP_SPINCOUNT", "3000")

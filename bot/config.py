@@ -116,7 +116,10 @@ class Settings(BaseSettings):
         64, ge=0, description="prompt tokens encoded per step while replies stream (0: all)"
     )
     engine_threads: int = Field(
-        0, ge=0, le=1024, description="threads of the engine's worker (0: one per core)"
+        0,
+        ge=0,
+        le=1024,
+        description="threads of the engine's worker (0: up to one per core, chosen from its steps)",
     )
     history_trim_step: int = Field(
         4, ge=1, description="exchanges dropped at once when the history outgrows the context"

@@ -16,7 +16,8 @@ A design may name a variant after a colon, run in the same process tree as the o
 the ratios come from one run: ``engine:int8`` (``MODEL_QUANTIZE=int8``), ``engine:bfloat16`` (any
 ``MODEL_DTYPE``), ``engine:threads=1`` (the worker's thread count), ``engine:chunk=0`` (each new
 prompt encoded whole, ``PREFILL_CHUNK_TOKENS=0``), ``engine:omp=active`` (OpenMP threads spin while
-they wait, ``OMP_WAIT_POLICY=ACTIVE``; see ``bot/__init__.py``); e.g. ``--designs
+they wait, ``OMP_WAIT_POLICY=ACTIVE``; see ``bot/__init__.py``), ``engine:spin=N`` (they spin N
+times before they sleep, ``GOMP_SPINCOUNT=N``); e.g. ``--designs
 naive,engine,engine:int8``.
 ``--join-tokens N`` then measures, per engine design, the streaming replies' token gaps while an
 N-token prompt joins them.
@@ -302,10 +303,12 @@ def split_design(spec: str) -> tuple[str, dict[str, str]]:
             options["prefill-chunk"] = variant[6:]
         elif variant in ("omp=active", "omp=passive"):
             options["omp"] = variant[4:].upper()
+        elif variant.startswith("spin=") and variant[5:].isdigit():
+            options["spin"] = variant[5:]
         else:
             raise ValueError(
                 f"unknown variant {variant!r} in {spec!r}: use int8, a dtype "
-                f"({', '.join(DTYPE_CHOICES)}), threads=N, chunk=N or omp=active|passive"
+                f"({', '.join(DTYPE_CHOICES)}), threads=N, chunk=N, omp=active|passive or spin=N"
             )
     return name, options
 
@@ -462,6 +465,9 @@ async def run_design(args: argparse.Namespace) -> dict[str, Any]:
         result["prompt_tokens_reused"] = round(engine.reused_tokens / max(total, 1), 3)
         result["engine_busy_s"] = {k: round(v, 2) for k, v in engine.busy_s.items()}
         result["engine_steps"] = engine.steps
+        tuner = engine.thread_tuner
+        result["engine_threads"] = tuner.current if tuner else torch.get_num_threads()
+        result["engine_thread_changes"] = tuner.changes if tuner else 0
     return result
 
 
@@ -547,6 +553,9 @@ def main(argv: list[str] | None = None) -> int:
                 for option, value in options.items():
                     if option == "omp":  # read by OpenMP when torch loads: the child's own
                         env["OMP_WAIT_POLICY"] = value
+                        env.pop("GOMP_SPINCOUNT", None)  # the bot's default would override it
+                    elif option == "spin":
+                        env["GOMP_SPINCOUNT"] = value
                     else:
                         child += [f"--{option}", value]
                 done = subprocess.run(child, capture_output=True, text=True, env=env, check=False)
@@ -612,7 +621,12 @@ def print_table(args: argparse.Namespace, results: dict[str, dict[str, Any]]) ->
         if "engine_steps" in result:
             steps, busy = result["engine_steps"], result["engine_busy_s"]
             step_ms = 1000 * busy["step"] / max(steps, 1)
-            print(f"{name} worker: {steps} steps ({step_ms:.0f} ms each), busy (s): {busy}")
+            threads = result.get("engine_threads", "?")
+            changes = result.get("engine_thread_changes", 0)
+            print(
+                f"{name} worker: {steps} steps ({step_ms:.0f} ms each), busy (s): {busy}, "
+                f"threads at the end: {threads} ({changes} changes)"
+            )
     if "remote" in results:
         client = results["remote"]["client_peak_rss_mb"]
         print(f"remote: peak RSS is the server's; the bot side's: {client} MB")

@@ -59,6 +59,7 @@ from transformers import (
 from bot.engine.decoder import SlotDecoder, supports
 from bot.engine.prefix_cache import CachedDialogue, Prefix, PrefixCache, common_prefix
 from bot.engine.sampling import SamplingParams, choose_tokens
+from bot.engine.threads import ThreadTuner
 from dataset_tools.dialogue_format import (
     BOT_TAG,
     USER_TAG,
@@ -214,6 +215,9 @@ class GenerationEngine:
         self.timeout_s = timeout_s
         self.max_batch = max_batch
         self.threads = threads
+        #: Picks the worker's thread count from its steps where ``threads`` does not fix it
+        #: (set when the worker starts; see bot.engine.threads).
+        self.thread_tuner: ThreadTuner | None = None
         self.prefill_chunk = prefill_chunk or None
         self._queue: queue.Queue[_Request | None] = queue.Queue(maxsize=queue_size)
         self._thread: threading.Thread | None = None
@@ -432,6 +436,8 @@ class GenerationEngine:
     def _work(self, warm_up: bool) -> None:
         if self.threads:
             torch.set_num_threads(self.threads)
+        elif self.model.device.type == "cpu" and torch.get_num_threads() > 1:
+            self.thread_tuner = ThreadTuner(torch.get_num_threads())
         if warm_up:
             try:
                 self.warm_up()
@@ -600,12 +606,21 @@ class GenerationEngine:
             chunks = self._chunks()
             if not rows and not chunks:  # every joining request was cancelled
                 return
+            tuner = self.thread_tuner
             with torch.inference_mode():
                 if not chunks:
                     tokens = torch.tensor([row.ids[-1] for row in rows], device=device)
                     lengths = torch.tensor([row.computed for row in rows], device=device)
+                    if tuner is not None:
+                        _use_threads(tuner.threads_for(len(rows)))
+                    decoding = time.perf_counter()
                     logits = self.decoder.decode(tokens, lengths)
+                    if tuner is not None:
+                        tuner.step_took(time.perf_counter() - decoding)
                 else:  # decoding rows are rows of one token; chunks want logits when done
+                    if tuner is not None:
+                        tuner.other_step()
+                        _use_threads(tuner.current)
                     spans = [(i, [row.ids[-1]], row.computed) for i, row in enumerate(rows)]
                     spans += [
                         (r.slot, r.ids[r.computed : r.computed + n], r.computed) for r, n in chunks
@@ -848,3 +863,9 @@ class GenerationEngine:
 
         with contextlib.suppress(RuntimeError):  # the loop is already closed (shutdown)
             request.loop.call_soon_threadsafe(settle)
+
+
+def _use_threads(count: int) -> None:
+    """Set the worker's thread count (a no-op when it already is)."""
+    if torch.get_num_threads() != count:
+        torch.set_num_threads(count)
