@@ -1,7 +1,7 @@
 """Which dtype the engine serves in, and what bfloat16 changes in its replies.
 
 bfloat16 through oneDNN runs only on CPUs with AVX512_BF16 or AMX; elsewhere it is refused. The
-engine's own bfloat16 handling (keys/values in bfloat16, logits and sampling in float32) is the
+engine's own bfloat16 handling (keys/values and logits in float32 on a CPU) is the
 same whichever kernels do the projections, so it is checked on every machine with PyTorch's
 default bfloat16 kernels (slow on an AVX2 CPU, fine for the tiny model), and the packed oneDNN
 path on top of that where the CPU has the instructions.
