@@ -151,3 +151,32 @@ def test_converted_models_report_their_true_parameter_count(tiny_model_dir, quan
     expected = AutoModelForCausalLM.from_pretrained(tiny_model_dir).num_parameters()
     model, _ = load_model(str(tiny_model_dir), "cpu", "float32", quantize, cpu_onednn=True)
     assert count_parameters(model) == expected
+
+
+@needs_bf16_cpu
+async def test_a_bfloat16_dialogue_kept_between_turns_gives_the_reply_a_fresh_one_does(
+    chatty_model_dir,
+):
+    """Kept between turns in bfloat16, half the memory of the float32 slots, and nothing lost:
+    those keys/values came out of bfloat16 projections."""
+    from tests.bot.test_batching import ask
+
+    model, tokenizer = load_model(str(chatty_model_dir), "cpu", "bfloat16", "none")
+    engine = GenerationEngine(model, tokenizer, persona=CHATTY_PERSONA)
+    engine.start()
+    until_stop = SamplingParams(temperature=0.0, repetition_penalty=1.0, max_new_tokens=30)
+    try:
+        turns = [CHATTY_DIALOGUES[0][0]]
+        first, first_stats = await ask(engine, turns, until_stop, key="alice")
+        entry = engine.prefix_cache.take("alice")
+        assert entry is not None and all(c.dtype == torch.bfloat16 for c in entry.chunks)
+        assert entry.nbytes == sum(c.numel() * 2 for c in entry.chunks[entry.shared :])
+        engine.prefix_cache.put("alice", entry)
+        turns += [first, "Что делаешь?"]
+        _, kept = await ask(engine, turns, until_stop, key="alice")
+        assert kept.reused_tokens == first_stats.prompt_tokens + len(first_stats.reply_ids)
+        _, fresh = await ask(engine, turns, until_stop)  # only the persona from the cache
+        assert fresh.reused_tokens < kept.reused_tokens
+        assert kept.reply_ids == fresh.reply_ids and kept.reply_ids
+    finally:
+        engine.close()
