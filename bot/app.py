@@ -33,6 +33,7 @@ from bot.config import ConfigError, Settings, error_line
 from bot.db.engine import create_engine, create_sessionmaker, upgrade_to_head
 from bot.dialogue import DialogueService
 from bot.engine.factory import open_backend
+from bot.engine.generation import GenerationEngine
 from bot.handlers import make_routers
 from bot.metrics import BotMetrics, Health
 from bot.middlewares.access import AccessMiddleware, CountUpdatesMiddleware
@@ -120,6 +121,9 @@ def build_dispatcher(
     (``bot.handlers.chat.held_too_long``)."""
     metrics = metrics or BotMetrics()
     metrics.watch_queue(lambda: dialogue.backend.queue_depth)
+    if isinstance(dialogue.backend, GenerationEngine):
+        engine = dialogue.backend
+        metrics.watch_engine_threads(lambda: engine.worker_threads)
     dp = Dispatcher(
         dialogue=dialogue,
         settings=settings,

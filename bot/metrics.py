@@ -43,6 +43,14 @@ class BotMetrics:
     def watch_queue(self, depth: Callable[[], int]) -> None:
         self.queue_depth.set_function(depth)
 
+    def watch_engine_threads(self, threads: Callable[[], int]) -> None:
+        """Show the local engine's thread count (none with a remote model server)."""
+        Gauge(
+            "bot_engine_threads",
+            "threads the engine decodes with (fewer while the cores are shared)",
+            registry=self.registry,
+        ).set_function(threads)
+
     def render(self) -> bytes:
         return generate_latest(self.registry)
 

@@ -271,6 +271,14 @@ class GenerationEngine:
     def active_rows(self) -> int:
         return len(self._rows)
 
+    @property
+    def worker_threads(self) -> int:
+        """The thread count the worker decodes with now (ENGINE_THREADS, or what its
+        :class:`~bot.engine.threads.ThreadTuner` chose; before the worker starts, torch's)."""
+        if self.thread_tuner is not None:
+            return self.thread_tuner.current
+        return self.threads or torch.get_num_threads()
+
     def count_tokens(self, text: str) -> int:
         return len(self._tokenize(text))
 

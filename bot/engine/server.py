@@ -85,10 +85,16 @@ class ServerMetrics:
         )
         self.queue_depth = Gauge("server_queue_depth", "requests waiting", registry=self.registry)
         self.running = Gauge("server_running_rows", "rows being decoded", registry=self.registry)
+        self.threads = Gauge(
+            "server_engine_threads",
+            "threads the engine decodes with (fewer while the cores are shared)",
+            registry=self.registry,
+        )
 
     def watch(self, engine: GenerationEngine) -> None:
         self.queue_depth.set_function(lambda: engine.queue_depth)
         self.running.set_function(lambda: engine.active_rows)
+        self.threads.set_function(lambda: engine.worker_threads)
 
     def count(self, completion: Completion) -> None:
         self.prompt_tokens.inc(completion.prompt_tokens)

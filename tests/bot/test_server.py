@@ -4,6 +4,7 @@ server process on 127.0.0.1 (a tiny random model with an 8192-token window)."""
 import asyncio
 import dataclasses
 import json
+import os
 import urllib.error
 import urllib.request
 
@@ -201,6 +202,7 @@ async def test_models_tokenize_health_and_metrics(client, model_server, long_mod
     assert body["max_model_len"] == 8192
     assert model_server.health() == 200
     assert model_server.metric("server_generation_tokens_total") > 0
+    assert 1 <= model_server.metric("server_engine_threads") <= (os.cpu_count() or 1)
 
 
 async def test_every_error_has_its_status(client, model_server):
