@@ -465,9 +465,8 @@ async def run_design(args: argparse.Namespace) -> dict[str, Any]:
         result["prompt_tokens_reused"] = round(engine.reused_tokens / max(total, 1), 3)
         result["engine_busy_s"] = {k: round(v, 2) for k, v in engine.busy_s.items()}
         result["engine_steps"] = engine.steps
-        tuner = engine.thread_tuner
-        result["engine_threads"] = tuner.current if tuner else torch.get_num_threads()
-        result["engine_thread_changes"] = tuner.changes if tuner else 0
+        result["engine_threads"] = engine.worker_threads
+        result["engine_thread_changes"] = engine.thread_tuner.changes if engine.thread_tuner else 0
     return result
 
 

@@ -15,6 +15,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from bot.config import Settings
 from bot.engine import GenerationEngine, SamplingParams, load_model, onednn
 from bot.engine.loading import ModelLoadError, count_parameters, pick_dtype
+from tests.bot.test_batching import ask
 from tests.conftest import CHATTY_DIALOGUES, CHATTY_PERSONA
 
 CPU = torch.device("cpu")
@@ -159,8 +160,6 @@ async def test_a_bfloat16_dialogue_kept_between_turns_gives_the_reply_a_fresh_on
 ):
     """Kept between turns in bfloat16, half the memory of the float32 slots, and nothing lost:
     those keys/values came out of bfloat16 projections."""
-    from tests.bot.test_batching import ask
-
     model, tokenizer = load_model(str(chatty_model_dir), "cpu", "bfloat16", "none")
     engine = GenerationEngine(model, tokenizer, persona=CHATTY_PERSONA)
     engine.start()
