@@ -31,6 +31,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from bot import texts
 from bot.config import ConfigError, Settings, error_line
 from bot.db.engine import create_engine, create_sessionmaker, upgrade_to_head
+from bot.diagnostics import install_task_dump
 from bot.dialogue import DialogueService
 from bot.engine.factory import open_backend
 from bot.engine.generation import GenerationEngine
@@ -261,6 +262,7 @@ async def whoami(bot: Bot, settings: Settings) -> User:
 async def run_bot(settings: Settings) -> None:
     """Start everything; long polling, or a webhook server when WEBHOOK_URL is set."""
     online_since = datetime.now(UTC)  # messages sent before it waited for a bot that was down
+    install_task_dump()  # kill -USR1 <pid>: where each task waits (bot.diagnostics)
     bot = build_bot(settings)
     try:
         me = await whoami(bot, settings)  # before the slow model load

@@ -135,8 +135,35 @@ async def wait_answered(deployment: Deployment, database: str, timeout: float = 
             raise AssertionError(
                 f"{await replies_stored(database)} of {total} replies; logs:\n"
                 + deployment.logs()[-4000:]
+                + await task_dumps(deployment)
             )
         await asyncio.sleep(0.2)
+
+
+async def task_dumps(deployment: Deployment) -> str:
+    """Where each live replica's tasks wait (``kill -USR1``, bot.diagnostics), for a failure
+    message: a reply that never came, with nothing logged, was seen once here (a replica held
+    one user's lease for minutes after the model had finished the reply), and the log alone
+    could not say where it waited."""
+    marker = "where each task waits (SIGUSR1)"
+    live = [r for r in deployment.replicas if r.process and r.process.returncode is None]
+    before = [r.log.read_text(errors="replace").count(marker) for r in live]
+    for replica in live:
+        replica.process.send_signal(signal.SIGUSR1)
+    dumps = []
+    for replica, seen in zip(live, before, strict=True):
+        try:
+            await eventually(
+                lambda r=replica, n=seen: r.log.read_text(errors="replace").count(marker) > n,
+                f"{replica.log.name}'s task dump",
+                timeout=10,
+            )
+        except AssertionError as error:
+            dumps.append(f"\n{error}")
+            continue
+        dump = replica.log.read_text(errors="replace").rsplit(marker, 1)[1]
+        dumps.append(f"\n--- {replica.log.name}: {marker}{dump[:12000]}")
+    return "".join(dumps)
 
 
 def visible_messages(fake: FakeTelegram, chat_id: int) -> list[tuple[int, float, str]]:
