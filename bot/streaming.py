@@ -227,8 +227,10 @@ class ReplyStream:
                     await self._pump
             else:  # only waiting out the interval: the final text supersedes it
                 self._pump.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await self._pump
+                # asyncio.wait, not ``suppress(CancelledError)`` around ``await``: that would
+                # also swallow a cancellation of this reply itself (a shutdown) arriving while
+                # the update ends, and the reply would go on being sent.
+                await asyncio.wait([self._pump])
         pieces = split_message(final) or [final]
         if self.sent is None:
             await self._show(pieces[0])

@@ -273,3 +273,19 @@ def test_group_pace_counts_a_sliding_minute_and_leaves_private_chats_alone():
     assert pace.progress_wait_s(7) == 0.0
     now[0] = 60.5
     assert pace.progress_wait_s(-1) == 0.0
+
+
+async def test_a_reply_cancelled_while_its_pending_update_is_dropped_sends_nothing(recording_bot):
+    """Stopping a reply (a replica's shutdown after its grace period) while ``finish`` drops the
+    update waiting out its interval stops the reply: the final text is not sent anyway. The
+    cancellation used to be taken for the update's own and swallowed, and the reply went on."""
+    bot, session = recording_bot
+    stream = ReplyStream(bot, CHAT, interval_s=60.0)  # the update waits out a long interval
+    stream.update("Начало ответа")
+    await asyncio.sleep(0)  # the update's task starts waiting
+    finishing = asyncio.create_task(stream.finish("Весь ответ."))
+    await asyncio.sleep(0)  # finish() cancels that task and waits for it to end
+    finishing.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await finishing
+    assert session.requests == []
