@@ -3,9 +3,9 @@
 Why: a reply that never comes while nothing is logged (an await that never ends: a database
 lock held elsewhere, a peer that never answers) leaves nothing to read afterwards, and the
 process looks healthy (its other users are answered, a replica keeps renewing the user's lease).
-The chain of awaits of each task says exactly where it waits. This was needed once: in the
-replica test a replica held one user's lease for three minutes after the model had finished that
-user's reply, with no error logged, and its log could not say where it waited.
+The chain of awaits of each task says exactly where it waits. It found the cause of a rare
+failure of the replica test, a user's lease held for minutes with nothing logged: the lease's
+renewal task had outlived the work under it (``bot.replicas`` says why).
 
 ``asyncio.Task.print_stack`` shows only a suspended task's outermost coroutine, so the chain is
 followed here through each coroutine's ``cr_await`` (and a generator's ``gi_yieldfrom``, an

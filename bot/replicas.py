@@ -162,7 +162,7 @@ class ReplicaCoordinator:
 
     async def _renew(self, lock: Lock, held: HeldLease, done: asyncio.Event) -> None:
         """Extend the lease every third of ``lease_s`` until ``done`` is set (at most one
-        extension in flight then, bounded by the client's socket timeout)."""
+        extension in flight then, bounded by the client's timeouts)."""
         while True:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(done.wait(), self.lease_s / 3)
