@@ -29,7 +29,7 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from bot import texts
-from bot.config import ConfigError, Settings, error_line
+from bot.config import DEFAULT_DATABASE_TIMEOUT_S, ConfigError, Settings, error_line
 from bot.db.engine import create_engine, create_sessionmaker, upgrade_to_head
 from bot.diagnostics import install_task_dump
 from bot.dialogue import DialogueService
@@ -54,13 +54,13 @@ logger = logging.getLogger(__name__)
 RETENTION_INTERVAL_S = 3600.0
 
 
-async def open_database(url: str) -> AsyncEngine:
+async def open_database(url: str, timeout_s: float = DEFAULT_DATABASE_TIMEOUT_S) -> AsyncEngine:
     """The database, migrated to the newest schema; one line (ConfigError, the password hidden)
     when it cannot be opened: a server not running, refused credentials, a missing database, a
     SQLite folder that cannot be made. It used to be a traceback."""
     engine: AsyncEngine | None = None
     try:
-        engine = create_engine(url)  # makes a SQLite file's folder
+        engine = create_engine(url, timeout_s)  # makes a SQLite file's folder
         await upgrade_to_head(url)
         return engine
     except (OSError, DBAPIError) as error:
@@ -85,7 +85,7 @@ async def open_database(url: str) -> AsyncEngine:
 
 async def open_services(settings: Settings) -> tuple[AsyncEngine, DialogueService]:
     """Migrate the database, open the model backend: what both front-ends need."""
-    db_engine = await open_database(settings.database_url)
+    db_engine = await open_database(settings.database_url, settings.database_timeout_s)
     try:
         backend = await open_backend(settings)
     except BaseException:

@@ -20,6 +20,8 @@ DEFAULT_PERSONA = (
 WEBHOOK_SECRET_PATTERN = re.compile(r"[A-Za-z0-9_-]{1,256}")
 
 
+#: DATABASE_TIMEOUT_S's default: the longest one database statement may wait (bot.db.engine).
+DEFAULT_DATABASE_TIMEOUT_S = 10.0
 #: The async driver the bot uses for each database it supports (DATABASE_URL's scheme).
 ASYNC_DRIVERS = {"sqlite": "aiosqlite", "postgresql": "asyncpg"}
 DATABASE_URL_EXAMPLES = (
@@ -95,6 +97,11 @@ class Settings(BaseSettings):
         None, description="Bot API server base URL, e.g. http://127.0.0.1:8081 (local server)"
     )
     database_url: str = "sqlite+aiosqlite:///data/bot.db"
+    database_timeout_s: float = Field(
+        DEFAULT_DATABASE_TIMEOUT_S,
+        gt=0,
+        description="longest wait of one database statement (a lock, a server not answering)",
+    )
     model_path: str = "checkpoints/latest"
     model_device: str = "auto"  # auto | cpu | cuda | cuda:1 ...
     model_dtype: str = "float32"  # auto | float32 | bfloat16 | float16 (see bot.engine.loading)

@@ -21,12 +21,12 @@ from collections.abc import AsyncIterator, Callable, Hashable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
-from sqlalchemy.exc import IntegrityError, OperationalError
-from sqlalchemy.ext.asyncio import async_sessionmaker
+from sqlalchemy.exc import IntegrityError
 
 from bot import texts
 from bot.config import Settings
 from bot.db import repository
+from bot.db.engine import UNREACHABLE, Sessions
 from bot.engine import ReplyBackend, SamplingParams
 from bot.memory import build_prompt_turns
 from dataset_tools.dialogue_format import sanitize_utterance
@@ -153,9 +153,7 @@ class _TurnQueues:
 class DialogueService:
     """Memory + prompt + engine, shared by the Telegram handlers and the console chat."""
 
-    def __init__(
-        self, sessions: async_sessionmaker, backend: ReplyBackend, settings: Settings
-    ) -> None:
+    def __init__(self, sessions: Sessions, backend: ReplyBackend, settings: Settings) -> None:
         self.sessions = sessions
         self.backend = backend
         self.settings = settings
@@ -237,8 +235,9 @@ class DialogueService:
         telegram_message_id: int | None,
         telegram_thread_id: int | None,
     ) -> int | None:
-        """One committed row for something the user sent; a locked or briefly unreachable
-        database is retried (SQLite already waits out its busy timeout first)."""
+        """One committed row for something the user sent; a locked, briefly unreachable or
+        unanswering database is retried (each try waits at most DATABASE_TIMEOUT_S: SQLite's
+        busy timeout, PostgreSQL's command timeout, then a fresh connection)."""
         for attempt in range(1, DB_ATTEMPTS + 1):
             try:
                 async with self.sessions.begin() as session:
@@ -259,7 +258,7 @@ class DialogueService:
                     raise
                 logger.info("update delivered again: message already stored, not answered twice")
                 return None
-            except OperationalError:
+            except UNREACHABLE:  # locked, refused, or no answer within DATABASE_TIMEOUT_S
                 if attempt == DB_ATTEMPTS:
                     raise
                 logger.warning("database unavailable, retry %d", attempt)

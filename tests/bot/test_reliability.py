@@ -9,6 +9,7 @@ import sqlite3
 import time
 
 import aiohttp
+import asyncpg
 import pytest
 
 from bot import texts
@@ -457,3 +458,60 @@ async def test_a_blocked_user_is_ignored_in_private_and_in_groups(fake, running,
     await eventually(lambda: ignored() == 2, "both of Alice's messages handled")
     assert fake.sent_to(ALICE) == [] and fake.sent_to(GROUP) == []
     assert stored_messages(db, ALICE) == [] and stored_messages(db, GROUP) == []
+
+
+async def _bot_connections_once_idle(database: str) -> list[int]:
+    """The server processes of the bot's pooled connections to ``database``, once every one of
+    them is idle (no transaction under way: a reply is stored after it was sent)."""
+    connection = await asyncpg.connect(database)
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            rows = await connection.fetch(
+                "SELECT pid, state FROM pg_stat_activity WHERE datname = current_database() "
+                "AND backend_type = 'client backend' AND pid <> pg_backend_pid()"
+            )
+            if rows and all(row["state"] == "idle" for row in rows):
+                return [row["pid"] for row in rows]
+            assert time.monotonic() < deadline, f"the bot's connections stay busy: {rows}"
+            await asyncio.sleep(0.05)
+    finally:
+        await connection.close()
+
+
+async def test_a_database_connection_that_stops_answering_delays_a_message_but_loses_none(
+    fake, running, postgres_url
+):
+    """The server behind the bot's pooled PostgreSQL connections stops answering on them (here
+    their server processes are stopped; a failover or a network partition that drops packets
+    looks the same from the bot), while new connections work. Before: the next message waited
+    on a pooled connection for as long as the kernel kept it (about a quarter of an hour): no
+    reply, and none to anything the user sent after it."""
+    await running(DATABASE_URL=postgres_url, DATABASE_TIMEOUT_S="1")
+    fake.send_text(ALICE, "/start")
+    fake.send_text(ALICE, "Первое сообщение")
+    await fake.wait_replies(ALICE, 2)
+    database = postgres_url.replace("+asyncpg", "")
+    stopped = await _bot_connections_once_idle(database)
+    for pid in stopped:
+        os.kill(pid, signal.SIGSTOP)
+    try:
+        fake.send_text(ALICE, "Второе сообщение")
+        fake.send_text(ALICE, "Третье сообщение")
+        await fake.wait_replies(ALICE, 4, timeout=60)
+    finally:
+        for pid in stopped:
+            os.kill(pid, signal.SIGCONT)
+    connection = await asyncpg.connect(database)
+    try:
+        rows = await connection.fetch(
+            "SELECT m.text, (SELECT count(*) FROM messages r WHERE r.reply_to_id = m.id) AS n "
+            "FROM messages m WHERE m.role = 'user' ORDER BY m.id"
+        )
+    finally:
+        await connection.close()
+    assert [(row["text"], row["n"]) for row in rows] == [
+        ("Первое сообщение", 1),
+        ("Второе сообщение", 1),
+        ("Третье сообщение", 1),
+    ]
