@@ -373,13 +373,28 @@ class DialogueService:
         reply = await self.backend.generate(turns, params, key=key, on_text=on_text)
         return reply or texts.FALLBACK_REPLY
 
-    async def store_reply(self, user: UserRef, reply: str, reply_to_id: int | None) -> None:
-        """Keep the reply once the user has it: ``reply_to_id`` marks that message answered."""
-        async with self.sessions.begin() as session:
-            row = await repository.get_or_create_user(session, user.telegram_id, user.name)
-            await repository.add_message(
-                session, row, repository.BOT_ROLE, reply, reply_to_id=reply_to_id
-            )
+    async def store_reply(self, user: UserRef, reply: str, reply_to_id: int | None) -> bool:
+        """Keep the reply once the user has it: ``reply_to_id`` marks that message answered.
+
+        False, and nothing stored, when that message has a reply already: with replicas, one
+        that stalled past its lease just after checking it gets here after another replica
+        answered the message (the database keeps one reply per message, migration 0007).
+        """
+        try:
+            async with self.sessions.begin() as session:
+                row = await repository.get_or_create_user(session, user.telegram_id, user.name)
+                await repository.add_message(
+                    session, row, repository.BOT_ROLE, reply, reply_to_id=reply_to_id
+                )
+        except IntegrityError:
+            if reply_to_id is None or not await self._has_reply(reply_to_id):
+                raise
+            return False
+        return True
+
+    async def _has_reply(self, message_id: int) -> bool:
+        async with self.sessions() as session:
+            return await repository.has_reply(session, message_id)
 
     async def wrote_after(self, message_id: int) -> bool:
         """Whether the user (or group) has written since message ``message_id``."""

@@ -51,7 +51,9 @@ class Message(Base):
       (whichever replica or restart answers it) and whose conversation it belongs to (a reply
       sees only its topic's history); ``None`` outside topics.
     * ``reply_to_id``: on a bot reply, the user message it answers. A bot reply is stored only
-      after Telegram accepted it, so a user message with no reply pointing at it is unanswered.
+      after Telegram accepted it, so a user message with no reply pointing at it is unanswered;
+      a message has at most one (unique), so a replica that lost its lease mid-store cannot
+      add a second.
     * ``reply_draft_id``: on a user message, the Telegram id of the bot's message its reply is
       being streamed into, set once the first words went out. Whoever answers the message after
       a crash (a restart, another replica) finishes the reply in that message, rather than
@@ -67,6 +69,8 @@ class Message(Base):
         # what the owed-replies sweep (every few seconds on each replica) and pruning look up
         Index("ix_messages_created_at", "created_at"),
         UniqueConstraint("user_id", "telegram_message_id", name="uq_messages_user_telegram_id"),
+        # one stored reply per user message, whoever stores it (migration 0007 says why)
+        Index("uq_messages_reply_to_id", "reply_to_id", unique=True),
     )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
@@ -75,9 +79,7 @@ class Message(Base):
     text: Mapped[str] = mapped_column(Text)
     telegram_message_id: Mapped[int | None] = mapped_column(BigInteger)
     telegram_thread_id: Mapped[int | None] = mapped_column(BigInteger)
-    reply_to_id: Mapped[int | None] = mapped_column(
-        ForeignKey("messages.id", ondelete="SET NULL"), index=True
-    )
+    reply_to_id: Mapped[int | None] = mapped_column(ForeignKey("messages.id", ondelete="SET NULL"))
     reply_draft_id: Mapped[int | None] = mapped_column(BigInteger)
     settled_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)

@@ -71,6 +71,11 @@ async def add_message(
     return message
 
 
+async def has_reply(session: AsyncSession, message_id: int) -> bool:
+    """Whether a reply to message ``message_id`` is stored."""
+    return bool(await session.scalar(select(exists().where(Message.reply_to_id == message_id))))
+
+
 async def has_telegram_message(session: AsyncSession, user: User, telegram_message_id: int) -> bool:
     return bool(
         await session.scalar(

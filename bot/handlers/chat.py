@@ -202,7 +202,13 @@ async def answer(
         await dialogue.settle(message_id)
         return
     check_lease()  # with replicas: not if another replica has taken over this user meanwhile
-    await dialogue.store_reply(user, reply, message_id)
+    if not await dialogue.store_reply(user, reply, message_id):
+        # This replica stalled past its lease after the check above: another one answered.
+        logger.warning(
+            "message %d was answered meanwhile by another replica: this reply is not stored",
+            message_id,
+        )
+        return
     metrics.replies.inc()
 
 

@@ -4,9 +4,11 @@ replicas share): what the bot remembers, and forgets."""
 import asyncio
 import os
 import sqlite3
+from datetime import UTC, datetime
 
 import pytest
 from sqlalchemy import text
+from sqlalchemy.exc import IntegrityError
 
 from bot.db import repository
 from bot.db.engine import create_engine, create_sessionmaker, upgrade_to_head
@@ -286,6 +288,82 @@ async def test_migrating_old_rows_links_each_reply_to_its_message(tmp_path):
             "SELECT m.text, u.text FROM messages m JOIN messages u ON u.id = m.reply_to_id"
         ).fetchall()
     assert links == [("b1", "u1"), ("b3", "u3")]
+
+
+async def test_a_message_keeps_one_reply_whoever_stores_a_second(sessions, tiny_model_dir):
+    """With replicas, one that stalled past its lease just after checking it could store its
+    reply after another replica had answered the same message. Before: both were stored, and
+    every later prompt carried the two answers."""
+    from bot.config import Settings
+    from bot.dialogue import DialogueService, UserRef
+    from bot.engine import GenerationEngine, load_model
+
+    model, tokenizer = load_model(str(tiny_model_dir))
+    backend = GenerationEngine(model, tokenizer, persona=None, reply_tokens=8)
+    dialogue = DialogueService(sessions, backend, Settings(_env_file=None))
+    alice = UserRef(7, "Alice")
+    message_id = await dialogue.remember_user_message(alice, "Привет", 1)
+    assert message_id is not None
+    assert await dialogue.store_reply(alice, "Ответ первой реплики", message_id)
+    assert not await dialogue.store_reply(alice, "Ответ опоздавшей реплики", message_id)
+    async with sessions() as session:
+        user = await repository.get_or_create_user(session, 7, None)
+        turns = await repository.recent_turns(session, user, 10)
+    assert [t.text for t in turns] == ["Привет", "Ответ первой реплики"]
+    with pytest.raises(IntegrityError):  # any other refusal is still an error
+        await dialogue.store_reply(alice, "Ответ", message_id + 1000)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+async def test_migrating_a_message_stored_with_two_replies_keeps_the_first_linked(
+    backend, tmp_path, request
+):
+    """Rows from before migration 0007 may hold two replies to one message: the first stays
+    its reply, the second stays in the history as sent, linked to nothing."""
+    from alembic import command
+    from bot.db.engine import _alembic_config
+
+    if backend == "sqlite":
+        url = f"sqlite+aiosqlite:///{tmp_path / 'old.db'}"
+    else:
+        url = request.getfixturevalue("postgres_url")
+    await asyncio.to_thread(command.upgrade, _alembic_config(url), "0006")
+    old = datetime(2026, 1, 1, tzinfo=UTC)
+    engine = create_engine(url)
+    async with engine.begin() as connection:
+        await connection.execute(
+            text("INSERT INTO users (id, telegram_id, created_at) VALUES (1, 7, :t)"),
+            {"t": old},
+        )
+        for id_, role, body, reply_to in [
+            (1, "user", "u1", None),
+            (2, "bot", "b1", 1),
+            (3, "bot", "b1 again", 1),
+            (4, "user", "u2", None),
+            (5, "bot", "b2", 4),
+        ]:
+            await connection.execute(
+                text(
+                    "INSERT INTO messages (id, user_id, role, text, reply_to_id, created_at) "
+                    "VALUES (:id, 1, :role, :body, :reply_to, :t)"
+                ),
+                {"id": id_, "role": role, "body": body, "reply_to": reply_to, "t": old},
+            )
+    await engine.dispose()
+    await upgrade_to_head(url)
+    engine = create_engine(url)
+    async with engine.connect() as connection:
+        rows = (
+            await connection.execute(text("SELECT text, reply_to_id FROM messages ORDER BY id"))
+        ).all()
+    await engine.dispose()
+    assert [tuple(row) for row in rows] == [
+        ("u1", None),
+        ("b1", 1),
+        ("b1 again", None),
+        ("u2", None),
+        ("b2", 4),
+    ]
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
