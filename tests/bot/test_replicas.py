@@ -288,7 +288,10 @@ async def test_a_reset_among_messages_is_carried_out_in_its_place_while_telegram
         for line in deployment.logs().splitlines()
         if "prompt:" in line and f"Пользователь {user}" in line
     ]
-    assert sorted(prompts) == [[0], [0, 1], [2], [2, 3]], prompts
+    # Each reply knew exactly what came before it since the /reset. A reply may be generated
+    # twice (a replica starved past its lease hands the user over, as on a loaded CI machine:
+    # [[0], [0, 1], [2], [2], [2, 3]] was seen), never shown or stored twice (checked above).
+    assert sorted(set(map(tuple, prompts))) == [(0,), (0, 1), (2,), (2, 3)], prompts
     connection = await asyncpg.connect(deployment.database)
     try:
         roles = await connection.fetch(
