@@ -485,8 +485,8 @@ async def test_a_database_connection_that_stops_answering_delays_a_message_but_l
     """The server behind the bot's pooled PostgreSQL connections stops answering on them (here
     their server processes are stopped; a failover or a network partition that drops packets
     looks the same from the bot), while new connections work. Before: the next message waited
-    on a pooled connection for as long as the kernel kept it (about a quarter of an hour): no
-    reply, and none to anything the user sent after it."""
+    on a pooled connection for as long as the kernel kept it (here for ever): no reply, and
+    none to anything the user sent after it."""
     await running(DATABASE_URL=postgres_url, DATABASE_TIMEOUT_S="1")
     fake.send_text(ALICE, "/start")
     fake.send_text(ALICE, "Первое сообщение")
