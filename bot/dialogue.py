@@ -17,11 +17,13 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Hashable
+from collections.abc import AsyncIterator, Awaitable, Callable, Hashable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from typing import TypeVar
 
 from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncSession
 
 from bot import texts
 from bot.config import Settings
@@ -34,6 +36,7 @@ from dataset_tools.dialogue_format import sanitize_utterance
 logger = logging.getLogger(__name__)
 
 TELEGRAM_LIMIT = 4096
+T = TypeVar("T")
 DB_ATTEMPTS = 4
 
 
@@ -235,30 +238,39 @@ class DialogueService:
         telegram_message_id: int | None,
         telegram_thread_id: int | None,
     ) -> int | None:
-        """One committed row for something the user sent; a locked, briefly unreachable or
-        unanswering database is retried (each try waits at most DATABASE_TIMEOUT_S: SQLite's
-        busy timeout, PostgreSQL's command timeout, then a fresh connection)."""
+        """One committed row for something the user sent (retried: :meth:`_write`); ``None``
+        when Telegram delivered it again."""
+
+        async def store(session: AsyncSession) -> int:
+            row = await repository.get_or_create_user(session, user.telegram_id, user.name)
+            message = await repository.add_message(
+                session,
+                row,
+                role,
+                text,
+                telegram_message_id=telegram_message_id,
+                telegram_thread_id=telegram_thread_id,
+            )
+            return message.id
+
+        try:
+            return await self._write(store)
+        except IntegrityError:
+            if telegram_message_id is None or not await self._is_stored(user, telegram_message_id):
+                raise
+            logger.info("update delivered again: message already stored, not answered twice")
+            return None
+
+    async def _write(self, work: Callable[[AsyncSession], Awaitable[T]]) -> T:
+        """``work`` in one committed transaction, tried again while the database is locked,
+        unreachable or silent (each try waits at most DATABASE_TIMEOUT_S: SQLite's busy
+        timeout, PostgreSQL's command timeout, then a fresh connection): what a user sent, and
+        the reply they were sent, are not lost to a database that comes back within seconds."""
         for attempt in range(1, DB_ATTEMPTS + 1):
             try:
                 async with self.sessions.begin() as session:
-                    row = await repository.get_or_create_user(session, user.telegram_id, user.name)
-                    message = await repository.add_message(
-                        session,
-                        row,
-                        role,
-                        text,
-                        telegram_message_id=telegram_message_id,
-                        telegram_thread_id=telegram_thread_id,
-                    )
-                    return message.id
-            except IntegrityError:
-                if telegram_message_id is None or not await self._is_stored(
-                    user, telegram_message_id
-                ):
-                    raise
-                logger.info("update delivered again: message already stored, not answered twice")
-                return None
-            except UNREACHABLE:  # locked, refused, or no answer within DATABASE_TIMEOUT_S
+                    return await work(session)
+            except UNREACHABLE:
                 if attempt == DB_ATTEMPTS:
                     raise
                 logger.warning("database unavailable, retry %d", attempt)
@@ -380,12 +392,15 @@ class DialogueService:
         that stalled past its lease just after checking it gets here after another replica
         answered the message (the database keeps one reply per message, migration 0007).
         """
-        try:
-            async with self.sessions.begin() as session:
-                row = await repository.get_or_create_user(session, user.telegram_id, user.name)
-                await repository.add_message(
-                    session, row, repository.BOT_ROLE, reply, reply_to_id=reply_to_id
-                )
+
+        async def store(session: AsyncSession) -> None:
+            row = await repository.get_or_create_user(session, user.telegram_id, user.name)
+            await repository.add_message(
+                session, row, repository.BOT_ROLE, reply, reply_to_id=reply_to_id
+            )
+
+        try:  # retried: a commit that reached the server before the error is refused, not doubled
+            await self._write(store)
         except IntegrityError:
             if reply_to_id is None or not await self._has_reply(reply_to_id):
                 raise

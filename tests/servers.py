@@ -16,7 +16,7 @@ import socket
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
@@ -159,3 +159,37 @@ class PostgresServer:
     def stop(self) -> None:
         _stop(self.process)
         shutil.rmtree(self.workdir, ignore_errors=True)
+
+
+@contextlib.asynccontextmanager
+async def silenced_connections(database: str) -> AsyncIterator[list[int]]:
+    """Every other client's connection to ``database`` (an asyncpg DSN) stops answering inside
+    the block, as behind a failover or a network partition that drops packets, while new
+    connections work: their server processes are stopped (SIGSTOP), once all of them are idle
+    (no transaction under way), and resumed at the end. Yields their process ids."""
+    import asyncio
+
+    import asyncpg
+
+    connection = await asyncpg.connect(database)
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            rows = await connection.fetch(
+                "SELECT pid, state FROM pg_stat_activity WHERE datname = current_database() "
+                "AND backend_type = 'client backend' AND pid <> pg_backend_pid()"
+            )
+            if rows and all(row["state"] == "idle" for row in rows):
+                break
+            assert time.monotonic() < deadline, f"the connections stay busy: {rows}"
+            await asyncio.sleep(0.05)
+    finally:
+        await connection.close()
+    pids = [row["pid"] for row in rows]
+    for pid in pids:
+        os.kill(pid, signal.SIGSTOP)
+    try:
+        yield pids
+    finally:
+        for pid in pids:
+            os.kill(pid, signal.SIGCONT)

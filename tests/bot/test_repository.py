@@ -314,6 +314,35 @@ async def test_a_message_keeps_one_reply_whoever_stores_a_second(sessions, tiny_
         await dialogue.store_reply(alice, "Ответ", message_id + 1000)
 
 
+async def test_a_reply_is_stored_though_the_pooled_connection_stopped_answering(
+    postgres_url, tiny_model_dir
+):
+    """The reply reached the user; then the database stops answering on the pooled connection
+    (a failover). Before: storing it failed (no retry), and the reply was missing from the
+    history until the next start answered the message again."""
+    from bot.config import Settings
+    from bot.dialogue import DialogueService, UserRef
+    from bot.engine import GenerationEngine, load_model
+    from tests.servers import silenced_connections
+
+    await upgrade_to_head(postgres_url)
+    engine = create_engine(postgres_url, timeout_s=1)
+    model, tokenizer = load_model(str(tiny_model_dir))
+    backend = GenerationEngine(model, tokenizer, persona=None, reply_tokens=8)
+    dialogue = DialogueService(create_sessionmaker(engine), backend, Settings(_env_file=None))
+    alice = UserRef(7, "Alice")
+    message_id = await dialogue.remember_user_message(alice, "Привет", 1)
+    assert message_id is not None
+    async with silenced_connections(postgres_url.replace("+asyncpg", "")) as stopped:
+        assert stopped
+        assert await asyncio.wait_for(dialogue.store_reply(alice, "Ответ", message_id), 30)
+    async with create_sessionmaker(engine)() as session:
+        user = await repository.get_or_create_user(session, 7, None)
+        turns = await repository.recent_turns(session, user, 10)
+    await engine.dispose()
+    assert [t.text for t in turns] == ["Привет", "Ответ"]
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 async def test_migrating_a_message_stored_with_two_replies_keeps_the_first_linked(
     backend, tmp_path, request
