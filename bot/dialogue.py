@@ -240,8 +240,11 @@ class DialogueService:
     ) -> int | None:
         """One committed row for something the user sent (retried: :meth:`_write`); ``None``
         when Telegram delivered it again."""
+        tries = 0
 
         async def store(session: AsyncSession) -> int:
+            nonlocal tries
+            tries += 1
             row = await repository.get_or_create_user(session, user.telegram_id, user.name)
             message = await repository.add_message(
                 session,
@@ -256,8 +259,16 @@ class DialogueService:
         try:
             return await self._write(store)
         except IntegrityError:
-            if telegram_message_id is None or not await self._is_stored(user, telegram_message_id):
+            if telegram_message_id is None:
                 raise
+            stored = await self._stored_id(user, telegram_message_id)
+            if stored is None:
+                raise
+            if tries > 1:
+                # An earlier try's commit reached the database and only its answer was lost:
+                # this message is the one stored, not Telegram delivering it again.
+                logger.info("message stored by a try whose answer was lost; answering it")
+                return stored
             logger.info("update delivered again: message already stored, not answered twice")
             return None
 
@@ -302,10 +313,10 @@ class DialogueService:
         for topic in topics:
             self.backend.forget(dialogue_key(telegram_id, topic))
 
-    async def _is_stored(self, user: UserRef, telegram_message_id: int) -> bool:
+    async def _stored_id(self, user: UserRef, telegram_message_id: int) -> int | None:
         async with self.sessions() as session:
             row = await repository.get_or_create_user(session, user.telegram_id, user.name)
-            return await repository.has_telegram_message(session, row, telegram_message_id)
+            return await repository.stored_message_id(session, row, telegram_message_id)
 
     async def unanswered(
         self,

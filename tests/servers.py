@@ -7,6 +7,7 @@ machine (`.ci/run` installs both).
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import glob
 import os
@@ -167,8 +168,6 @@ async def silenced_connections(database: str) -> AsyncIterator[list[int]]:
     the block, as behind a failover or a network partition that drops packets, while new
     connections work: their server processes are stopped (SIGSTOP), once all of them are idle
     (no transaction under way), and resumed at the end. Yields their process ids."""
-    import asyncio
-
     import asyncpg
 
     connection = await asyncpg.connect(database)
@@ -193,3 +192,72 @@ async def silenced_connections(database: str) -> AsyncIterator[list[int]]:
     finally:
         for pid in pids:
             os.kill(pid, signal.SIGCONT)
+
+
+class CommitReplyLoss:
+    """A TCP relay in front of a PostgreSQL server that can lose the server's reply to one
+    ``COMMIT``: the transaction is committed, and its client never hears so (the connection
+    goes silent after it), as when a network fails at that moment. The client's only evidence
+    is its own timeout: whether the write happened is for it to find out."""
+
+    def __init__(self, server_port: int) -> None:
+        self.server_port = server_port
+        self.port = 0
+        self.lost = asyncio.Event()  # set when a commit's reply has been dropped
+        self._armed = False
+        self._server: asyncio.Server | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def start(self) -> CommitReplyLoss:
+        self._server = await asyncio.start_server(self._relay, "127.0.0.1", 0)
+        self.port = self._server.sockets[0].getsockname()[1]
+        return self
+
+    def url(self, database_url: str) -> str:
+        """``database_url`` (a server on 127.0.0.1) through this relay."""
+        return database_url.replace(f":{self.server_port}/", f":{self.port}/")
+
+    def lose_next_commit_reply(self) -> None:
+        self._armed = True
+
+    async def stop(self) -> None:
+        assert self._server is not None
+        self._server.close()
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    async def _relay(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._tasks.add(task)
+        upstream_reader, upstream_writer = await asyncio.open_connection(
+            "127.0.0.1", self.server_port
+        )
+        silent = asyncio.Event()  # this connection's replies are dropped from now on
+
+        async def to_server() -> None:
+            while data := await reader.read(65536):
+                if self._armed and b"COMMIT" in data:
+                    self._armed = False
+                    silent.set()
+                    self.lost.set()
+                upstream_writer.write(data)
+                await upstream_writer.drain()
+
+        async def to_client() -> None:
+            while data := await upstream_reader.read(65536):
+                if not silent.is_set():
+                    writer.write(data)
+                    await writer.drain()
+
+        directions = [asyncio.create_task(to_server()), asyncio.create_task(to_client())]
+        try:  # either side closing closes the other (a client waits for the server's close)
+            await asyncio.wait(directions, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for direction in directions:
+                direction.cancel()
+            await asyncio.gather(*directions, return_exceptions=True)
+            for stream in (writer, upstream_writer):
+                stream.close()
+            self._tasks.discard(task)

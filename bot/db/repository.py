@@ -76,17 +76,19 @@ async def has_reply(session: AsyncSession, message_id: int) -> bool:
     return bool(await session.scalar(select(exists().where(Message.reply_to_id == message_id))))
 
 
-async def has_telegram_message(session: AsyncSession, user: User, telegram_message_id: int) -> bool:
-    return bool(
-        await session.scalar(
-            select(
-                exists().where(
-                    Message.user_id == user.id,
-                    Message.telegram_message_id == telegram_message_id,
-                )
-            )
+async def stored_message_id(
+    session: AsyncSession, user: User, telegram_message_id: int
+) -> int | None:
+    """The id of the row stored for the user's Telegram message, if one is."""
+    return await session.scalar(
+        select(Message.id).where(
+            Message.user_id == user.id, Message.telegram_message_id == telegram_message_id
         )
     )
+
+
+async def has_telegram_message(session: AsyncSession, user: User, telegram_message_id: int) -> bool:
+    return await stored_message_id(session, user, telegram_message_id) is not None
 
 
 @dataclass(frozen=True)

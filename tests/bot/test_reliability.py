@@ -23,7 +23,7 @@ from tests.bot.harness import (
     eventually,
     stored_messages,
 )
-from tests.servers import free_port, silenced_connections
+from tests.servers import CommitReplyLoss, free_port, silenced_connections
 
 GROUP = -5001
 
@@ -491,3 +491,46 @@ async def test_a_database_connection_that_stops_answering_delays_a_message_but_l
         ("Второе сообщение", 1),
         ("Третье сообщение", 1),
     ]
+
+
+async def _replies_stored(database: str) -> list[tuple[str, int]]:
+    connection = await asyncpg.connect(database)
+    try:
+        rows = await connection.fetch(
+            "SELECT m.text, (SELECT count(*) FROM messages r WHERE r.reply_to_id = m.id) AS n "
+            "FROM messages m WHERE m.role = 'user' ORDER BY m.id"
+        )
+    finally:
+        await connection.close()
+    return [(row["text"], row["n"]) for row in rows]
+
+
+async def test_a_message_whose_commit_reply_was_lost_is_answered_once(fake, running, postgres_url):
+    """PostgreSQL commits the user's message, and its reply to the bot is lost (the network
+    fails at that moment): after its timeout the bot cannot know the write happened, stores
+    again and finds the message there. Before: taken for Telegram delivering the update a
+    second time, and left unanswered until the next start."""
+    from sqlalchemy.engine import make_url
+
+    relay = await CommitReplyLoss(make_url(postgres_url).port).start()
+    database = postgres_url.replace("+asyncpg", "")
+    try:
+        await running(DATABASE_URL=relay.url(postgres_url), DATABASE_TIMEOUT_S="2")
+        fake.send_text(ALICE, "/start")
+        fake.send_text(ALICE, "Первое сообщение")
+        for _ in range(600):  # the reply is stored just after Telegram took it
+            if await _replies_stored(database) == [("Первое сообщение", 1)]:
+                break
+            await asyncio.sleep(0.05)
+        relay.lose_next_commit_reply()
+        fake.send_text(ALICE, "Второе сообщение")
+        await asyncio.wait_for(relay.lost.wait(), 30)
+        await fake.wait_replies(ALICE, 3, timeout=60)
+        expected = [("Первое сообщение", 1), ("Второе сообщение", 1)]
+        for _ in range(600):
+            if (stored := await _replies_stored(database)) == expected:
+                break
+            await asyncio.sleep(0.05)
+        assert stored == expected
+    finally:
+        await relay.stop()
