@@ -460,6 +460,26 @@ async def test_a_blocked_user_is_ignored_in_private_and_in_groups(fake, running,
     assert stored_messages(db, ALICE) == [] and stored_messages(db, GROUP) == []
 
 
+async def _until_stored(database: str, expected: list[tuple[str, int]]) -> None:
+    """Wait until PostgreSQL holds ``expected``: (user message, replies to it), in order (a
+    reply is stored just after Telegram took it), or fail showing what it holds."""
+    deadline = time.monotonic() + 30
+    while True:
+        connection = await asyncpg.connect(database)
+        try:
+            rows = await connection.fetch(
+                "SELECT m.text, (SELECT count(*) FROM messages r WHERE r.reply_to_id = m.id) "
+                "AS n FROM messages m WHERE m.role = 'user' ORDER BY m.id"
+            )
+        finally:
+            await connection.close()
+        stored = [(row["text"], row["n"]) for row in rows]
+        if stored == expected:
+            return
+        assert time.monotonic() < deadline, stored
+        await asyncio.sleep(0.05)
+
+
 async def test_a_database_connection_that_stops_answering_delays_a_message_but_loses_none(
     fake, running, postgres_url
 ):
@@ -478,31 +498,10 @@ async def test_a_database_connection_that_stops_answering_delays_a_message_but_l
         fake.send_text(ALICE, "Второе сообщение")
         fake.send_text(ALICE, "Третье сообщение")
         await fake.wait_replies(ALICE, 4, timeout=60)
-    connection = await asyncpg.connect(database)
-    try:
-        rows = await connection.fetch(
-            "SELECT m.text, (SELECT count(*) FROM messages r WHERE r.reply_to_id = m.id) AS n "
-            "FROM messages m WHERE m.role = 'user' ORDER BY m.id"
-        )
-    finally:
-        await connection.close()
-    assert [(row["text"], row["n"]) for row in rows] == [
-        ("Первое сообщение", 1),
-        ("Второе сообщение", 1),
-        ("Третье сообщение", 1),
-    ]
-
-
-async def _replies_stored(database: str) -> list[tuple[str, int]]:
-    connection = await asyncpg.connect(database)
-    try:
-        rows = await connection.fetch(
-            "SELECT m.text, (SELECT count(*) FROM messages r WHERE r.reply_to_id = m.id) AS n "
-            "FROM messages m WHERE m.role = 'user' ORDER BY m.id"
-        )
-    finally:
-        await connection.close()
-    return [(row["text"], row["n"]) for row in rows]
+    await _until_stored(
+        database,
+        [("Первое сообщение", 1), ("Второе сообщение", 1), ("Третье сообщение", 1)],
+    )
 
 
 async def test_a_message_whose_commit_reply_was_lost_is_answered_once(fake, running, postgres_url):
@@ -518,19 +517,11 @@ async def test_a_message_whose_commit_reply_was_lost_is_answered_once(fake, runn
         await running(DATABASE_URL=relay.url(postgres_url), DATABASE_TIMEOUT_S="2")
         fake.send_text(ALICE, "/start")
         fake.send_text(ALICE, "Первое сообщение")
-        for _ in range(600):  # the reply is stored just after Telegram took it
-            if await _replies_stored(database) == [("Первое сообщение", 1)]:
-                break
-            await asyncio.sleep(0.05)
+        await _until_stored(database, [("Первое сообщение", 1)])  # nothing left to commit
         relay.lose_next_commit_reply()
         fake.send_text(ALICE, "Второе сообщение")
         await asyncio.wait_for(relay.lost.wait(), 30)
         await fake.wait_replies(ALICE, 3, timeout=60)
-        expected = [("Первое сообщение", 1), ("Второе сообщение", 1)]
-        for _ in range(600):
-            if (stored := await _replies_stored(database)) == expected:
-                break
-            await asyncio.sleep(0.05)
-        assert stored == expected
+        await _until_stored(database, [("Первое сообщение", 1), ("Второе сообщение", 1)])
     finally:
         await relay.stop()
