@@ -107,6 +107,7 @@ class Settings(BaseSettings):
     model_dtype: str = "float32"  # auto | float32 | bfloat16 | float16 (see bot.engine.loading)
     model_quantize: str = "none"  # none | int8 (dynamic int8 projections, for CPUs)
     model_cpu_onednn: bool = True  # float32 projections through oneDNN on a CPU (bot.engine.onednn)
+    cpu_attention_kernel: str = "auto"  # auto | on | off (bot.engine.cpu_attention)
     context_tokens: int | None = Field(None, ge=32, description="default: the model's window")
     reply_tokens: int = Field(64, ge=1, le=1024)
     temperature: float = Field(0.8, ge=0.1, le=2.0)
@@ -231,6 +232,13 @@ class Settings(BaseSettings):
     def _known_quantize(cls, value: str) -> str:
         if value not in ("none", "int8"):
             raise ValueError("MODEL_QUANTIZE must be none or int8")
+        return value
+
+    @field_validator("cpu_attention_kernel")
+    @classmethod
+    def _known_attention_mode(cls, value: str) -> str:
+        if value not in ("auto", "on", "off"):
+            raise ValueError("CPU_ATTENTION_KERNEL must be auto, on or off")
         return value
 
     @field_validator("database_url")

@@ -17,7 +17,8 @@ the ratios come from one run: ``engine:int8`` (``MODEL_QUANTIZE=int8``), ``engin
 ``MODEL_DTYPE``), ``engine:threads=1`` (the worker's thread count), ``engine:chunk=0`` (each new
 prompt encoded whole, ``PREFILL_CHUNK_TOKENS=0``), ``engine:omp=active`` (OpenMP threads spin while
 they wait, ``OMP_WAIT_POLICY=ACTIVE``; see ``bot/__init__.py``), ``engine:spin=N`` (they spin N
-times before they sleep, ``GOMP_SPINCOUNT=N``); e.g. ``--designs
+times before they sleep, ``GOMP_SPINCOUNT=N``), ``engine:attention=off`` (PyTorch's attention
+instead of the compiled CPU kernel, ``CPU_ATTENTION_KERNEL=off``); e.g. ``--designs
 naive,engine,engine:int8``.
 ``--join-tokens N`` then measures, per engine design, the streaming replies' token gaps while an
 N-token prompt joins them.
@@ -305,10 +306,13 @@ def split_design(spec: str) -> tuple[str, dict[str, str]]:
             options["omp"] = variant[4:].upper()
         elif variant.startswith("spin=") and variant[5:].isdigit():
             options["spin"] = variant[5:]
+        elif variant in ("attention=auto", "attention=on", "attention=off"):
+            options["attention"] = variant[10:]
         else:
             raise ValueError(
                 f"unknown variant {variant!r} in {spec!r}: use int8, a dtype "
-                f"({', '.join(DTYPE_CHOICES)}), threads=N, chunk=N, omp=active|passive or spin=N"
+                f"({', '.join(DTYPE_CHOICES)}), threads=N, chunk=N, omp=active|passive, spin=N "
+                "or attention=auto|on|off"
             )
     return name, options
 
@@ -364,6 +368,7 @@ async def run_design(args: argparse.Namespace) -> dict[str, Any]:
         run_in_own_thread,
         stop_token_ids,
     )
+    from bot.engine.cpu_attention import decode_attention_for
     from dataset_tools.dialogue_format import render_prompt
 
     onednn = args.only == "engine" and args.cpu_onednn
@@ -443,6 +448,7 @@ async def run_design(args: argparse.Namespace) -> dict[str, Any]:
             cache_mb=args.cache_mb,
             threads=args.threads,
             prefill_chunk=args.prefill_chunk,
+            attention=await run_in_own_thread(decode_attention_for, model, args.attention),
         )
         engine.start(warm_up=True)
         await engine.ready()
@@ -491,6 +497,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument(
         "--threads", type=int, default=None, help="the engine's threads (ENGINE_THREADS)"
+    )
+    parser.add_argument(
+        "--attention",
+        choices=["auto", "on", "off"],
+        default="auto",
+        help="the engine's compiled CPU decoding attention (CPU_ATTENTION_KERNEL)",
     )
     parser.add_argument(
         "--prefill-chunk",

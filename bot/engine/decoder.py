@@ -26,12 +26,20 @@ How attention reads the slots depends on the device:
   positions (a call per row would be bound by kernel launches there); positions nobody wrote
   are zeros, so masked keys/values are finite.
 
-Keys and values are kept in the model's dtype, except for a bfloat16 model on a CPU: there the
-slots are float32. PyTorch's CPU attention is fast only in float32: one row's attention over 300
-positions of the medium shape took 350 µs in bfloat16 against 59 µs in float32 (AVX512_BF16 CPU;
-batched matrix products in bfloat16 were no better, as they copy the strided slot first), and
-a batch-8 step 111 ms against 74 ms. The price is twice the slots' memory; the copies kept
-between turns stay bfloat16 (:meth:`SlotDecoder.save_slot`).
+On a CPU, rows of one token (every decoding row, and a decoding row inside a prefill pass) attend
+through the compiled kernel of :mod:`bot.engine.cpu_attention` when the engine has it: one call per
+layer for all of them, writing their new keys/values as it goes. Rows of several tokens (a
+prompt's chunk) use PyTorch's attention over their slot.
+
+Keys and values are kept in the model's dtype, except for a bfloat16 model on a CPU *without*
+that kernel: there the slots are float32. PyTorch's CPU attention is fast only in float32: one
+row's attention over 300 positions of the medium shape took 350 µs in bfloat16 against 59 µs in
+float32 (AVX512_BF16 CPU; batched matrix products in bfloat16 were no better, as they copy the
+strided slot first), and a batch-8 step 111 ms against 74 ms. The kernel reads bfloat16 at
+memory speed, so with it the slots stay bfloat16 (half the memory); a prompt's chunk then
+attends over a float32 copy of its slot's keys/values (exactly the values a float32 slot would
+hold: they come out of bfloat16 projections). The copies kept between turns are always in the
+model's dtype (:meth:`SlotDecoder.save_slot`).
 
 The model's own modules do the work (embeddings, layer norms, ``c_attn``/``c_proj`` whether
 Conv1D, Linear or dynamic int8 Linear, the MLP, ``lm_head``), so weights, dtypes and quantization
@@ -48,6 +56,8 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers import PreTrainedModel
+
+from bot.engine.cpu_attention import DecodeAttention
 
 #: On a GPU, attention reads keys in multiples of this many positions (masked past each row's
 #: end), so a growing dialogue does not present a new shape at every step.
@@ -70,7 +80,13 @@ def supports(model: PreTrainedModel) -> bool:
 class SlotDecoder:
     """Prefill one row into its slot; decode one token for every active row at once."""
 
-    def __init__(self, model: PreTrainedModel, window: int, initial_capacity: int = 128) -> None:
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        window: int,
+        initial_capacity: int = 128,
+        attention: DecodeAttention | None = None,
+    ) -> None:
         config = model.config
         self.model = model
         self.window = window
@@ -83,8 +99,12 @@ class SlotDecoder:
         self.scales = [base / (i + 1) if inverse else base for i in range(len(self.blocks))]
         self.device = model.transformer.wte.weight.device
         self.dtype = model.transformer.wte.weight.dtype
-        #: What keys/values are stored and attended in (see the module docstring).
-        self.cache_dtype = torch.float32 if self.device.type == "cpu" else self.dtype
+        #: The compiled CPU kernel for one-token rows (bot.engine.cpu_attention), if any.
+        self.attention = attention if self.device.type == "cpu" else None
+        #: What keys/values are stored in (see the module docstring).
+        self.cache_dtype = (
+            torch.float32 if self.device.type == "cpu" and attention is None else self.dtype
+        )
         self.cache = torch.empty(0, device=self.device, dtype=self.cache_dtype)
         self._initial_capacity = min(initial_capacity, window)
         #: Attention over each row's own positions (CPU), else one masked call for all rows.
@@ -213,28 +233,62 @@ class SlotDecoder:
                 )
             spans.append((slot, start, end, keys_end, offset, offset + len(row_ids), mask))
             offset += len(row_ids)
+        # Rows of one token go through the kernel together (their query index in the packed
+        # sequence, slot and end); the others through PyTorch's attention below.
+        singles = [i for i, span in enumerate(spans) if span[5] - span[4] == 1]
+        if self.attention is None or not singles:
+            singles = []
+        single_slots = [spans[i][0] for i in singles]
+        single_ends = [spans[i][2] for i in singles]
+        single_index = torch.tensor([spans[i][4] for i in singles], dtype=torch.long)
         with sdpa_kernel(_BACKENDS):
             for layer, (block, scale) in enumerate(zip(self.blocks, self.scales, strict=True)):
                 q, k, v = self._split(self._qkv(block, hidden))
-                attended = []
-                for slot, start, end, keys_end, first, last, mask in spans:
+                attended: list[torch.Tensor | None] = [None] * len(spans)
+                if singles:
+                    picked = [t[0, :, single_index].transpose(0, 1) for t in (q, k, v)]
+                    out = self.attention(  # type: ignore[misc]
+                        *picked,
+                        self.cache[layer, 0],
+                        self.cache[layer, 1],
+                        single_slots,
+                        single_ends,
+                        scale,
+                    )
+                    for j, i in enumerate(singles):
+                        attended[i] = out[j][None, :, None, :]
+                for i, (slot, start, end, keys_end, first, last, mask) in enumerate(spans):
+                    if attended[i] is not None:
+                        continue
                     self.cache[layer, 0, slot, :, start:end] = k[0, :, first:last]
                     self.cache[layer, 1, slot, :, start:end] = v[0, :, first:last]
-                    attended.append(
-                        F.scaled_dot_product_attention(
-                            q[:, :, first:last],
-                            self.cache[layer, 0, slot : slot + 1, :, :keys_end],
-                            self.cache[layer, 1, slot : slot + 1, :, :keys_end],
-                            attn_mask=mask,
-                            scale=scale,
-                        )
+                    attended[i] = self._attend_span(
+                        q[:, :, first:last],
+                        self.cache[layer, 0, slot : slot + 1, :, :keys_end],
+                        self.cache[layer, 1, slot : slot + 1, :, :keys_end],
+                        mask,
+                        scale,
                     )
-                merged = self._merge(torch.cat(attended, dim=2)).to(self.dtype)
+                merged = self._merge(torch.cat(attended, dim=2)).to(self.dtype)  # type: ignore[arg-type]
                 hidden = hidden + block.attn.c_proj(merged)
                 hidden = hidden + block.mlp(block.ln_2(hidden))
         keep = wanted if wanted is not None else [True] * len(spans)
         last = [span[5] - 1 for span, wants in zip(spans, keep, strict=True) if wants]
         return self._logits(hidden[0, torch.tensor(last, dtype=torch.long, device=self.device)])
+
+    def _attend_span(
+        self,
+        q: torch.Tensor,
+        keys: torch.Tensor,
+        values: torch.Tensor,
+        mask: torch.Tensor | None,
+        scale: float,
+    ) -> torch.Tensor:
+        """PyTorch's attention for one row's queries; over float32 copies where the slot is
+        bfloat16 on a CPU (its attention is slow in bfloat16, see the module docstring)."""
+        if self.device.type == "cpu" and self.cache_dtype != torch.float32:
+            q, keys, values = q.float(), keys.float(), values.float()
+        return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=scale)
 
     def _padded(self, length: int) -> int:
         """``length`` rounded up to whole :data:`KEY_BLOCK` s, within the capacity."""
@@ -274,8 +328,20 @@ class SlotDecoder:
         """Write each row's new key/value at its position, then attend: ``[rows, heads, 1, d]``
         (over each row's ``ends`` positions, or, given the ``mask``, all rows in one call)."""
         rows = len(ends)
-        index = torch.arange(rows, device=self.device)
         keys_all, values_all = self.cache[layer, 0], self.cache[layer, 1]
+        if self.attention is not None:
+            attended = self.attention(
+                q[:, :, 0],
+                k[:, :, 0],
+                v[:, :, 0],
+                keys_all,
+                values_all,
+                list(range(rows)),
+                ends,
+                scale,
+            )
+            return attended[:, :, None]
+        index = torch.arange(rows, device=self.device)
         keys_all[index, :, lengths] = k[:, :, 0]
         values_all[index, :, lengths] = v[:, :, 0]
         if mask is None:

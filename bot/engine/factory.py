@@ -13,6 +13,7 @@ from transformers import PreTrainedTokenizerBase
 
 from bot.config import Settings
 from bot.engine.backend import ReplyBackend
+from bot.engine.cpu_attention import KernelUnavailable, decode_attention_for
 from bot.engine.generation import GenerationEngine
 from bot.engine.loading import ModelLoadError, load_model, run_in_own_thread
 from bot.engine.remote import RemoteBackend
@@ -47,6 +48,12 @@ async def open_local_engine(settings: Settings) -> GenerationEngine:
         settings.model_cpu_onednn,
     )
     warn_if_not_dialogue_tuned(tokenizer, f"MODEL_PATH={settings.model_path}")
+    try:  # built in a thread of its own: the first build compiles for ~30 s
+        attention = await run_in_own_thread(
+            decode_attention_for, model, settings.cpu_attention_kernel
+        )
+    except KernelUnavailable as error:
+        raise ModelLoadError(str(error)) from error
     engine = GenerationEngine(
         model,
         tokenizer,
@@ -59,6 +66,7 @@ async def open_local_engine(settings: Settings) -> GenerationEngine:
         cache_mb=settings.kv_cache_mb,
         prefill_chunk=settings.prefill_chunk_tokens,
         threads=settings.engine_threads or None,
+        attention=attention,
     )
     engine.start(warm_up=True)
     try:

@@ -56,6 +56,7 @@ from transformers import (
     StoppingCriteriaList,
 )
 
+from bot.engine.cpu_attention import DecodeAttention
 from bot.engine.decoder import SlotDecoder, supports
 from bot.engine.prefix_cache import CachedDialogue, Prefix, PrefixCache, common_prefix
 from bot.engine.sampling import SamplingParams, choose_tokens
@@ -203,6 +204,7 @@ class GenerationEngine:
         seed: int | None = None,
         threads: int | None = None,
         prefill_chunk: int | None = 64,
+        attention: DecodeAttention | None = None,
     ) -> None:
         self.model = model
         self.tokenizer = tokenizer
@@ -226,7 +228,9 @@ class GenerationEngine:
         self._closed = False
         self._stop_ids = stop_token_ids(tokenizer)
         self.decoder = (
-            SlotDecoder(model, self.context_tokens) if batched and supports(model) else None
+            SlotDecoder(model, self.context_tokens, attention=attention)
+            if batched and supports(model)
+            else None
         )
         self.prefix_cache = PrefixCache(int(cache_mb * 2**20))
         # The persona exchange opens every prompt: encoded once, shared by every dialogue's

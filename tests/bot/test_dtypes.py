@@ -13,13 +13,14 @@ from pydantic import ValidationError
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from bot.config import Settings
-from bot.engine import GenerationEngine, SamplingParams, load_model, onednn
+from bot.engine import GenerationEngine, SamplingParams, cpu_attention, load_model, onednn
 from bot.engine.loading import ModelLoadError, count_parameters, pick_dtype
 from tests.bot.test_batching import ask
 from tests.conftest import CHATTY_DIALOGUES, CHATTY_PERSONA
 
 CPU = torch.device("cpu")
 NO_BF16 = onednn.bfloat16_support()
+KERNEL_MISSING = cpu_attention.unavailable_reason()
 needs_bf16_cpu = pytest.mark.skipif(
     NO_BF16 is not None, reason=f"bfloat16 through oneDNN: {NO_BF16}"
 )
@@ -62,8 +63,10 @@ def test_dtype_setting_accepts_auto_and_rejects_the_unknown(monkeypatch):
         Settings(_env_file=None)
 
 
-async def _greedy_replies(model, tokenizer, new_tokens: int = 12) -> list[list[int]]:
-    engine = GenerationEngine(model, tokenizer, persona=CHATTY_PERSONA, reply_tokens=new_tokens)
+async def _greedy_replies(model, tokenizer, new_tokens=12, attention=None) -> list[list[int]]:  # type: ignore[no-untyped-def]
+    engine = GenerationEngine(
+        model, tokenizer, persona=CHATTY_PERSONA, reply_tokens=new_tokens, attention=attention
+    )
     engine.start()
     params = SamplingParams(temperature=0.0, repetition_penalty=1.0, max_new_tokens=new_tokens)
     try:
@@ -72,8 +75,9 @@ async def _greedy_replies(model, tokenizer, new_tokens: int = 12) -> list[list[i
             done = await engine.complete(_prompt_ids(tokenizer, prompt), params, stop_token_ids=[])
             replies.append(done.token_ids)
         if engine.decoder is not None:
-            # keys/values in float32 on a CPU (its attention kernels), else the model's dtype
-            wanted = torch.float32 if model.device.type == "cpu" else model.dtype
+            # keys/values in float32 on a CPU with PyTorch's attention, else the model's dtype
+            cpu = model.device.type == "cpu"
+            wanted = torch.float32 if cpu and attention is None else model.dtype
             assert engine.decoder.cache.dtype == wanted
         return replies
     finally:
@@ -101,13 +105,13 @@ def _explain_divergence(reference, tokenizer, prompt: str, wanted: list[int], go
     assert margin <= 0.02 * logits.abs().max().item(), (prompt, at, margin)
 
 
-def _check_against_float32(chatty_model_dir, model) -> int:  # type: ignore[no-untyped-def]
+def _check_against_float32(chatty_model_dir, model, attention=None) -> int:  # type: ignore[no-untyped-def]
     import asyncio
 
     tokenizer = AutoTokenizer.from_pretrained(chatty_model_dir)
     reference = AutoModelForCausalLM.from_pretrained(chatty_model_dir).eval()
     wanted = asyncio.run(_greedy_replies(reference, tokenizer))
-    got = asyncio.run(_greedy_replies(model, tokenizer))
+    got = asyncio.run(_greedy_replies(model, tokenizer, attention=attention))
     for prompt, a, b in zip(PROMPTS, wanted, got, strict=True):
         _explain_divergence(reference, tokenizer, prompt, a, b)
     return sum(a == b for a, b in zip(wanted, got, strict=True))
@@ -179,3 +183,15 @@ async def test_a_bfloat16_dialogue_kept_between_turns_gives_the_reply_a_fresh_on
         assert kept.reply_ids == fresh.reply_ids and kept.reply_ids
     finally:
         engine.close()
+
+
+@needs_bf16_cpu
+@pytest.mark.skipif(KERNEL_MISSING is not None, reason=f"no CPU attention kernel: {KERNEL_MISSING}")
+def test_bfloat16_through_the_cpu_kernel_keeps_bfloat16_keys_and_replies_as_float32(
+    chatty_model_dir,
+):
+    """What ``MODEL_DTYPE=auto`` serves on such a CPU: packed bfloat16 projections and
+    keys/values kept in bfloat16 (half the memory), read by the compiled attention kernel."""
+    model, _ = load_model(str(chatty_model_dir), "cpu", "bfloat16", "none", cpu_onednn=True)
+    equal = _check_against_float32(chatty_model_dir, model, attention=cpu_attention.load())
+    assert equal >= len(PROMPTS) - 1

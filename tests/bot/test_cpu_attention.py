@@ -1,0 +1,165 @@
+"""The compiled CPU decoding attention (bot.engine.cpu_attention) against PyTorch's attention.
+
+The reference is ``scaled_dot_product_attention`` over the same positions, and for whole
+replies Hugging Face's ``model.generate``: the kernel is checked against the library, not
+itself. Skipped where the kernel cannot be had (a CPU without AVX-512, no compiler), with the
+reason; the engine then runs PyTorch's attention, which the rest of the suite covers.
+"""
+
+import asyncio
+import logging
+
+import pytest
+import torch
+import torch.nn.functional as F
+from pydantic import ValidationError
+
+from bot.config import Settings
+from bot.engine import GenerationEngine, cpu_attention, load_model
+from bot.engine.cpu_attention import KernelUnavailable, decode_attention_for
+from bot.engine.decoder import SlotDecoder
+from tests.bot.test_batching import GREEDY, PERSONA, reference
+
+REASON = cpu_attention.unavailable_reason()
+
+
+@pytest.fixture(scope="module")
+def kernel():
+    if REASON is not None:
+        pytest.skip(f"no CPU attention kernel: {REASON}")
+    return cpu_attention.load()
+
+
+def _expected(queries, keys, values, slots, ends, scale):
+    """PyTorch's attention, one row at a time, in float32."""
+    rows = []
+    for row, (slot, end) in enumerate(zip(slots, ends, strict=True)):
+        rows.append(
+            F.scaled_dot_product_attention(
+                queries[row : row + 1, :, None].float(),
+                keys[slot : slot + 1, :, :end].float(),
+                values[slot : slot + 1, :, :end].float(),
+                scale=scale,
+            )[:, :, 0]
+        )
+    return torch.cat(rows)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("head_dim", [8, 16, 64, 80])
+def test_the_kernel_attends_as_pytorch_does_and_stores_the_new_keys(kernel, dtype, head_dim):
+    """Rows of lengths around the kernel's 16-position blocks, in slots out of order, heads of
+    the vectorised width, twice it, and not a multiple of it (the scalar path)."""
+    torch.manual_seed(head_dim)
+    slots_total, heads, capacity = 6, 3, 80
+    keys = torch.randn(slots_total, heads, capacity, head_dim).to(dtype)
+    values = torch.randn(slots_total, heads, capacity, head_dim).to(dtype)
+    slots, ends = [4, 0, 2, 5, 1], [1, 16, 17, 33, 80]
+    new = [torch.randn(len(slots), heads, head_dim).to(dtype) for _ in range(3)]
+    queries, new_keys, new_values = new
+    expected_keys, expected_values = keys.clone(), values.clone()
+    for row, (slot, end) in enumerate(zip(slots, ends, strict=True)):
+        expected_keys[slot, :, end - 1] = new_keys[row]
+        expected_values[slot, :, end - 1] = new_values[row]
+    scale = head_dim**-0.5
+    got = kernel(queries, new_keys, new_values, keys, values, slots, ends, scale)
+    assert torch.equal(keys, expected_keys) and torch.equal(values, expected_values)
+    assert got.dtype == torch.float32 and got.shape == (len(slots), heads, head_dim)
+    wanted = _expected(queries, keys, values, slots, ends, scale)
+    torch.testing.assert_close(got, wanted, rtol=1e-5, atol=1e-5)
+
+
+def test_the_kernel_refuses_what_it_cannot_read(kernel):
+    keys = torch.zeros(2, 2, 8, 16)
+    q = torch.zeros(1, 2, 16)
+    with pytest.raises(RuntimeError, match="end out of range"):
+        kernel(q, q, q, keys, keys.clone(), [0], [9], 1.0)
+    with pytest.raises(RuntimeError, match="slot out of range"):
+        kernel(q, q, q, keys, keys.clone(), [2], [1], 1.0)
+    with pytest.raises(RuntimeError, match="float32 or bfloat16"):
+        kernel(q, q, q, keys.half(), keys.half(), [0], [1], 1.0)
+    with pytest.raises(RuntimeError, match="one after another"):
+        strided = torch.zeros(2, 2, 16, 8).transpose(2, 3)
+        kernel(q, q, q, strided, strided.clone(), [0], [1], 1.0)
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_model_dir):
+    return load_model(str(tiny_model_dir))
+
+
+def test_the_decoder_gives_the_same_logits_with_and_without_the_kernel(tiny, kernel):
+    """Decoding steps and a pass that decodes rows and encodes a prompt's chunk together."""
+    model, _ = tiny
+    lengths = [3, 70, 9, 140]
+    results = []
+    for attention in (kernel, None):
+        decoder = SlotDecoder(model, 1024, initial_capacity=16, attention=attention)
+        torch.manual_seed(0)
+        with torch.inference_mode():
+            decoder.reserve(5, max(lengths) + 4)
+            for slot, length in enumerate(lengths):
+                decoder.prefill(slot, torch.randint(5, 200, (length,)).tolist(), 0)
+            steps = [decoder.decode(torch.tensor([7, 8, 9, 10]), torch.tensor(lengths))]
+            ends = [n + 1 for n in lengths]
+            steps.append(decoder.decode(torch.tensor([11, 12, 13, 14]), torch.tensor(ends)))
+            mixed = [(slot, [15 + slot], n + 1) for slot, n in enumerate(ends)]
+            steps.append(decoder.prefill_many([*mixed, (4, list(range(20, 45)), 0)]))
+            after = torch.tensor([*(n + 2 for n in ends), 25])
+            steps.append(decoder.decode(torch.tensor([1, 2, 3, 4, 5]), after))
+        results.append(steps)
+    for with_kernel, without in zip(*results, strict=True):
+        torch.testing.assert_close(with_kernel, without, rtol=1e-5, atol=1e-5)
+
+
+async def test_replies_through_the_kernel_are_model_generates(tiny, kernel):
+    """Four dialogues decoded together through the kernel, each reply token for token what
+    ``model.generate`` gives for its prompt alone."""
+    model, tokenizer = tiny
+    engine = GenerationEngine(model, tokenizer, persona=PERSONA, attention=kernel)
+    engine.start()
+    try:
+        prompts = [
+            engine.tokenizer(text, add_special_tokens=False)["input_ids"]
+            for text in ("Привет!", "Как дела у тебя сегодня?", "Что нового", "Расскажи анекдот")
+        ]
+        done = await asyncio.gather(
+            *(engine.complete(ids, GREEDY, stop_token_ids=[]) for ids in prompts)
+        )
+        assert engine.decoder is not None and engine.decoder.attention is kernel
+        for ids, stats in zip(prompts, done, strict=True):
+            assert stats.token_ids == reference(engine, ids, GREEDY)
+    finally:
+        engine.close()
+
+
+def test_the_setting_takes_auto_on_off_only(monkeypatch):
+    assert Settings(_env_file=None).cpu_attention_kernel == "auto"
+    monkeypatch.setenv("CPU_ATTENTION_KERNEL", "fast")
+    with pytest.raises(ValidationError, match="auto, on or off"):
+        Settings(_env_file=None)
+
+
+def test_auto_falls_back_with_one_warning_and_on_refuses_in_one_line(tiny, monkeypatch, caplog):
+    """Where no compiler is installed: ``auto`` serves with PyTorch's attention and says why,
+    ``on`` stops the start with the reason."""
+    model, _ = tiny
+    monkeypatch.setattr(cpu_attention.shutil, "which", lambda name: None)
+    monkeypatch.setattr(cpu_attention.torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
+    cpu_attention._build.cache_clear()
+    try:
+        with caplog.at_level(logging.WARNING, logger="bot.engine.cpu_attention"):
+            assert decode_attention_for(model, "auto") is None
+        assert "no C++ compiler" in caplog.text
+        with pytest.raises(KernelUnavailable) as refused:
+            decode_attention_for(model, "on")
+        assert "\n" not in str(refused.value)
+        assert "CPU_ATTENTION_KERNEL=on" in str(refused.value)
+        assert decode_attention_for(model, "off") is None
+    finally:
+        cpu_attention._build.cache_clear()
+
+
+def test_an_avx2_cpu_is_told_why_the_kernel_is_not_used(monkeypatch):
+    monkeypatch.setattr(cpu_attention.torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
+    assert "AVX-512" in (cpu_attention.unavailable_reason() or "")
