@@ -12,6 +12,10 @@ shape, same machine, one run): float32 cache 15 ms a step against 29 ms for per-
 ``scaled_dot_product_attention``; bfloat16 cache 8.4 ms against 88 ms. So a bfloat16 model's
 cache stays bfloat16: half the memory, and its step no longer waits on attention.
 
+It also reads a row's history where the prefix cache keeps it (the dialogue's chunks, one per
+turn) instead of a copy in the row's slot (``SlotDecoder.load_slot``): a dialogue's keys/values
+are held once while its next turn runs, not twice.
+
 It is compiled on first use with PyTorch's C++ extension loader (``g++`` and the ``ninja``
 package; ~30 s once, then loaded from ``TORCH_EXTENSIONS_DIR``, by default
 ``~/.cache/torch_extensions``) for the CPU it runs on (``-march=native``; the build's name

@@ -109,9 +109,15 @@ class SlotDecoder:
         self._initial_capacity = min(initial_capacity, window)
         #: Attention over each row's own positions (CPU), else one masked call for all rows.
         self.exact_keys = self.device.type == "cpu"
+        #: With the kernel, a row's cached prefix is read where the prefix cache keeps it:
+        #: each slot's attached chunks hold its first ``_start`` positions, never copied in.
+        self.paged = self.attention is not None
         #: How many leading positions of each slot hold a row's keys/values (what a growing
         #: cache copies, and on a CPU all that was ever written there).
         self._filled: list[int] = []
+        self._prefix: list[tuple[torch.Tensor, ...]] = []
+        self._start: list[int] = []
+        self._step_prefixes: list[list[torch.Tensor]] = []
 
     # -- the cache -------------------------------------------------------------------------------
     @property
@@ -138,41 +144,70 @@ class SlotDecoder:
         # uninitialised: its pages are touched (made resident) only as rows fill them.
         allocate = torch.empty if self.exact_keys else torch.zeros
         grown = allocate(shape, device=self.device, dtype=self.cache_dtype)
-        for slot, filled in enumerate(self._filled):
-            if filled:
-                grown[:, :, slot, :, :filled] = self.cache[:, :, slot, :, :filled]
+        for slot, (start, filled) in enumerate(zip(self._start, self._filled, strict=True)):
+            if filled > start:
+                grown[:, :, slot, :, start:filled] = self.cache[:, :, slot, :, start:filled]
         self.cache = grown
-        self._filled += [0] * (new_slots - len(self._filled))
+        added = new_slots - len(self._filled)
+        self._filled += [0] * added
+        self._start += [0] * added
+        self._prefix += [()] * added
 
     def load_slot(self, slot: int, chunks: tuple[torch.Tensor, ...]) -> None:
-        """Put saved ``[layers, 2, heads, n, head_dim]`` chunks, in order, into ``slot``."""
-        start = 0
-        for chunk in chunks:
-            end = start + chunk.shape[3]
-            self.cache[:, :, slot, :, start:end] = chunk
-            start = end
-        self._filled[slot] = start
+        """Start ``slot`` from saved ``[layers, 2, heads, n, head_dim]`` chunks, in order.
+
+        With the kernel (:attr:`paged`) the chunks are attached, not copied: attention reads
+        them where they are, so a dialogue's history is held once (by the prefix cache's
+        entry, which its row owns while it runs) instead of once more in the slot, whose
+        pages for those positions are never touched. Otherwise they are copied in."""
+        length = sum(chunk.shape[3] for chunk in chunks)
+        if self.paged:
+            self._prefix[slot], self._start[slot] = tuple(chunks), length
+        else:
+            start = 0
+            for chunk in chunks:
+                end = start + chunk.shape[3]
+                self.cache[:, :, slot, :, start:end] = chunk
+                start = end
+            self._prefix[slot], self._start[slot] = (), 0
+        self._filled[slot] = length
 
     def save_slot(self, slot: int, start: int, end: int) -> torch.Tensor:
         """A compact copy of positions ``start..end-1`` of ``slot`` (kept between turns), in
         the model's dtype: a bfloat16 model's keys/values come out of its bfloat16
         projections, so keeping them in bfloat16 loses nothing and halves what the dialogues'
         cached prefixes hold (:meth:`load_slot` widens them again)."""
-        return self.cache[:, :, slot, :, start:end].to(self.dtype, copy=True)
+        held = self._start[slot]
+        pieces = []
+        offset = 0
+        for chunk in self._prefix[slot]:  # positions an attached prefix holds (rarely asked)
+            n = chunk.shape[3]
+            if start < offset + n and end > offset:
+                pieces.append(chunk[:, :, :, max(start - offset, 0) : min(end - offset, n)])
+            offset += n
+        if end > held:
+            pieces.append(self.cache[:, :, slot, :, max(start, held) : end])
+        if len(pieces) == 1:
+            return pieces[0].to(self.dtype, copy=True)
+        return torch.cat([piece.to(self.dtype) for piece in pieces], dim=3)
 
     def move_slot(self, source: int, target: int, length: int) -> None:
         """Keep active rows in slots ``0..n-1``: the last row takes the place of one that left."""
         if source != target:
-            self.cache[:, :, target, :, :length] = self.cache[:, :, source, :, :length]
+            held = self._start[source]
+            self.cache[:, :, target, :, held:length] = self.cache[:, :, source, :, held:length]
             self._filled[target] = length
+            self._prefix[target], self._start[target] = self._prefix[source], held
 
     def swap_slots(self, first: int, second: int, first_length: int, second_length: int) -> None:
         """Exchange two slots' rows (a prompt that finished encoding takes its place in the
         batch from one still being encoded)."""
-        kept = self.cache[:, :, second, :, :second_length].clone()
+        held, prefix = self._start[second], self._prefix[second]
+        kept = self.cache[:, :, second, :, held:second_length].clone()
         self.move_slot(first, second, first_length)
-        self.cache[:, :, first, :, :second_length] = kept
+        self.cache[:, :, first, :, held:second_length] = kept
         self._filled[first] = second_length
+        self._prefix[first], self._start[first] = prefix, held
 
     # -- the forward passes ------------------------------------------------------------------------
     def _split(self, qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -221,6 +256,10 @@ class SlotDecoder:
         spans, offset = [], 0
         for slot, row_ids, start in rows:
             end = start + len(row_ids)
+            if start == 0:  # a new row in this slot: whatever was attached there has gone
+                self._prefix[slot], self._start[slot] = (), 0
+            if start < self._start[slot]:
+                raise ValueError(f"slot {slot} holds its first {self._start[slot]} positions")
             self._filled[slot] = end
             keys_end = end if self.exact_keys else self._padded(end)
             # Query i (at position start+i) sees keys 0..start+i of its own slot; one query
@@ -239,7 +278,9 @@ class SlotDecoder:
         if self.attention is None or not singles:
             singles = []
         single_slots = [spans[i][0] for i in singles]
+        single_starts = [self._start[slot] for slot in single_slots]
         single_ends = [spans[i][2] for i in singles]
+        single_prefixes = [list(self._prefix[slot]) for slot in single_slots]
         single_index = torch.tensor([spans[i][4] for i in singles], dtype=torch.long)
         with sdpa_kernel(_BACKENDS):
             for layer, (block, scale) in enumerate(zip(self.blocks, self.scales, strict=True)):
@@ -252,7 +293,10 @@ class SlotDecoder:
                         self.cache[layer, 0],
                         self.cache[layer, 1],
                         single_slots,
+                        single_starts,
                         single_ends,
+                        single_prefixes,
+                        layer,
                         scale,
                     )
                     for j, i in enumerate(singles):
@@ -264,8 +308,8 @@ class SlotDecoder:
                     self.cache[layer, 1, slot, :, start:end] = v[0, :, first:last]
                     attended[i] = self._attend_span(
                         q[:, :, first:last],
-                        self.cache[layer, 0, slot : slot + 1, :, :keys_end],
-                        self.cache[layer, 1, slot : slot + 1, :, :keys_end],
+                        self._row_keys(layer, 0, slot, keys_end),
+                        self._row_keys(layer, 1, slot, keys_end),
                         mask,
                         scale,
                     )
@@ -275,6 +319,17 @@ class SlotDecoder:
         keep = wanted if wanted is not None else [True] * len(spans)
         last = [span[5] - 1 for span, wants in zip(spans, keep, strict=True) if wants]
         return self._logits(hidden[0, torch.tensor(last, dtype=torch.long, device=self.device)])
+
+    def _row_keys(self, layer: int, kind: int, slot: int, end: int) -> torch.Tensor:
+        """``[1, heads, end, head_dim]``: a slot's keys (``kind`` 0) or values (1) at positions
+        ``0..end-1``; joined from its attached prefix and the slot where it has one (a copy, for
+        a prompt's chunk: PyTorch's attention wants them in one tensor)."""
+        held = self._start[slot]
+        if not held:
+            return self.cache[layer, kind, slot : slot + 1, :, :end]
+        pieces = [chunk[layer, kind] for chunk in self._prefix[slot]]
+        pieces.append(self.cache[layer, kind, slot, :, held:end])
+        return torch.cat(pieces, dim=1)[None]
 
     def _attend_span(
         self,
@@ -301,6 +356,7 @@ class SlotDecoder:
         """
         ends = [length + 1 for length in lengths.tolist()]
         self._filled[: len(ends)] = ends
+        self._step_prefixes = [list(prefix) for prefix in self._prefix[: len(ends)]]
         hidden = self._embed(tokens, lengths)[:, None, :]
         mask = None
         if not self.exact_keys:
@@ -337,7 +393,10 @@ class SlotDecoder:
                 keys_all,
                 values_all,
                 list(range(rows)),
+                self._start[:rows],
                 ends,
+                self._step_prefixes,
+                layer,
                 scale,
             )
             return attended[:, :, None]

@@ -18,7 +18,7 @@ from bot.config import Settings
 from bot.engine import GenerationEngine, cpu_attention, load_model
 from bot.engine.cpu_attention import KernelUnavailable, decode_attention_for
 from bot.engine.decoder import SlotDecoder
-from tests.bot.test_batching import GREEDY, PERSONA, reference
+from tests.bot.test_batching import DIALOGUES, GREEDY, PERSONA, ask, persona_tokens, reference
 
 REASON = cpu_attention.unavailable_reason()
 
@@ -30,15 +30,20 @@ def kernel():
     return cpu_attention.load()
 
 
-def _expected(queries, keys, values, slots, ends, scale):
-    """PyTorch's attention, one row at a time, in float32."""
+def _expected(queries, keys, values, slots, ends, scale, starts=None, prefixes=None, layer=0):
+    """PyTorch's attention, one row at a time, in float32, over each row's prefix chunks (if
+    any) and then its slot."""
     rows = []
     for row, (slot, end) in enumerate(zip(slots, ends, strict=True)):
+        start = starts[row] if starts else 0
+        chunks = prefixes[row] if prefixes else []
+        row_keys = torch.cat([c[layer, 0] for c in chunks] + [keys[slot, :, start:end]], dim=1)
+        row_values = torch.cat([c[layer, 1] for c in chunks] + [values[slot, :, start:end]], dim=1)
         rows.append(
             F.scaled_dot_product_attention(
                 queries[row : row + 1, :, None].float(),
-                keys[slot : slot + 1, :, :end].float(),
-                values[slot : slot + 1, :, :end].float(),
+                row_keys[None].float(),
+                row_values[None].float(),
                 scale=scale,
             )[:, :, 0]
         )
@@ -62,25 +67,69 @@ def test_the_kernel_attends_as_pytorch_does_and_stores_the_new_keys(kernel, dtyp
         expected_keys[slot, :, end - 1] = new_keys[row]
         expected_values[slot, :, end - 1] = new_values[row]
     scale = head_dim**-0.5
-    got = kernel(queries, new_keys, new_values, keys, values, slots, ends, scale)
+    starts, none = [0] * len(slots), [[] for _ in slots]
+    got = kernel(queries, new_keys, new_values, keys, values, slots, starts, ends, none, 0, scale)
     assert torch.equal(keys, expected_keys) and torch.equal(values, expected_values)
     assert got.dtype == torch.float32 and got.shape == (len(slots), heads, head_dim)
     wanted = _expected(queries, keys, values, slots, ends, scale)
     torch.testing.assert_close(got, wanted, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_kernel_reads_a_rows_prefix_where_the_prefix_cache_keeps_it(kernel, dtype):
+    """A row's first positions in chunks of another tensor (as a cached dialogue keeps them,
+    one per turn, all layers), the rest in its slot: the same attention as over one tensor,
+    and nothing written to the slot's prefix positions."""
+    torch.manual_seed(1)
+    layers, heads, dim, capacity = 3, 2, 32, 64
+    keys = torch.zeros(4, heads, capacity, dim, dtype=dtype)
+    values = torch.zeros(4, heads, capacity, dim, dtype=dtype)
+    keys[:, :, :, :] = torch.randn(4, heads, capacity, dim).to(dtype)
+    values[:, :, :, :] = torch.randn(4, heads, capacity, dim).to(dtype)
+    chunk = lambda n: torch.randn(layers, 2, heads, n, dim).to(dtype)  # noqa: E731
+    prefixes = [[chunk(5), chunk(17)], [], [chunk(40)]]
+    starts = [22, 0, 40]
+    slots, ends = [3, 0, 1], [30, 9, 41]
+    queries, new_keys, new_values = (torch.randn(3, heads, dim).to(dtype) for _ in range(3))
+    before = keys.clone()
+    got = kernel(queries, new_keys, new_values, keys, values, slots, starts, ends, prefixes, 2, 0.2)
+    assert torch.equal(keys[3, :, :22], before[3, :, :22])  # the prefix lives elsewhere
+    assert torch.equal(keys[1, :, 40], new_keys[2])
+    wanted = _expected(queries, keys, values, slots, ends, 0.2, starts, prefixes, layer=2)
+    torch.testing.assert_close(got, wanted, rtol=1e-5, atol=1e-5)
+
+
 def test_the_kernel_refuses_what_it_cannot_read(kernel):
     keys = torch.zeros(2, 2, 8, 16)
     q = torch.zeros(1, 2, 16)
+
+    def call(keys=keys, slots=(0,), starts=(0,), ends=(1,), prefixes=((),)):  # type: ignore[no-untyped-def]
+        kernel(
+            q,
+            q,
+            q,
+            keys,
+            keys.clone(),
+            list(slots),
+            list(starts),
+            list(ends),
+            [list(p) for p in prefixes],
+            0,
+            1.0,
+        )
+
     with pytest.raises(RuntimeError, match="end out of range"):
-        kernel(q, q, q, keys, keys.clone(), [0], [9], 1.0)
+        call(ends=(9,))
     with pytest.raises(RuntimeError, match="slot out of range"):
-        kernel(q, q, q, keys, keys.clone(), [2], [1], 1.0)
+        call(slots=(2,))
     with pytest.raises(RuntimeError, match="float32 or bfloat16"):
-        kernel(q, q, q, keys.half(), keys.half(), [0], [1], 1.0)
+        call(keys=keys.half())
     with pytest.raises(RuntimeError, match="one after another"):
-        strided = torch.zeros(2, 2, 16, 8).transpose(2, 3)
-        kernel(q, q, q, strided, strided.clone(), [0], [1], 1.0)
+        call(keys=torch.zeros(2, 2, 16, 8).transpose(2, 3))
+    with pytest.raises(RuntimeError, match="first start positions"):
+        call(starts=(3,), ends=(5,), prefixes=((torch.zeros(1, 2, 2, 2, 16),),))
+    with pytest.raises(RuntimeError, match="cache's dtype"):
+        call(starts=(2,), ends=(5,), prefixes=((torch.zeros(1, 2, 2, 2, 16).double(),),))
 
 
 @pytest.fixture(scope="module")
@@ -89,7 +138,9 @@ def tiny(tiny_model_dir):
 
 
 def test_the_decoder_gives_the_same_logits_with_and_without_the_kernel(tiny, kernel):
-    """Decoding steps and a pass that decodes rows and encodes a prompt's chunk together."""
+    """Decoding steps and a pass that decodes rows and encodes a prompt's chunk together; two
+    rows start from saved prefixes (attached with the kernel, copied in without it), and rows
+    move and trade slots as the engine moves them."""
     model, _ = tiny
     lengths = [3, 70, 9, 140]
     results = []
@@ -97,9 +148,19 @@ def test_the_decoder_gives_the_same_logits_with_and_without_the_kernel(tiny, ker
         decoder = SlotDecoder(model, 1024, initial_capacity=16, attention=attention)
         torch.manual_seed(0)
         with torch.inference_mode():
-            decoder.reserve(5, max(lengths) + 4)
+            decoder.reserve(6, 60)
+            decoder.prefill(5, torch.randint(5, 200, (60,)).tolist(), 0)
+            saved = (decoder.save_slot(5, 0, 25), decoder.save_slot(5, 25, 60))
+            decoder.reserve(6, max(lengths) + 4)  # grows: rows keep their positions
             for slot, length in enumerate(lengths):
-                decoder.prefill(slot, torch.randint(5, 200, (length,)).tolist(), 0)
+                if slot in (1, 3):  # a dialogue's next turn: its history from the cache
+                    decoder.load_slot(slot, saved)
+                    ids = torch.randint(5, 200, (length - 60,)).tolist()
+                    decoder.prefill(slot, ids, 60)
+                else:
+                    decoder.prefill(slot, torch.randint(5, 200, (length,)).tolist(), 0)
+            decoder.swap_slots(1, 4, lengths[1], 0)
+            decoder.move_slot(4, 1, lengths[1])
             steps = [decoder.decode(torch.tensor([7, 8, 9, 10]), torch.tensor(lengths))]
             ends = [n + 1 for n in lengths]
             steps.append(decoder.decode(torch.tensor([11, 12, 13, 14]), torch.tensor(ends)))
@@ -163,3 +224,28 @@ def test_auto_falls_back_with_one_warning_and_on_refuses_in_one_line(tiny, monke
 def test_an_avx2_cpu_is_told_why_the_kernel_is_not_used(monkeypatch):
     monkeypatch.setattr(cpu_attention.torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
     assert "AVX-512" in (cpu_attention.unavailable_reason() or "")
+
+
+async def test_a_dialogues_next_turn_reads_its_history_from_the_cache_and_replies_as_generate(
+    tiny, kernel
+):
+    """Three turns of four dialogues decoded together: each turn starts from the keys/values
+    its previous turn left (attached, not copied into the slot), and each reply is what
+    ``model.generate`` gives for the whole prompt."""
+    model, tokenizer = tiny
+    engine = GenerationEngine(model, tokenizer, persona=PERSONA, attention=kernel)
+    engine.start()
+    try:
+        dialogues = [list(turns) for turns in DIALOGUES]
+        for turn in range(3):
+            done = await asyncio.gather(
+                *(ask(engine, turns, key=f"user{i}") for i, turns in enumerate(dialogues))
+            )
+            for turns, (reply, stats) in zip(dialogues, done, strict=True):
+                assert stats.reply_ids == reference(engine, stats.prompt_ids, GREEDY)
+                if turn:  # more than the persona: the dialogue's own previous turn
+                    assert stats.reused_tokens > persona_tokens(engine)
+                turns += [reply or "…", f"А потом {turn}?"]
+        assert engine.decoder is not None and engine.decoder.paged
+    finally:
+        engine.close()

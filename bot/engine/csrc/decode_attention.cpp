@@ -1,9 +1,11 @@
 // Decoding attention over the engine's slot cache, for CPUs (bot/engine/cpu_attention.py says why).
 //
 // One call per layer and step: for each row i it writes the row's new key/value at position
-// ends[i]-1 of slot slots[i], then attends the row's query over positions 0..ends[i]-1 of that
-// slot, reading keys and values where they lie (float32 or bfloat16, widened in registers).
-// Rows x heads are shared out over PyTorch's own OpenMP threads (at::parallel_for).
+// ends[i]-1 of slot slots[i], then attends the row's query over positions 0..ends[i]-1: the
+// first starts[i] of them in the row's prefix chunks (the dialogue's keys/values as the prefix
+// cache keeps them, [layers, 2, heads, n, head_dim] each, in order), the rest in its slot.
+// Keys and values are read where they lie (float32 or bfloat16, widened in registers). Rows x
+// heads are shared out over PyTorch's own OpenMP threads (at::parallel_for).
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <cmath>
@@ -78,7 +80,8 @@ void weigh_values(const float* scores, const T* values, int64_t length, int64_t 
   int64_t d = 0;
 #if defined(__AVX512F__)
   for (; d + 64 <= dim; d += 64) {
-    __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+    __m512 a0 = _mm512_loadu_ps(out + d), a1 = _mm512_loadu_ps(out + d + 16);
+    __m512 a2 = _mm512_loadu_ps(out + d + 32), a3 = _mm512_loadu_ps(out + d + 48);
     for (int64_t p = 0; p < length; ++p) {
       const T* value = values + p * dim + d;
       const __m512 w = _mm512_set1_ps(scores[p]);
@@ -91,22 +94,37 @@ void weigh_values(const float* scores, const T* values, int64_t length, int64_t 
     _mm512_storeu_ps(out + d + 32, a2); _mm512_storeu_ps(out + d + 48, a3);
   }
   for (; d + 16 <= dim; d += 16) {
-    __m512 a0 = _mm512_setzero_ps();
+    __m512 a0 = _mm512_loadu_ps(out + d);
     for (int64_t p = 0; p < length; ++p) a0 = _mm512_fmadd_ps(_mm512_set1_ps(scores[p]), load16(values + p * dim + d), a0);
     _mm512_storeu_ps(out + d, a0);
   }
 #endif
   for (; d < dim; ++d) {
-    float sum = 0.f;
+    float sum = out[d];
     for (int64_t p = 0; p < length; ++p) sum += scores[p] * widen(values[p * dim + d]);
     out[d] = sum;
   }
 }
 
+// Where one row's keys/values lie for head 0 of this layer: its prefix chunks, then its slot.
 template <typename T>
-void attend(const float* q, const T* keys, const T* values, int64_t length, int64_t dim,
+struct Segment {
+  const T* keys;
+  const T* values;
+  int64_t length;
+  int64_t head_stride;
+};
+
+// Softmax(q . keys * scale) . values over the row's segments, in float32, into out.
+template <typename T>
+void attend(const float* q, const std::vector<Segment<T>>& segments, int64_t head, int64_t dim,
             float scale, float* scores, float* out) {
-  scores_of(q, keys, length, dim, scale, scores);
+  int64_t length = 0;
+  for (const auto& segment : segments) {
+    const int64_t offset = head * segment.head_stride;
+    scores_of(q, segment.keys + offset, segment.length, dim, scale, scores + length);
+    length += segment.length;
+  }
   float best = scores[0];
   for (int64_t p = 1; p < length; ++p) best = scores[p] > best ? scores[p] : best;
   float total = 0.f;
@@ -114,13 +132,20 @@ void attend(const float* q, const T* keys, const T* values, int64_t length, int6
   for (int64_t p = 0; p < length; ++p) total += scores[p];
   const float inverse = 1.f / total;
   for (int64_t p = 0; p < length; ++p) scores[p] *= inverse;
-  weigh_values(scores, values, length, dim, out);
+  std::memset(out, 0, dim * sizeof(float));
+  length = 0;
+  for (const auto& segment : segments) {
+    const int64_t offset = head * segment.head_stride;
+    weigh_values(scores + length, segment.values + offset, segment.length, dim, out);
+    length += segment.length;
+  }
 }
 
 template <typename T>
 void run(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::Tensor& keys,
-         at::Tensor& values, const std::vector<int64_t>& slots, const std::vector<int64_t>& ends,
-         double scale, at::Tensor& out) {
+         at::Tensor& values, const std::vector<int64_t>& slots, const std::vector<int64_t>& starts,
+         const std::vector<int64_t>& ends, const std::vector<std::vector<at::Tensor>>& prefixes,
+         int64_t layer, double scale, at::Tensor& out) {
   const int64_t rows = q.size(0), heads = q.size(1), dim = q.size(2);
   const int64_t slot_stride = keys.stride(0), head_stride = keys.stride(1);
   T* key_data = keys.data_ptr<T>();
@@ -129,18 +154,26 @@ void run(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::Tens
   const T* k_data = k.data_ptr<T>();
   const T* v_data = v.data_ptr<T>();
   float* out_data = out.data_ptr<float>();
+  std::vector<std::vector<Segment<T>>> segments(rows);
   int64_t longest = 0;
-  for (auto e : ends) longest = std::max(longest, e);
+  for (int64_t row = 0; row < rows; ++row) {
+    longest = std::max(longest, ends[row]);
+    for (const auto& chunk : prefixes[row]) {
+      const T* base = chunk.data_ptr<T>() + layer * chunk.stride(0);
+      segments[row].push_back({base, base + chunk.stride(1), chunk.size(3), chunk.stride(2)});
+    }
+    const int64_t offset = slots[row] * slot_stride + starts[row] * dim;
+    segments[row].push_back(
+        {key_data + offset, value_data + offset, ends[row] - starts[row], head_stride});
+  }
   at::parallel_for(0, rows * heads, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> scores(longest + 16);
     for (int64_t i = begin; i < end; ++i) {
-      const int64_t row = i / heads, head = i % heads, length = ends[row];
-      const int64_t offset = slots[row] * slot_stride + head * head_stride;
-      T* row_keys = key_data + offset;
-      T* row_values = value_data + offset;
-      std::memcpy(row_keys + (length - 1) * dim, k_data + i * dim, dim * sizeof(T));
-      std::memcpy(row_values + (length - 1) * dim, v_data + i * dim, dim * sizeof(T));
-      attend<T>(q_data + i * dim, row_keys, row_values, length, dim, static_cast<float>(scale),
+      const int64_t row = i / heads, head = i % heads, last = ends[row] - 1;
+      const int64_t offset = slots[row] * slot_stride + head * head_stride + last * dim;
+      std::memcpy(key_data + offset, k_data + i * dim, dim * sizeof(T));
+      std::memcpy(value_data + offset, v_data + i * dim, dim * sizeof(T));
+      attend<T>(q_data + i * dim, segments[row], head, dim, static_cast<float>(scale),
                 scores.data(), out_data + i * dim);
     }
   });
@@ -150,7 +183,9 @@ void run(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::Tens
 
 at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                             at::Tensor keys, at::Tensor values, std::vector<int64_t> slots,
-                            std::vector<int64_t> ends, double scale) {
+                            std::vector<int64_t> starts, std::vector<int64_t> ends,
+                            std::vector<std::vector<at::Tensor>> prefixes, int64_t layer,
+                            double scale) {
   TORCH_CHECK(keys.dim() == 4 && values.sizes() == keys.sizes(),
               "keys and values must be [slots, heads, capacity, head_dim] alike");
   TORCH_CHECK(keys.scalar_type() == values.scalar_type() &&
@@ -164,20 +199,36 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::
   TORCH_CHECK(k.sizes() == q.sizes() && v.sizes() == q.sizes(), "one new key/value per query");
   const int64_t rows = q.size(0);
   TORCH_CHECK(static_cast<int64_t>(slots.size()) == rows &&
-                  static_cast<int64_t>(ends.size()) == rows,
-              "one slot and one end per row");
+                  static_cast<int64_t>(starts.size()) == rows &&
+                  static_cast<int64_t>(ends.size()) == rows &&
+                  static_cast<int64_t>(prefixes.size()) == rows,
+              "one slot, start, end and prefix per row");
   for (int64_t row = 0; row < rows; ++row) {
     TORCH_CHECK(slots[row] >= 0 && slots[row] < keys.size(0), "slot out of range");
     TORCH_CHECK(ends[row] >= 1 && ends[row] <= capacity, "end out of range");
+    TORCH_CHECK(starts[row] >= 0 && starts[row] < ends[row], "start out of range");
+    int64_t held = 0;
+    for (const auto& chunk : prefixes[row]) {
+      TORCH_CHECK(chunk.dim() == 5 && chunk.size(1) == 2 && chunk.size(2) == heads &&
+                      chunk.size(4) == dim && layer >= 0 && layer < chunk.size(0),
+                  "prefix chunks must be [layers, 2, heads, n, head_dim] of this model");
+      TORCH_CHECK(chunk.scalar_type() == keys.scalar_type(), "prefix chunks in the cache's dtype");
+      TORCH_CHECK(chunk.stride(4) == 1 && chunk.stride(3) == dim,
+                  "each head's positions must lie one after another");
+      held += chunk.size(3);
+    }
+    TORCH_CHECK(held == starts[row], "a row's prefix chunks must hold its first start positions");
   }
   auto query = q.to(at::kFloat).contiguous();
   auto new_keys = k.to(keys.scalar_type()).contiguous();
   auto new_values = v.to(keys.scalar_type()).contiguous();
   auto out = at::empty(query.sizes(), query.options());
   if (keys.scalar_type() == at::kBFloat16) {
-    run<at::BFloat16>(query, new_keys, new_values, keys, values, slots, ends, scale, out);
+    run<at::BFloat16>(query, new_keys, new_values, keys, values, slots, starts, ends, prefixes,
+                      layer, scale, out);
   } else {
-    run<float>(query, new_keys, new_values, keys, values, slots, ends, scale, out);
+    run<float>(query, new_keys, new_values, keys, values, slots, starts, ends, prefixes, layer,
+               scale, out);
   }
   return out;
 }
