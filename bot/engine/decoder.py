@@ -11,7 +11,9 @@ Here each active row owns a *slot* of one preallocated tensor
 ``0..length-1`` of its slot, so rows of any length share a step: the new key/value of each row is
 written at its own position (one indexed write per layer, no copy of the cache). Capacity grows
 by doubling (a rare copy of the positions rows hold), so a small load does not pay for the
-largest batch.
+largest batch. (With the CPU kernel a row that starts from a cached prefix leaves that prefix
+where the prefix cache keeps it, and its slot holds only the positions after it, from index 0:
+:meth:`SlotDecoder.load_slot`.)
 
 How attention reads the slots depends on the device:
 
@@ -110,7 +112,9 @@ class SlotDecoder:
         #: Attention over each row's own positions (CPU), else one masked call for all rows.
         self.exact_keys = self.device.type == "cpu"
         #: With the kernel, a row's cached prefix is read where the prefix cache keeps it:
-        #: each slot's attached chunks hold its first ``_start`` positions, never copied in.
+        #: each slot's attached chunks hold its first ``_start`` positions, never copied in,
+        #: and the slot holds position p at index p - start (so every turn reuses the slot's
+        #: first pages, whatever its position in the dialogue).
         self.paged = self.attention is not None
         #: How many leading positions of each slot hold a row's keys/values (what a growing
         #: cache copies, and on a CPU all that was ever written there).
@@ -146,7 +150,8 @@ class SlotDecoder:
         grown = allocate(shape, device=self.device, dtype=self.cache_dtype)
         for slot, (start, filled) in enumerate(zip(self._start, self._filled, strict=True)):
             if filled > start:
-                grown[:, :, slot, :, start:filled] = self.cache[:, :, slot, :, start:filled]
+                kept = filled - start
+                grown[:, :, slot, :, :kept] = self.cache[:, :, slot, :, :kept]
         self.cache = grown
         added = new_slots - len(self._filled)
         self._filled += [0] * added
@@ -186,7 +191,7 @@ class SlotDecoder:
                 pieces.append(chunk[:, :, :, max(start - offset, 0) : min(end - offset, n)])
             offset += n
         if end > held:
-            pieces.append(self.cache[:, :, slot, :, max(start, held) : end])
+            pieces.append(self.cache[:, :, slot, :, max(start, held) - held : end - held])
         if len(pieces) == 1:
             return pieces[0].to(self.dtype, copy=True)
         return torch.cat([piece.to(self.dtype) for piece in pieces], dim=3)
@@ -195,7 +200,8 @@ class SlotDecoder:
         """Keep active rows in slots ``0..n-1``: the last row takes the place of one that left."""
         if source != target:
             held = self._start[source]
-            self.cache[:, :, target, :, held:length] = self.cache[:, :, source, :, held:length]
+            kept = length - held
+            self.cache[:, :, target, :, :kept] = self.cache[:, :, source, :, :kept]
             self._filled[target] = length
             self._prefix[target], self._start[target] = self._prefix[source], held
 
@@ -203,9 +209,9 @@ class SlotDecoder:
         """Exchange two slots' rows (a prompt that finished encoding takes its place in the
         batch from one still being encoded)."""
         held, prefix = self._start[second], self._prefix[second]
-        kept = self.cache[:, :, second, :, held:second_length].clone()
+        kept = self.cache[:, :, second, :, : second_length - held].clone()
         self.move_slot(first, second, first_length)
-        self.cache[:, :, first, :, held:second_length] = kept
+        self.cache[:, :, first, :, : second_length - held] = kept
         self._filled[first] = second_length
         self._prefix[first], self._start[first] = prefix, held
 
@@ -304,8 +310,9 @@ class SlotDecoder:
                 for i, (slot, start, end, keys_end, first, last, mask) in enumerate(spans):
                     if attended[i] is not None:
                         continue
-                    self.cache[layer, 0, slot, :, start:end] = k[0, :, first:last]
-                    self.cache[layer, 1, slot, :, start:end] = v[0, :, first:last]
+                    held = self._start[slot]
+                    self.cache[layer, 0, slot, :, start - held : end - held] = k[0, :, first:last]
+                    self.cache[layer, 1, slot, :, start - held : end - held] = v[0, :, first:last]
                     attended[i] = self._attend_span(
                         q[:, :, first:last],
                         self._row_keys(layer, 0, slot, keys_end),
@@ -328,7 +335,7 @@ class SlotDecoder:
         if not held:
             return self.cache[layer, kind, slot : slot + 1, :, :end]
         pieces = [chunk[layer, kind] for chunk in self._prefix[slot]]
-        pieces.append(self.cache[layer, kind, slot, :, held:end])
+        pieces.append(self.cache[layer, kind, slot, :, : end - held])
         return torch.cat(pieces, dim=1)[None]
 
     def _attend_span(

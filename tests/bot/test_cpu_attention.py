@@ -37,8 +37,9 @@ def _expected(queries, keys, values, slots, ends, scale, starts=None, prefixes=N
     for row, (slot, end) in enumerate(zip(slots, ends, strict=True)):
         start = starts[row] if starts else 0
         chunks = prefixes[row] if prefixes else []
-        row_keys = torch.cat([c[layer, 0] for c in chunks] + [keys[slot, :, start:end]], dim=1)
-        row_values = torch.cat([c[layer, 1] for c in chunks] + [values[slot, :, start:end]], dim=1)
+        own = slice(0, end - start)  # the slot holds position p at index p - start
+        row_keys = torch.cat([c[layer, 0] for c in chunks] + [keys[slot, :, own]], dim=1)
+        row_values = torch.cat([c[layer, 1] for c in chunks] + [values[slot, :, own]], dim=1)
         rows.append(
             F.scaled_dot_product_attention(
                 queries[row : row + 1, :, None].float(),
@@ -78,8 +79,8 @@ def test_the_kernel_attends_as_pytorch_does_and_stores_the_new_keys(kernel, dtyp
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_the_kernel_reads_a_rows_prefix_where_the_prefix_cache_keeps_it(kernel, dtype):
     """A row's first positions in chunks of another tensor (as a cached dialogue keeps them,
-    one per turn, all layers), the rest in its slot: the same attention as over one tensor,
-    and nothing written to the slot's prefix positions."""
+    one per turn, all layers), the rest at the start of its slot: the same attention as over
+    one tensor."""
     torch.manual_seed(1)
     layers, heads, dim, capacity = 3, 2, 32, 64
     keys = torch.zeros(4, heads, capacity, dim, dtype=dtype)
@@ -91,10 +92,9 @@ def test_the_kernel_reads_a_rows_prefix_where_the_prefix_cache_keeps_it(kernel, 
     starts = [22, 0, 40]
     slots, ends = [3, 0, 1], [30, 9, 41]
     queries, new_keys, new_values = (torch.randn(3, heads, dim).to(dtype) for _ in range(3))
-    before = keys.clone()
     got = kernel(queries, new_keys, new_values, keys, values, slots, starts, ends, prefixes, 2, 0.2)
-    assert torch.equal(keys[3, :, :22], before[3, :, :22])  # the prefix lives elsewhere
-    assert torch.equal(keys[1, :, 40], new_keys[2])
+    assert torch.equal(keys[3, :, 7], new_keys[0])  # position 29, after 22 in the prefix
+    assert torch.equal(keys[1, :, 0], new_keys[2])
     wanted = _expected(queries, keys, values, slots, ends, 0.2, starts, prefixes, layer=2)
     torch.testing.assert_close(got, wanted, rtol=1e-5, atol=1e-5)
 

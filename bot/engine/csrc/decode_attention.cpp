@@ -1,9 +1,10 @@
 // Decoding attention over the engine's slot cache, for CPUs (bot/engine/cpu_attention.py says why).
 //
-// One call per layer and step: for each row i it writes the row's new key/value at position
-// ends[i]-1 of slot slots[i], then attends the row's query over positions 0..ends[i]-1: the
-// first starts[i] of them in the row's prefix chunks (the dialogue's keys/values as the prefix
-// cache keeps them, [layers, 2, heads, n, head_dim] each, in order), the rest in its slot.
+// One call per layer and step: row i attends its query over positions 0..ends[i]-1, the first
+// starts[i] of them in the row's prefix chunks (the dialogue's keys/values as the prefix cache
+// keeps them, [layers, 2, heads, n, head_dim] each, in order) and the rest in slot slots[i],
+// which holds position p at index p - starts[i]; the row's new key/value is written there first
+// (position ends[i]-1).
 // Keys and values are read where they lie (float32 or bfloat16, widened in registers). Rows x
 // heads are shared out over PyTorch's own OpenMP threads (at::parallel_for).
 #include <torch/extension.h>
@@ -162,14 +163,14 @@ void run(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::Tens
       const T* base = chunk.data_ptr<T>() + layer * chunk.stride(0);
       segments[row].push_back({base, base + chunk.stride(1), chunk.size(3), chunk.stride(2)});
     }
-    const int64_t offset = slots[row] * slot_stride + starts[row] * dim;
+    const int64_t offset = slots[row] * slot_stride;
     segments[row].push_back(
         {key_data + offset, value_data + offset, ends[row] - starts[row], head_stride});
   }
   at::parallel_for(0, rows * heads, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> scores(longest + 16);
     for (int64_t i = begin; i < end; ++i) {
-      const int64_t row = i / heads, head = i % heads, last = ends[row] - 1;
+      const int64_t row = i / heads, head = i % heads, last = ends[row] - 1 - starts[row];
       const int64_t offset = slots[row] * slot_stride + head * head_stride + last * dim;
       std::memcpy(key_data + offset, k_data + i * dim, dim * sizeof(T));
       std::memcpy(value_data + offset, v_data + i * dim, dim * sizeof(T));
@@ -205,8 +206,8 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::
               "one slot, start, end and prefix per row");
   for (int64_t row = 0; row < rows; ++row) {
     TORCH_CHECK(slots[row] >= 0 && slots[row] < keys.size(0), "slot out of range");
-    TORCH_CHECK(ends[row] >= 1 && ends[row] <= capacity, "end out of range");
     TORCH_CHECK(starts[row] >= 0 && starts[row] < ends[row], "start out of range");
+    TORCH_CHECK(ends[row] - starts[row] <= capacity, "end out of range");
     int64_t held = 0;
     for (const auto& chunk : prefixes[row]) {
       TORCH_CHECK(chunk.dim() == 5 && chunk.size(1) == 2 && chunk.size(2) == heads &&
