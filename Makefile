@@ -28,6 +28,7 @@ install: $(STAMP)
 $(STAMP): requirements.txt requirements-dev.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -r requirements-dev.txt
+	$(PY) -c "from bot.engine.cpu_attention import main; raise SystemExit(main())"
 	touch $(STAMP)
 
 test: install

@@ -100,7 +100,7 @@ def _build() -> DecodeAttention | KernelUnavailable:
 
     source = SOURCE.read_text()
     key = hashlib.sha256(f"{source}\n{_cpu_flags()}\n{torch.__version__}".encode()).hexdigest()
-    logger.info("loading the CPU attention kernel (compiled on first use, ~30 s)")
+    logger.info("loading the CPU attention kernel (compiled once, ~30 s, then cached)")
     try:
         module = load_inline(
             name=f"decode_attention_{key[:16]}",
@@ -142,3 +142,18 @@ def decode_attention_for(model: torch.nn.Module, mode: str = "auto") -> DecodeAt
             error,
         )
         return None
+
+
+def main() -> int:
+    """Build the kernel now and say whether it is usable: ``make install`` runs this, so that
+    the bot's first start (and a test suite's many bot processes) does not wait for the
+    compiler."""
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        load()
+    except KernelUnavailable as error:
+        print(f"CPU attention kernel: not used here ({error}); PyTorch's attention serves instead")
+        return 0
+    print("CPU attention kernel: ready")
+    return 0
+
