@@ -156,4 +156,3 @@ def main() -> int:
         return 0
     print("CPU attention kernel: ready")
     return 0
-
