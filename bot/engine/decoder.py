@@ -121,7 +121,6 @@ class SlotDecoder:
         self._filled: list[int] = []
         self._prefix: list[tuple[torch.Tensor, ...]] = []
         self._start: list[int] = []
-        self._step_prefixes: list[list[torch.Tensor]] = []
 
     # -- the cache -------------------------------------------------------------------------------
     @property
@@ -363,18 +362,48 @@ class SlotDecoder:
         """
         ends = [length + 1 for length in lengths.tolist()]
         self._filled[: len(ends)] = ends
-        self._step_prefixes = [list(prefix) for prefix in self._prefix[: len(ends)]]
         hidden = self._embed(tokens, lengths)[:, None, :]
         mask = None
         if not self.exact_keys:
             keys = torch.arange(self._padded(max(ends)), device=self.device)
             mask = (keys[None, :] <= lengths[:, None])[:, None, None, :]
+        if self.attention is not None:
+            return self._decode_with_kernel(hidden, ends)
         with sdpa_kernel(_BACKENDS):
             for layer, (block, scale) in enumerate(zip(self.blocks, self.scales, strict=True)):
                 q, k, v = self._split(self._qkv(block, hidden))
                 attended = self._attend_decoding(layer, q, k, v, lengths, ends, mask, scale)
                 hidden = hidden + block.attn.c_proj(self._merge(attended).to(self.dtype))
                 hidden = hidden + block.mlp(block.ln_2(hidden))
+        return self._logits(hidden[:, 0])
+
+    def _decode_with_kernel(self, hidden: torch.Tensor, ends: list[int]) -> torch.Tensor:
+        """:meth:`decode` through the CPU kernel, with no more tensor plumbing than it needs
+        (for one row the step is a few milliseconds of small operations on top of the
+        projections): queries, keys and values go to the kernel as views of the projection's
+        output, and its ``[rows, heads, head_dim]`` result is already the merged heads."""
+        rows = len(ends)
+        slots, starts = list(range(rows)), self._start[:rows]
+        prefixes = [list(prefix) for prefix in self._prefix[:rows]]
+        shape = (rows, 3, self.heads, self.head_dim)
+        for layer, (block, scale) in enumerate(zip(self.blocks, self.scales, strict=True)):
+            q, k, v = block.attn.c_attn(block.ln_1(hidden)).view(shape).unbind(1)
+            attended = self.attention(  # type: ignore[misc]
+                q,
+                k,
+                v,
+                self.cache[layer, 0],
+                self.cache[layer, 1],
+                slots,
+                starts,
+                ends,
+                prefixes,
+                layer,
+                scale,
+            )
+            merged = attended.view(rows, 1, self.width).to(self.dtype)
+            hidden = hidden + block.attn.c_proj(merged)
+            hidden = hidden + block.mlp(block.ln_2(hidden))
         return self._logits(hidden[:, 0])
 
     def _attend_decoding(
@@ -392,21 +421,6 @@ class SlotDecoder:
         (over each row's ``ends`` positions, or, given the ``mask``, all rows in one call)."""
         rows = len(ends)
         keys_all, values_all = self.cache[layer, 0], self.cache[layer, 1]
-        if self.attention is not None:
-            attended = self.attention(
-                q[:, :, 0],
-                k[:, :, 0],
-                v[:, :, 0],
-                keys_all,
-                values_all,
-                list(range(rows)),
-                self._start[:rows],
-                ends,
-                self._step_prefixes,
-                layer,
-                scale,
-            )
-            return attended[:, :, None]
         index = torch.arange(rows, device=self.device)
         keys_all[index, :, lengths] = k[:, :, 0]
         values_all[index, :, lengths] = v[:, :, 0]
