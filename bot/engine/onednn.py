@@ -24,7 +24,8 @@ linear layer, one module at a time, and ``lm_head`` gets its own copy of the (ti
 **bfloat16** (``MODEL_DTYPE=bfloat16`` or ``auto`` on a CPU with AVX512_BF16 or AMX): the same
 packed kernels with bfloat16 weights and activations (float32 accumulation inside oneDNN), half
 the weight bytes to read per step; the engine turns the logits into float32 before sampling
-and keeps keys/values in float32 (``bot.engine.decoder`` says why). Measured on a 2-core
+and keeps keys/values in bfloat16 where the CPU attention kernel runs, else in float32
+(``bot.engine.decoder`` says why). Measured on a 2-core
 AVX512_BF16 CPU, medium shape: an 8-row step 71 ms against float32's 96, one row 42 against 79
 (README, "The dtypes side by side"). On a CPU without those instructions oneDNN cannot pack
 bfloat16 at all and PyTorch's own bfloat16 matmul is emulated (~300× slower than float32):
