@@ -249,3 +249,32 @@ async def test_a_dialogues_next_turn_reads_its_history_from_the_cache_and_replie
         assert engine.decoder is not None and engine.decoder.paged
     finally:
         engine.close()
+
+
+async def test_the_engine_the_bot_starts_follows_the_setting(tiny_model_dir, monkeypatch):
+    """What ``open_local_engine`` (the bot, the console, ``python -m bot serve``) builds: the
+    kernel under ``auto`` where it can be had, none with ``off``, and with ``on`` where it cannot
+    be had the start stops with the reason."""
+    from bot.engine.factory import open_local_engine
+    from bot.engine.loading import ModelLoadError
+
+    def engine_for(mode: str):  # type: ignore[no-untyped-def]
+        settings = Settings(
+            _env_file=None, model_path=str(tiny_model_dir), cpu_attention_kernel=mode
+        )
+        return open_local_engine(settings)
+
+    engine = await engine_for("off")
+    engine.close()
+    assert engine.decoder is not None and engine.decoder.attention is None
+    if REASON is None:
+        engine = await engine_for("auto")
+        engine.close()
+        assert engine.decoder is not None and engine.decoder.paged
+    monkeypatch.setattr(cpu_attention.torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
+    cpu_attention._build.cache_clear()
+    try:
+        with pytest.raises(ModelLoadError, match="CPU_ATTENTION_KERNEL=on, but it is vectorised"):
+            await engine_for("on")
+    finally:
+        cpu_attention._build.cache_clear()
