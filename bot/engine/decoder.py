@@ -111,18 +111,22 @@ class SlotDecoder:
         self._initial_capacity = min(initial_capacity, window)
         #: Attention over each row's own positions (CPU), else one masked call for all rows.
         self.exact_keys = self.device.type == "cpu"
-        #: With the kernel, a row's cached prefix is read where the prefix cache keeps it:
-        #: each slot's attached chunks hold its first ``_start`` positions, never copied in,
-        #: and the slot holds position p at index p - start (so every turn reuses the slot's
-        #: first pages, whatever its position in the dialogue).
-        self.paged = self.attention is not None
         #: How many leading positions of each slot hold a row's keys/values (what a growing
         #: cache copies, and on a CPU all that was ever written there).
         self._filled: list[int] = []
+        #: Each slot's attached prefix chunks (see :attr:`paged`) and the positions they hold.
         self._prefix: list[tuple[torch.Tensor, ...]] = []
         self._start: list[int] = []
 
     # -- the cache -------------------------------------------------------------------------------
+    @property
+    def paged(self) -> bool:
+        """With the kernel, a row's cached prefix is read where the prefix cache keeps it: each
+        slot's attached chunks hold its first ``_start`` positions, never copied in, and the
+        slot holds position p at index p - start (so every turn reuses the slot's first pages,
+        whatever its position in the dialogue)."""
+        return self.attention is not None
+
     @property
     def slots(self) -> int:
         return self.cache.shape[2] if self.cache.dim() == 6 else 0
