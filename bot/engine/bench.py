@@ -75,9 +75,9 @@ def build(shape: str, path: Path) -> None:
     from dataset_tools.sample_data import generate_dialogues
     from trainer.modeling import train_scratch_tokenizer
 
-    tokenizer = train_scratch_tokenizer((render_dialogue(d) for d in generate_dialogues()), 4000)
     vocab = 50264 if shape != "tiny" else 4096
-    tokenizer.add_tokens([f" <w{i}>" for i in range(vocab - len(tokenizer))])
+    texts = (render_dialogue(d) for d in generate_dialogues())
+    tokenizer = train_scratch_tokenizer(texts, 4000, pad_to=vocab)
     config = GPT2Config(
         vocab_size=vocab,
         n_positions=2048 if shape != "tiny" else 1024,
