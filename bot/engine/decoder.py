@@ -52,7 +52,10 @@ are exactly those of the loaded model; only the attention plumbing is ours. It c
 
 from __future__ import annotations
 
+import functools
 import math
+from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -67,6 +70,36 @@ KEY_BLOCK = 64
 #: Attention kernels without per-shape planning. cuDNN's attention builds an execution plan for
 #: every new shape, and every prefill and step here has one.
 _BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+
+Layer = Callable[[torch.Tensor], torch.Tensor]
+
+
+class _LayerCalls(NamedTuple):
+    """A GPT-2 block's operations on ``[rows, width]`` hidden states (``up`` includes the
+    activation)."""
+
+    ln_1: Layer
+    qkv: Layer
+    proj: Layer
+    ln_2: Layer
+    up: Layer
+    down: Layer
+
+
+def _bare(module: torch.nn.Module) -> Layer:
+    """``module`` as a bare call: a projection's own :meth:`direct` kernel call (oneDNN, int8),
+    a layer norm's functional form; any other module as it is."""
+    direct = getattr(module, "direct", None)
+    if callable(direct):
+        return direct()
+    if type(module) is torch.nn.LayerNorm:
+        shape, weight, bias, eps = module.normalized_shape, module.weight, module.bias, module.eps
+        return lambda x: F.layer_norm(x, shape, weight, bias, eps)
+    return module
+
+
+def _then(first: Layer, second: Layer) -> Layer:
+    return lambda x: second(first(x))
 
 
 def supports(model: PreTrainedModel) -> bool:
@@ -382,33 +415,52 @@ class SlotDecoder:
         return self._logits(hidden[:, 0])
 
     def _decode_with_kernel(self, hidden: torch.Tensor, ends: list[int]) -> torch.Tensor:
-        """:meth:`decode` through the CPU kernel, with no more tensor plumbing than it needs
-        (for one row the step is a few milliseconds of small operations on top of the
-        projections): queries, keys and values go to the kernel as views of the projection's
-        output, and its ``[rows, heads, head_dim]`` result is already the merged heads."""
-        rows = len(ends)
+        """:meth:`decode` through the CPU kernel, with no more plumbing than it needs (for one
+        row the step is a few milliseconds of fixed costs on top of reading the weights):
+        ``[rows, width]`` hidden states, each layer's operations as bare calls
+        (:attr:`_layer_calls`), queries, keys and values to the kernel as views of the
+        projection's output, whose ``[rows, heads, head_dim]`` result is the merged heads."""
+        rows, width, dtype = len(ends), self.width, self.dtype
         slots, starts = list(range(rows)), self._start[:rows]
         prefixes = [list(prefix) for prefix in self._prefix[:rows]]
         shape = (rows, 3, self.heads, self.head_dim)
-        for layer, (block, scale) in enumerate(zip(self.blocks, self.scales, strict=True)):
-            q, k, v = block.attn.c_attn(block.ln_1(hidden)).view(shape).unbind(1)
-            attended = self.attention(  # type: ignore[misc]
-                q,
-                k,
-                v,
-                self.cache[layer, 0],
-                self.cache[layer, 1],
-                slots,
-                starts,
-                ends,
-                prefixes,
-                layer,
-                scale,
+        attention, cache = self.attention, self.cache
+        assert attention is not None
+        hidden = hidden.view(rows, width)
+        for layer, (calls, scale) in enumerate(zip(self._layer_calls, self.scales, strict=True)):
+            q, k, v = calls.qkv(calls.ln_1(hidden)).view(shape).unbind(1)
+            keys, values = cache[layer, 0], cache[layer, 1]
+            attended = attention(q, k, v, keys, values, slots, starts, ends, prefixes, layer, scale)
+            hidden = hidden + calls.proj(attended.view(rows, width).to(dtype))
+            hidden = hidden + calls.down(calls.up(calls.ln_2(hidden)))
+        return self._logits(hidden)
+
+    @functools.cached_property
+    def _layer_calls(self) -> list[_LayerCalls]:
+        """Each block's operations as bare calls of their kernels, for :meth:`_decode_with_kernel`.
+
+        The same weights and kernels as the modules' ``forward`` (logits tested equal), without
+        the module calls, reshapes and operator lookups around them: a decoding step makes ~170
+        such calls, ~5 µs each. Measured on the medium shape, alternating in one process (median
+        steps): one row 21.9 -> 20.6 ms in bfloat16, 16.0 -> 14.0 ms in int8; eight rows 35.2 ->
+        31.8 ms in bfloat16; 24 layers 256 wide (fixed costs are most of a step): 7.7 -> 4.7 ms.
+        """
+        calls = []
+        for block in self.blocks:
+            up, act = _bare(block.mlp.c_fc), block.mlp.act
+            if not isinstance(act, torch.nn.Identity):  # not fused into c_fc
+                up = _then(up, act)
+            calls.append(
+                _LayerCalls(
+                    _bare(block.ln_1),
+                    _bare(block.attn.c_attn),
+                    _bare(block.attn.c_proj),
+                    _bare(block.ln_2),
+                    up,
+                    _bare(block.mlp.c_proj),
+                )
             )
-            merged = attended.view(rows, 1, self.width).to(self.dtype)
-            hidden = hidden + block.attn.c_proj(merged)
-            hidden = hidden + block.mlp(block.ln_2(hidden))
-        return self._logits(hidden[:, 0])
+        return calls
 
     def _attend_decoding(
         self,

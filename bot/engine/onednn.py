@@ -41,6 +41,7 @@ copied out of the memory-mapped checkpoint so that its pages are released (:func
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -101,6 +102,13 @@ class OneDNNLinear(nn.Module):
             rows, self.weight, self.bias, self.attr, [], self.algorithm
         )
         return out.reshape(*x.shape[:-1], self.out_features)
+
+    def direct(self) -> Callable[[torch.Tensor], torch.Tensor]:
+        """This projection for contiguous ``[rows, in]`` input, as a bare call of the kernel
+        (no module call, reshapes or operator lookup: see ``bot.engine.decoder``)."""
+        kernel = torch.ops.mkldnn._linear_pointwise.default
+        weight, bias, attr, algorithm = self.weight, self.bias, self.attr, self.algorithm
+        return lambda rows: kernel(rows, weight, bias, attr, [], algorithm)
 
 
 def _fuse_gelu(model: nn.Module) -> None:

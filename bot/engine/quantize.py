@@ -11,6 +11,7 @@ quantized on the fly per batch. For CPUs only: GPUs should use ``MODEL_DTYPE=bfl
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -34,6 +35,11 @@ class DirectInt8Linear(DynamicLinear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.ops.quantized.linear_dynamic(x, self.kernel_params, reduce_range=True)
+
+    def direct(self) -> Callable[[torch.Tensor], torch.Tensor]:
+        """This projection as a bare call of its kernel (see ``bot.engine.decoder``)."""
+        kernel, params = torch.ops.quantized.linear_dynamic.default, self.kernel_params
+        return lambda rows: kernel(rows, params, True)
 
 
 def _int8_linear(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Module:

@@ -173,6 +173,33 @@ def test_the_decoder_gives_the_same_logits_with_and_without_the_kernel(tiny, ker
         torch.testing.assert_close(with_kernel, without, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("projections", ["onednn", "int8"])
+def test_the_kernel_path_calls_packed_projections_bare_with_the_modules_results(
+    tiny_model_dir, kernel, projections
+):
+    """With the kernel, a decoding step calls oneDNN's and int8's kernels directly (not through
+    their modules); the logits are those of the path through the modules."""
+    int8 = projections == "int8"
+    model, _ = load_model(str(tiny_model_dir), "cpu", "float32", "int8" if int8 else "none", True)
+    block = model.transformer.h[0]
+    for module in (block.attn.c_attn, block.attn.c_proj, block.mlp.c_fc, block.mlp.c_proj):
+        assert callable(getattr(module, "direct", None))
+    lengths = [5, 33, 12]
+    results = []
+    for attention in (kernel, None):
+        decoder = SlotDecoder(model, 1024, attention=attention)
+        torch.manual_seed(0)
+        with torch.inference_mode():
+            decoder.reserve(3, 64)
+            for slot, length in enumerate(lengths):
+                decoder.prefill(slot, torch.randint(5, 200, (length,)).tolist(), 0)
+            first = decoder.decode(torch.tensor([7, 8, 9]), torch.tensor(lengths))
+            ends = torch.tensor(lengths) + 1
+            results.append((first, decoder.decode(torch.tensor([1, 2, 3]), ends)))
+    for with_kernel, without in zip(*results, strict=True):
+        torch.testing.assert_close(with_kernel, without, rtol=1e-5, atol=1e-5)
+
+
 async def test_replies_through_the_kernel_are_model_generates(tiny, kernel):
     """Four dialogues decoded together through the kernel, each reply token for token what
     ``model.generate`` gives for its prompt alone."""
