@@ -55,11 +55,14 @@ def choose_tokens(
         logits = logits.clone()  # changed in place below; the caller's logits stay as they were
     # Only the tokens concerned are read and written: where() over the whole vocabulary cost
     # 0.4 ms a call for 8 rows, and choosing 8 tokens took 5.0 ms of a 48 ms bfloat16 batch
-    # step on an AVX512 CPU (now 1.3 ms, the same tokens).
+    # step on an AVX512 CPU (now 1.3 ms, the same tokens). The seen tokens are found once:
+    # indexing with the mask itself scans the [rows, vocab] mask at every use (three scans:
+    # 2.0 ms for 8 rows of the medium vocabulary, 0.7 ms with one).
     if penalise:
-        picked = logits[seen]
-        penalty = torch.tensor(penalties, device=device)[:, None].expand_as(logits)[seen]
-        logits[seen] = torch.where(picked < 0, picked * penalty, picked / penalty)
+        rows, columns = seen.nonzero(as_tuple=True)
+        picked = logits[rows, columns]
+        penalty = torch.tensor(penalties, device=device)[rows]
+        logits[rows, columns] = torch.where(picked < 0, picked * penalty, picked / penalty)
     if ban:
         banned_rows = ban_stop.nonzero()[:, 0]
         if stop_mask.dim() == 1:
