@@ -41,8 +41,8 @@ def train_scratch_tokenizer(
     """A byte-level BPE (GPT-2's scheme) trained on the given texts, with the tags as tokens.
 
     Byte-level means any input, emoji included, is encodable: there is no unknown token.
-    ``pad_to`` grows the vocabulary to that many entries with ones no merge reaches (see
-    :func:`_padded`), for benchmarks that stand in for a real checkpoint's vocabulary.
+    ``pad_to`` grows the vocabulary to that many entries with merges of a script the texts never
+    use (see :func:`_padded`), for benchmarks that stand in for a real checkpoint's vocabulary.
     """
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
