@@ -124,7 +124,7 @@ def build_dispatcher(
     metrics.watch_queue(lambda: dialogue.backend.queue_depth)
     if isinstance(dialogue.backend, GenerationEngine):
         engine = dialogue.backend
-        metrics.watch_engine_threads(lambda: engine.worker_threads)
+        metrics.watch_engine(lambda: engine.worker_threads, lambda: engine.openmp_stalls)
     dp = Dispatcher(
         dialogue=dialogue,
         settings=settings,

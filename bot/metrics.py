@@ -43,13 +43,19 @@ class BotMetrics:
     def watch_queue(self, depth: Callable[[], int]) -> None:
         self.queue_depth.set_function(depth)
 
-    def watch_engine_threads(self, threads: Callable[[], int]) -> None:
-        """Show the local engine's thread count (none with a remote model server)."""
+    def watch_engine(self, threads: Callable[[], int], stalls: Callable[[], int]) -> None:
+        """Show the local engine's thread count and OpenMP stalls (none with a remote model
+        server)."""
         Gauge(
             "bot_engine_threads",
             "threads the engine decodes with (fewer while the cores are shared)",
             registry=self.registry,
         ).set_function(threads)
+        Gauge(
+            "bot_engine_openmp_stalls",
+            "times decoding was found waiting on another thread's OpenMP pool (see the log)",
+            registry=self.registry,
+        ).set_function(stalls)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

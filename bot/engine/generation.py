@@ -58,6 +58,7 @@ from transformers import (
 
 from bot.engine.cpu_attention import DecodeAttention
 from bot.engine.decoder import SlotDecoder, supports
+from bot.engine.openmp import StallWatch, release_thread_pool, voluntary_switches
 from bot.engine.prefix_cache import CachedDialogue, Prefix, PrefixCache, common_prefix
 from bot.engine.sampling import SamplingParams, choose_tokens
 from bot.engine.threads import ThreadTuner
@@ -220,6 +221,8 @@ class GenerationEngine:
         #: Picks the worker's thread count from its steps where ``threads`` does not fix it
         #: (set when the worker starts; see bot.engine.threads).
         self.thread_tuner: ThreadTuner | None = None
+        #: Notices decoding steps that wait on another thread's OpenMP pool (bot.engine.openmp).
+        self.stall_watch = StallWatch(getattr(model.config, "n_layer", 1) or 1)
         self.prefill_chunk = prefill_chunk or None
         self._queue: queue.Queue[_Request | None] = queue.Queue(maxsize=queue_size)
         self._thread: threading.Thread | None = None
@@ -283,6 +286,11 @@ class GenerationEngine:
             return self.thread_tuner.current
         return self.threads or torch.get_num_threads()
 
+    @property
+    def openmp_stalls(self) -> int:
+        """How often decoding was found waiting on another thread's OpenMP pool."""
+        return self.stall_watch.episodes
+
     def count_tokens(self, text: str) -> int:
         return len(self._tokenize(text))
 
@@ -294,8 +302,11 @@ class GenerationEngine:
 
         The worker is the only thread that runs the model while serving (see
         :func:`run_in_own_thread` for why no other thread should), so it does the warm-up too;
-        :meth:`ready` waits for it.
+        :meth:`ready` waits for it. The calling thread's own OpenMP helpers, if an earlier
+        parallel operation left it any, are freed first (``bot.engine.openmp``).
         """
+        if self.model.device.type == "cpu":
+            release_thread_pool()
         self._thread = threading.Thread(
             target=self._work, args=(warm_up,), name="generation", daemon=True
         )
@@ -625,10 +636,12 @@ class GenerationEngine:
                     lengths = torch.tensor([row.computed for row in rows], device=device)
                     if tuner is not None:
                         _use_threads(tuner.threads_for(len(rows)))
-                    decoding = time.perf_counter()
+                    decoding, switches = time.perf_counter(), voluntary_switches()
                     logits = self.decoder.decode(tokens, lengths)
                     if tuner is not None:
                         tuner.step_took(time.perf_counter() - decoding)
+                    if switches is not None and device.type == "cpu":
+                        self._watch_stalls(voluntary_switches() - switches, rows)  # type: ignore[operator]
                 else:  # decoding rows are rows of one token; chunks want logits when done
                     if tuner is not None:
                         tuner.other_step()
@@ -661,6 +674,29 @@ class GenerationEngine:
         self.busy_s["finish"] += time.perf_counter() - started
         if joined:
             self._join(joined, logits[len(logits) - len(joined) :])
+
+    def _watch_stalls(self, switches: int, rows: list[_Row]) -> None:
+        """Count a decoding step's voluntary context switches; when they show the worker's
+        threads sleeping between products (``bot.engine.openmp``), free the event loop thread's
+        OpenMP pool, the usual cause, and say so."""
+        watch = self.stall_watch
+        if not watch.step(switches, torch.get_num_threads()):
+            return
+        logger.warning(
+            "decoding steps wait on sleeping OpenMP threads (%.0f voluntary context switches a "
+            "step, ~0 normally, %.0f or more mean this): a thread other than the engine's ran a "
+            "multi-threaded torch operation and keeps its OpenMP pool; freeing the event "
+            "loop's. If this comes back, run such work in a thread that exits "
+            "(bot.engine.run_in_own_thread)",
+            watch.mean,
+            watch.threshold,
+        )
+        for loop in {row.request.loop for row in rows if row.request.loop is not None}:
+            with contextlib.suppress(RuntimeError):  # the loop is closed (shutdown)
+                loop.call_soon_threadsafe(release_thread_pool)
+        watch.restart()
+        if self.thread_tuner is not None:
+            self.thread_tuner.try_soon()  # two threads may pay again once the pool is gone
 
     def _join(self, joined: list[_Row], logits: torch.Tensor) -> None:
         """Rows whose prompt is encoded join the decoding rows: slot i for row i, then each

@@ -90,11 +90,17 @@ class ServerMetrics:
             "threads the engine decodes with (fewer while the cores are shared)",
             registry=self.registry,
         )
+        self.stalls = Gauge(
+            "server_engine_openmp_stalls",
+            "times decoding was found waiting on another thread's OpenMP pool (see the log)",
+            registry=self.registry,
+        )
 
     def watch(self, engine: GenerationEngine) -> None:
         self.queue_depth.set_function(lambda: engine.queue_depth)
         self.running.set_function(lambda: engine.active_rows)
         self.threads.set_function(lambda: engine.worker_threads)
+        self.stalls.set_function(lambda: engine.openmp_stalls)
 
     def count(self, completion: Completion) -> None:
         self.prompt_tokens.inc(completion.prompt_tokens)

@@ -197,6 +197,7 @@ async def test_health_before_and_after_the_model_loads_and_metrics(fake, running
     assert "bot_generation_seconds_bucket" in body and "bot_queue_depth 0.0" in body
     threads = re.search(r"^bot_engine_threads (\S+)$", body, re.MULTILINE)
     assert threads is not None and 1 <= float(threads.group(1)) <= (os.cpu_count() or 1)
+    assert re.search(r"^bot_engine_openmp_stalls \d", body, re.MULTILINE)
 
 
 async def test_webhook_checks_the_secret_and_serves_health(fake, running, tmp_path):

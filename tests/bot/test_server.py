@@ -203,6 +203,7 @@ async def test_models_tokenize_health_and_metrics(client, model_server, long_mod
     assert model_server.health() == 200
     assert model_server.metric("server_generation_tokens_total") > 0
     assert 1 <= model_server.metric("server_engine_threads") <= (os.cpu_count() or 1)
+    assert model_server.metric("server_engine_openmp_stalls") >= 0  # exported (see test_openmp)
 
 
 async def test_every_error_has_its_status(client, model_server):
