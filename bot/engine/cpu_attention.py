@@ -7,10 +7,11 @@ built for prefill (many queries): called once per row and layer it read the floa
 cache at 2-4 GB/s, which is why the engine kept bfloat16 models' keys/values in float32. This
 kernel (``csrc/decode_attention.cpp``) writes each row's new key/value and attends, all rows and
 heads of a layer in one call, reading keys and values where they lie in float32 or bfloat16 and
-widening them in AVX-512 registers. Measured for 24 layers x 8 rows x ~300 positions (medium
-shape, same machine, one run): float32 cache 15 ms a step against 29 ms for per-row
-``scaled_dot_product_attention``; bfloat16 cache 8.4 ms against 88 ms. So a bfloat16 model's
-cache stays bfloat16: half the memory, and its step no longer waits on attention.
+widening them in AVX-512 registers (AVX2 ones on CPUs without AVX-512). Measured for 24 layers
+x 8 rows x ~300 positions (medium shape, same machine, one run): float32 cache 15 ms a step
+against 29 ms for per-row ``scaled_dot_product_attention``; bfloat16 cache 8.4 ms against
+88 ms. So a bfloat16 model's cache stays bfloat16: half the memory, and its step no longer waits
+on attention.
 
 It also reads a row's history where the prefix cache keeps it (the dialogue's chunks, one per
 turn) instead of a copy in the row's slot (``SlotDecoder.load_slot``): a dialogue's keys/values
@@ -20,9 +21,9 @@ It is compiled on first use with PyTorch's C++ extension loader (``g++`` and the
 package; ~30 s once, then loaded from ``TORCH_EXTENSIONS_DIR``, by default
 ``~/.cache/torch_extensions``) for the CPU it runs on (``-march=native``; the build's name
 carries the CPU's feature flags, so a shared cache folder never hands one CPU's binary to
-another). ``auto`` uses it on CPUs with AVX-512 and falls back to PyTorch's attention (float32
-cache) with one warning when it cannot be built; ``on`` refuses to start without it; ``off``
-never builds it. Greedy replies are the same tokens either way (tests compare them).
+another). ``auto`` uses it on CPUs with AVX-512 or AVX2 and falls back to PyTorch's attention
+(float32 cache) with one warning when it cannot be built; ``on`` refuses to start without it;
+``off`` never builds it. Greedy replies are the same tokens either way (tests compare them).
 """
 
 from __future__ import annotations
@@ -72,8 +73,8 @@ def unavailable_reason() -> str | None:
     """Why the kernel cannot be built here, or None. Checked before trying, so that ``auto``
     says the reason instead of a compiler's error."""
     capability = torch.backends.cpu.get_cpu_capability()
-    if capability != "AVX512":
-        return f"it is vectorised for AVX-512 and this CPU offers {capability}"
+    if capability not in ("AVX512", "AVX2"):
+        return f"it is vectorised for AVX-512 and AVX2 and this CPU offers {capability}"
     if shutil.which("c++") is None and shutil.which("g++") is None:
         return "no C++ compiler (g++) is installed"
     try:
@@ -83,23 +84,28 @@ def unavailable_reason() -> str | None:
     return None
 
 
-def load() -> DecodeAttention:
-    """Build (first time) or load the kernel for this CPU; :class:`KernelUnavailable` if not."""
-    built = _build()
+def load(march: str = "native") -> DecodeAttention:
+    """Build (first time) or load the kernel for this CPU; :class:`KernelUnavailable` if not.
+
+    ``march``: the instruction set to compile for (gcc's ``-march``); ``native`` is this CPU's.
+    Another one serves to run the AVX2 build on an AVX-512 CPU (``x86-64-v3``), as the tests do.
+    """
+    built = _build(march)
     if isinstance(built, KernelUnavailable):
         raise KernelUnavailable(str(built))
     return built
 
 
 @functools.cache
-def _build() -> DecodeAttention | KernelUnavailable:
-    """Tried once per process: a failed build is not retried at every engine start."""
+def _build(march: str) -> DecodeAttention | KernelUnavailable:
+    """Tried once per process and ``march``: a failed build is not retried at every start."""
     if reason := unavailable_reason():
         return KernelUnavailable(reason)
     from torch.utils.cpp_extension import load_inline
 
     source = SOURCE.read_text()
-    key = hashlib.sha256(f"{source}\n{_cpu_flags()}\n{torch.__version__}".encode()).hexdigest()
+    target = _cpu_flags() if march == "native" else march
+    key = hashlib.sha256(f"{source}\n{target}\n{torch.__version__}".encode()).hexdigest()
     logger.info("loading the CPU attention kernel (compiled once, ~30 s, then cached)")
     # -fopenmp: at::parallel_for's inline OpenMP region; the libgomp it links is the one torch
     # has loaded (same soname), so the kernel shares PyTorch's thread pool (measured: 2 threads
@@ -110,7 +116,7 @@ def _build() -> DecodeAttention | KernelUnavailable:
             name=f"decode_attention_{key[:16]}",
             cpp_sources=source,
             functions=["decode_attention"],
-            extra_cflags=["-O3", "-march=native", "-ffast-math", "-fopenmp"],
+            extra_cflags=["-O3", f"-march={march}", "-ffast-math", "-fopenmp"],
             extra_ldflags=["-fopenmp"],
         )
     except Exception as error:  # a compiler's failure comes as several exception types

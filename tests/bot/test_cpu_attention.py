@@ -2,8 +2,10 @@
 
 The reference is ``scaled_dot_product_attention`` over the same positions, and for whole
 replies Hugging Face's ``model.generate``: the kernel is checked against the library, not
-itself. Skipped where the kernel cannot be had (a CPU without AVX-512, no compiler), with the
-reason; the engine then runs PyTorch's attention, which the rest of the suite covers.
+itself. Skipped where the kernel cannot be had (a CPU without AVX2, no compiler), with the
+reason; the engine then runs PyTorch's attention, which the rest of the suite covers. The
+kernel's own tests run both builds an AVX-512 CPU can run: this CPU's (``native``) and the
+AVX2 one (``x86-64-v3``), as an AVX2-only CPU builds it.
 """
 
 import asyncio
@@ -30,6 +32,12 @@ def kernel():
     return cpu_attention.load()
 
 
+@pytest.fixture(scope="module", params=["native", "x86-64-v3"])
+def any_build(request, kernel):
+    """The kernel as built for this CPU, then as built for AVX2 (8-lane vectors)."""
+    return kernel if request.param == "native" else cpu_attention.load(request.param)
+
+
 def _expected(queries, keys, values, slots, ends, scale, starts=None, prefixes=None, layer=0):
     """PyTorch's attention, one row at a time, in float32, over each row's prefix chunks (if
     any) and then its slot."""
@@ -53,7 +61,7 @@ def _expected(queries, keys, values, slots, ends, scale, starts=None, prefixes=N
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("head_dim", [8, 16, 64, 80])
-def test_the_kernel_attends_as_pytorch_does_and_stores_the_new_keys(kernel, dtype, head_dim):
+def test_the_kernel_attends_as_pytorch_does_and_stores_the_new_keys(any_build, dtype, head_dim):
     """Rows of lengths around the kernel's 16-position blocks, in slots out of order, heads of
     the vectorised width, twice it, and not a multiple of it (the scalar path)."""
     torch.manual_seed(head_dim)
@@ -69,7 +77,9 @@ def test_the_kernel_attends_as_pytorch_does_and_stores_the_new_keys(kernel, dtyp
         expected_values[slot, :, end - 1] = new_values[row]
     scale = head_dim**-0.5
     starts, none = [0] * len(slots), [[] for _ in slots]
-    got = kernel(queries, new_keys, new_values, keys, values, slots, starts, ends, none, 0, scale)
+    got = any_build(
+        queries, new_keys, new_values, keys, values, slots, starts, ends, none, 0, scale
+    )
     assert torch.equal(keys, expected_keys) and torch.equal(values, expected_values)
     assert got.dtype == torch.float32 and got.shape == (len(slots), heads, head_dim)
     wanted = _expected(queries, keys, values, slots, ends, scale)
@@ -77,7 +87,7 @@ def test_the_kernel_attends_as_pytorch_does_and_stores_the_new_keys(kernel, dtyp
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_the_kernel_reads_a_rows_prefix_where_the_prefix_cache_keeps_it(kernel, dtype):
+def test_the_kernel_reads_a_rows_prefix_where_the_prefix_cache_keeps_it(any_build, dtype):
     """A row's first positions in chunks of another tensor (as a cached dialogue keeps them,
     one per turn, all layers), the rest at the start of its slot: the same attention as over
     one tensor."""
@@ -92,7 +102,9 @@ def test_the_kernel_reads_a_rows_prefix_where_the_prefix_cache_keeps_it(kernel, 
     starts = [22, 0, 40]
     slots, ends = [3, 0, 1], [30, 9, 41]
     queries, new_keys, new_values = (torch.randn(3, heads, dim).to(dtype) for _ in range(3))
-    got = kernel(queries, new_keys, new_values, keys, values, slots, starts, ends, prefixes, 2, 0.2)
+    got = any_build(
+        queries, new_keys, new_values, keys, values, slots, starts, ends, prefixes, 2, 0.2
+    )
     assert torch.equal(keys[3, :, 7], new_keys[0])  # position 29, after 22 in the prefix
     assert torch.equal(keys[1, :, 0], new_keys[2])
     wanted = _expected(queries, keys, values, slots, ends, 0.2, starts, prefixes, layer=2)
@@ -137,14 +149,14 @@ def tiny(tiny_model_dir):
     return load_model(str(tiny_model_dir))
 
 
-def test_the_decoder_gives_the_same_logits_with_and_without_the_kernel(tiny, kernel):
+def test_the_decoder_gives_the_same_logits_with_and_without_the_kernel(tiny, any_build):
     """Decoding steps and a pass that decodes rows and encodes a prompt's chunk together; two
     rows start from saved prefixes (attached with the kernel, copied in without it), and rows
     move and trade slots as the engine moves them."""
     model, _ = tiny
     lengths = [3, 70, 9, 140]
     results = []
-    for attention in (kernel, None):
+    for attention in (any_build, None):
         decoder = SlotDecoder(model, 1024, initial_capacity=16, attention=attention)
         torch.manual_seed(0)
         with torch.inference_mode():
@@ -248,9 +260,13 @@ def test_auto_falls_back_with_one_warning_and_on_refuses_in_one_line(tiny, monke
         cpu_attention._build.cache_clear()
 
 
-def test_an_avx2_cpu_is_told_why_the_kernel_is_not_used(monkeypatch):
-    monkeypatch.setattr(cpu_attention.torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
-    assert "AVX-512" in (cpu_attention.unavailable_reason() or "")
+def test_a_cpu_without_avx2_is_told_why_the_kernel_is_not_used(monkeypatch):
+    for capability, usable in (("AVX512", True), ("AVX2", True), ("DEFAULT", False)):
+        monkeypatch.setattr(
+            cpu_attention.torch.backends.cpu, "get_cpu_capability", lambda c=capability: c
+        )
+        reason = cpu_attention.unavailable_reason() or ""
+        assert ("vectorised for AVX-512 and AVX2" not in reason) is usable, reason
 
 
 async def test_a_dialogues_next_turn_reads_its_history_from_the_cache_and_replies_as_generate(
@@ -298,7 +314,7 @@ async def test_the_engine_the_bot_starts_follows_the_setting(tiny_model_dir, mon
         engine = await engine_for("auto")
         engine.close()
         assert engine.decoder is not None and engine.decoder.paged
-    monkeypatch.setattr(cpu_attention.torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
+    monkeypatch.setattr(cpu_attention.torch.backends.cpu, "get_cpu_capability", lambda: "DEFAULT")
     cpu_attention._build.cache_clear()
     try:
         with pytest.raises(ModelLoadError, match="CPU_ATTENTION_KERNEL=on, but it is vectorised"):

@@ -5,15 +5,17 @@
 // keeps them, [layers, 2, heads, n, head_dim] each, in order) and the rest in slot slots[i],
 // which holds position p at index p - starts[i]; the row's new key/value is written there first
 // (position ends[i]-1).
-// Keys and values are read where they lie (float32 or bfloat16, widened in registers). Rows x
-// heads are shared out over PyTorch's own OpenMP threads (at::parallel_for).
+// Keys and values are read where they lie (float32 or bfloat16, widened in registers: AVX-512
+// or AVX2 vectors, whichever the build's -march=native has). Rows x heads are shared out over
+// PyTorch's own OpenMP threads (at::parallel_for).
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <cmath>
 #include <cstring>
 #include <vector>
-#if defined(__AVX512F__)
+#if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
 #include <immintrin.h>
+#define VECTORISED 1
 #endif
 
 namespace {
@@ -21,15 +23,24 @@ namespace {
 inline float widen(float x) { return x; }
 inline float widen(at::BFloat16 x) { return static_cast<float>(x); }
 
+// One vector of float32 lanes: 16 with AVX-512, 8 with AVX2 (with FMA). The code below is
+// written once over these; which one a build gets is what -march=native finds.
 #if defined(__AVX512F__)
-inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
-inline __m512 load16(const at::BFloat16* p) {
+constexpr int64_t kLanes = 16;
+using Vec = __m512;
+inline Vec vload(const float* p) { return _mm512_loadu_ps(p); }
+inline Vec vload(const at::BFloat16* p) {
   __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
 }
+inline Vec vset(float x) { return _mm512_set1_ps(x); }
+inline Vec vmul(Vec a, Vec b) { return _mm512_mul_ps(a, b); }
+inline Vec vfma(Vec a, Vec b, Vec c) { return _mm512_fmadd_ps(a, b, c); }
+inline void vstore(float* p, Vec v) { _mm512_storeu_ps(p, v); }
+inline float vsum(Vec v) { return _mm512_reduce_add_ps(v); }
 
-// Lane j of the result is the sum of the 16 lanes of v[j].
-inline __m512 sum16(const __m512* v) {
+// Lane j of the result is the sum of the lanes of v[j].
+inline Vec vsums(const Vec* v) {
   __m512 t[8], u[4];
   for (int i = 0; i < 8; ++i)
     t[i] = _mm512_add_ps(_mm512_unpacklo_ps(v[2 * i], v[2 * i + 1]),
@@ -46,11 +57,39 @@ inline __m512 sum16(const __m512* v) {
   return _mm512_add_ps(_mm512_shuffle_f32x4(w01, w23, _MM_SHUFFLE(2, 0, 2, 0)),
                        _mm512_shuffle_f32x4(w01, w23, _MM_SHUFFLE(3, 1, 3, 1)));
 }
+#elif defined(VECTORISED)
+constexpr int64_t kLanes = 8;
+using Vec = __m256;
+inline Vec vload(const float* p) { return _mm256_loadu_ps(p); }
+inline Vec vload(const at::BFloat16* p) {
+  __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(raw), 16));
+}
+inline Vec vset(float x) { return _mm256_set1_ps(x); }
+inline Vec vmul(Vec a, Vec b) { return _mm256_mul_ps(a, b); }
+inline Vec vfma(Vec a, Vec b, Vec c) { return _mm256_fmadd_ps(a, b, c); }
+inline void vstore(float* p, Vec v) { _mm256_storeu_ps(p, v); }
+inline float vsum(Vec v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_hadd_ps(s, s);
+  return _mm_cvtss_f32(_mm_hadd_ps(s, s));
+}
 
+// Lane j of the result is the sum of the lanes of v[j].
+inline Vec vsums(const Vec* v) {
+  // hadd pairs neighbours within each 128-bit half: after two rounds, half h of u0 holds the
+  // sums of v[0..3]'s half h, u1 those of v[4..7]; adding the halves gives the whole sums.
+  __m256 u0 = _mm256_hadd_ps(_mm256_hadd_ps(v[0], v[1]), _mm256_hadd_ps(v[2], v[3]));
+  __m256 u1 = _mm256_hadd_ps(_mm256_hadd_ps(v[4], v[5]), _mm256_hadd_ps(v[6], v[7]));
+  return _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31));
+}
+#endif
+
+#if defined(VECTORISED)
 template <typename T>
-inline __m512 dot16(const float* q, const T* key, int64_t dim) {
-  __m512 acc = _mm512_mul_ps(_mm512_loadu_ps(q), load16(key));
-  for (int64_t d = 16; d < dim; d += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(q + d), load16(key + d), acc);
+inline Vec dot(const float* q, const T* key, int64_t dim) {
+  Vec acc = vmul(vload(q), vload(key));
+  for (int64_t d = kLanes; d < dim; d += kLanes) acc = vfma(vload(q + d), vload(key + d), acc);
   return acc;
 }
 #endif
@@ -58,46 +97,46 @@ inline __m512 dot16(const float* q, const T* key, int64_t dim) {
 template <typename T>
 void scores_of(const float* q, const T* keys, int64_t length, int64_t dim, float scale, float* scores) {
   int64_t p = 0;
-#if defined(__AVX512F__)
-  if (dim % 16 == 0) {
-    const __m512 scale16 = _mm512_set1_ps(scale);
-    __m512 acc[16];
-    for (; p + 16 <= length; p += 16) {
-      for (int j = 0; j < 16; ++j) acc[j] = dot16(q, keys + (p + j) * dim, dim);
-      _mm512_storeu_ps(scores + p, _mm512_mul_ps(sum16(acc), scale16));
+#if defined(VECTORISED)
+  if (dim % kLanes == 0) {
+    const Vec scales = vset(scale);
+    Vec acc[kLanes];
+    for (; p + kLanes <= length; p += kLanes) {
+      for (int j = 0; j < kLanes; ++j) acc[j] = dot(q, keys + (p + j) * dim, dim);
+      vstore(scores + p, vmul(vsums(acc), scales));
     }
-    for (; p < length; ++p) scores[p] = _mm512_reduce_add_ps(dot16(q, keys + p * dim, dim)) * scale;
+    for (; p < length; ++p) scores[p] = vsum(dot(q, keys + p * dim, dim)) * scale;
   }
 #endif
   for (; p < length; ++p) {
-    float dot = 0.f;
-    for (int64_t d = 0; d < dim; ++d) dot += q[d] * widen(keys[p * dim + d]);
-    scores[p] = dot * scale;
+    float sum = 0.f;
+    for (int64_t d = 0; d < dim; ++d) sum += q[d] * widen(keys[p * dim + d]);
+    scores[p] = sum * scale;
   }
 }
 
 template <typename T>
 void weigh_values(const float* scores, const T* values, int64_t length, int64_t dim, float* out) {
   int64_t d = 0;
-#if defined(__AVX512F__)
-  for (; d + 64 <= dim; d += 64) {
-    __m512 a0 = _mm512_loadu_ps(out + d), a1 = _mm512_loadu_ps(out + d + 16);
-    __m512 a2 = _mm512_loadu_ps(out + d + 32), a3 = _mm512_loadu_ps(out + d + 48);
+#if defined(VECTORISED)
+  for (; d + 4 * kLanes <= dim; d += 4 * kLanes) {
+    Vec a0 = vload(out + d), a1 = vload(out + d + kLanes);
+    Vec a2 = vload(out + d + 2 * kLanes), a3 = vload(out + d + 3 * kLanes);
     for (int64_t p = 0; p < length; ++p) {
       const T* value = values + p * dim + d;
-      const __m512 w = _mm512_set1_ps(scores[p]);
-      a0 = _mm512_fmadd_ps(w, load16(value), a0);
-      a1 = _mm512_fmadd_ps(w, load16(value + 16), a1);
-      a2 = _mm512_fmadd_ps(w, load16(value + 32), a2);
-      a3 = _mm512_fmadd_ps(w, load16(value + 48), a3);
+      const Vec w = vset(scores[p]);
+      a0 = vfma(w, vload(value), a0);
+      a1 = vfma(w, vload(value + kLanes), a1);
+      a2 = vfma(w, vload(value + 2 * kLanes), a2);
+      a3 = vfma(w, vload(value + 3 * kLanes), a3);
     }
-    _mm512_storeu_ps(out + d, a0); _mm512_storeu_ps(out + d + 16, a1);
-    _mm512_storeu_ps(out + d + 32, a2); _mm512_storeu_ps(out + d + 48, a3);
+    vstore(out + d, a0); vstore(out + d + kLanes, a1);
+    vstore(out + d + 2 * kLanes, a2); vstore(out + d + 3 * kLanes, a3);
   }
-  for (; d + 16 <= dim; d += 16) {
-    __m512 a0 = _mm512_loadu_ps(out + d);
-    for (int64_t p = 0; p < length; ++p) a0 = _mm512_fmadd_ps(_mm512_set1_ps(scores[p]), load16(values + p * dim + d), a0);
-    _mm512_storeu_ps(out + d, a0);
+  for (; d + kLanes <= dim; d += kLanes) {
+    Vec a0 = vload(out + d);
+    for (int64_t p = 0; p < length; ++p) a0 = vfma(vset(scores[p]), vload(values + p * dim + d), a0);
+    vstore(out + d, a0);
   }
 #endif
   for (; d < dim; ++d) {
