@@ -684,10 +684,10 @@ class GenerationEngine:
             return
         logger.warning(
             "decoding steps wait on sleeping OpenMP threads (%.0f voluntary context switches a "
-            "step, ~0 normally, %.0f or more mean this): a thread other than the engine's ran a "
-            "multi-threaded torch operation and keeps its OpenMP pool; freeing the event "
-            "loop's. If this comes back, run such work in a thread that exits "
-            "(bot.engine.run_in_own_thread)",
+            "step, ~0 normally, %.0f or more mean this), most likely because a thread other "
+            "than the engine's ran a multi-threaded torch operation and keeps its OpenMP pool; "
+            "freeing the event loop's. If this comes back, run such work in a thread that "
+            "exits (bot.engine.run_in_own_thread)",
             watch.mean,
             watch.threshold,
         )
