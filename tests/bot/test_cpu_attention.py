@@ -60,10 +60,11 @@ def _expected(queries, keys, values, slots, ends, scale, starts=None, prefixes=N
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("head_dim", [8, 16, 64, 80])
+@pytest.mark.parametrize("head_dim", [8, 12, 16, 64, 80])
 def test_the_kernel_attends_as_pytorch_does_and_stores_the_new_keys(any_build, dtype, head_dim):
     """Rows of lengths around the kernel's 16-position blocks, in slots out of order, heads of
-    the vectorised width, twice it, and not a multiple of it (the scalar path)."""
+    the vectorised widths (8 and 16 lanes), multiples of them, and not a multiple of them (12;
+    8 with AVX-512: the scalar path)."""
     torch.manual_seed(head_dim)
     slots_total, heads, capacity = 6, 3, 80
     keys = torch.randn(slots_total, heads, capacity, head_dim).to(dtype)
