@@ -473,6 +473,7 @@ async def run_design(args: argparse.Namespace) -> dict[str, Any]:
         result["engine_steps"] = engine.steps
         result["engine_threads"] = engine.worker_threads
         result["engine_thread_changes"] = engine.thread_tuner.changes if engine.thread_tuner else 0
+        result["engine_openmp_stalls"] = engine.openmp_stalls
     return result
 
 
@@ -634,9 +635,11 @@ def print_table(args: argparse.Namespace, results: dict[str, dict[str, Any]]) ->
             step_ms = 1000 * busy["step"] / max(steps, 1)
             threads = result.get("engine_threads", "?")
             changes = result.get("engine_thread_changes", 0)
+            stalls = result.get("engine_openmp_stalls", 0)
             print(
                 f"{name} worker: {steps} steps ({step_ms:.0f} ms each), busy (s): {busy}, "
                 f"threads at the end: {threads} ({changes} changes)"
+                + (f", OpenMP stalls: {stalls} (bot.engine.openmp)" if stalls else "")
             )
     if "remote" in results:
         client = results["remote"]["client_peak_rss_mb"]
