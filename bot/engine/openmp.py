@@ -17,7 +17,8 @@ to 0.1 a step measured with one and two busy processes beside the engine: preemp
 involuntary switch), so they single out this cause. The cure is for the thread that owns the pool
 to free it, :func:`release_thread_pool`; the engine asks the event loop's thread to (the usual
 culprit) and logs a warning that names the cause for any other thread. Measured: after the
-release, 18.4 -> 12.9 ms a step (int8), 114 -> 0 switches.
+release, 18.4 -> 12.9 ms a step (int8, one row), 114 -> 0 switches; in the bot's engine
+(bfloat16, one user), the stalled steps' median 32.4 ms, the cured ones' 24.1 (README).
 """
 
 from __future__ import annotations
