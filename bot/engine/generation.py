@@ -222,7 +222,7 @@ class GenerationEngine:
         #: (set when the worker starts; see bot.engine.threads).
         self.thread_tuner: ThreadTuner | None = None
         #: Notices decoding steps that wait on another thread's OpenMP pool (bot.engine.openmp).
-        self.stall_watch = StallWatch(getattr(model.config, "n_layer", 1) or 1)
+        self.stall_watch = StallWatch(getattr(model.config, "num_hidden_layers", None) or 1)
         self.prefill_chunk = prefill_chunk or None
         self._queue: queue.Queue[_Request | None] = queue.Queue(maxsize=queue_size)
         self._thread: threading.Thread | None = None

@@ -35,7 +35,12 @@ def kernel():
 @pytest.fixture(scope="module", params=["native", "x86-64-v3"])
 def any_build(request, kernel):
     """The kernel as built for this CPU, then as built for AVX2 (8-lane vectors)."""
-    return kernel if request.param == "native" else cpu_attention.load(request.param)
+    if request.param == "native":
+        return kernel
+    try:
+        return cpu_attention.load(request.param)
+    except KernelUnavailable as error:  # a compiler too old for the name; native still runs
+        pytest.skip(f"no {request.param} build here: {error}")
 
 
 def _expected(queries, keys, values, slots, ends, scale, starts=None, prefixes=None, layer=0):

@@ -84,8 +84,12 @@ def test_a_parallel_operation_in_the_event_loop_is_noticed_and_its_pool_freed(
     prompt = f"{CHATTY_PERSONA}\nПривет! Как дела?"
 
     async def scenario() -> tuple[int, bool]:
-        # The event loop's thread runs a two-thread product: it now keeps an OpenMP pool.
+        # The event loop's thread runs a two-thread product (whatever count an earlier test of
+        # this process left it): it now keeps an OpenMP pool.
+        before = torch.get_num_threads()
+        torch.set_num_threads(2)
         torch.randn(600, 600) @ torch.randn(600, 600)
+        torch.set_num_threads(before)
         for _ in range(40):  # until the worker has seen enough slow steps (a few replies)
             await engine.complete(prompt, params, stop_token_ids=[])
             if engine.openmp_stalls:
@@ -103,9 +107,10 @@ def test_a_parallel_operation_in_the_event_loop_is_noticed_and_its_pool_freed(
             noticed, still_stalled = asyncio.run(scenario())
     finally:
         engine.close()
-    assert noticed == 1
+    # A busy machine may add an episode of its own; the one the product caused comes first.
+    assert noticed >= 1, f"mean {engine.stall_watch.mean} switches a step, not a stall"
     assert "sleeping OpenMP threads" in caplog.text and "run_in_own_thread" in caplog.text
-    assert not still_stalled  # cured (a later episode may follow where other tests load the CPU)
+    assert not still_stalled, f"still {engine.stall_watch.mean} switches a step after the cure"
 
 
 async def load_as_the_bot_does(path: str):
