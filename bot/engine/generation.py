@@ -730,7 +730,7 @@ class GenerationEngine:
             chosen = choose_tokens(
                 logits,
                 params,
-                torch.stack([r.seen for r in rows]),
+                rows[0].seen[None] if len(rows) == 1 else torch.stack([r.seen for r in rows]),
                 ban,
                 self._stop_mask_for(rows),
                 generators,

@@ -61,7 +61,9 @@ def choose_tokens(
     if penalise:
         rows, columns = seen.nonzero(as_tuple=True)
         picked = logits[rows, columns]
-        penalty = torch.tensor(penalties, device=device)[rows]
+        penalty = _shared(penalties)
+        if penalty is None:
+            penalty = torch.tensor(penalties, device=device)[rows]
         logits[rows, columns] = torch.where(picked < 0, picked * penalty, picked / penalty)
     if ban:
         banned_rows = ban_stop.nonzero()[:, 0]
@@ -73,20 +75,21 @@ def choose_tokens(
     if all(greedy_flags):
         return logits.argmax(dim=-1)
 
-    temperature = torch.tensor([max(p.temperature, GREEDY_BELOW) for p in params], device=device)[
-        :, None
-    ]
     # Top-k: sample among each row's k best (k=0: all of them). Top-p is applied inside that
     # candidate set, so the vocabulary is sorted only when some row asks for no top-k at all.
     # Dividing by a positive temperature keeps each row's order: the k best are chosen first
     # and only they are divided.
+    # Rows that agree on a setting (the usual case) take it as a number, not a tensor built
+    # for the step: each small operation costs microseconds more right after a decoding step
+    # has streamed the weights through the caches.
     ks = [p.top_k if 0 < p.top_k < vocab else vocab for p in params]
     values, indices = logits.topk(max(ks), dim=-1)  # sorted, best first
-    values = values / temperature
+    values = values / _column([max(p.temperature, GREEDY_BELOW) for p in params], device)
     rank = torch.arange(values.shape[1], device=device)[None, :]
-    values = values.masked_fill(rank >= torch.tensor(ks, device=device)[:, None], float("-inf"))
+    if _shared(ks) is None:
+        values = values.masked_fill(rank >= torch.tensor(ks, device=device)[:, None], float("-inf"))
     probs = values.softmax(dim=-1)
-    top_p = torch.tensor([p.top_p for p in params], device=device)[:, None]
+    top_p = _column([p.top_p for p in params], device)
     before = probs.cumsum(dim=-1) - probs  # probability mass of the better candidates
     probs = probs.masked_fill((before >= top_p) & (rank > 0), 0.0)
     if isinstance(generator, list) and len({id(g) for g in generator}) > 1:
@@ -102,3 +105,15 @@ def choose_tokens(
         return sampled
     greedy_rows = torch.tensor(greedy_flags, device=device)
     return torch.where(greedy_rows, logits.argmax(dim=-1), sampled)
+
+
+def _shared(values: list[float] | list[int]) -> float | None:
+    """The value every row has, or None when they differ."""
+    first = values[0]
+    return first if all(value == first for value in values) else None
+
+
+def _column(values: list[float], device: torch.device) -> torch.Tensor | float:
+    """Per-row values as a ``[rows, 1]`` column, or one number when all rows agree."""
+    shared = _shared(values)
+    return shared if shared is not None else torch.tensor(values, device=device)[:, None]
