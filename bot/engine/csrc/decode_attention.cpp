@@ -23,7 +23,8 @@ namespace {
 // How many positions ahead of use a head's keys and values are asked for (prefetch). A head's
 // keys or values at ~300 positions are a ~38 KB stream that the hardware prefetcher alone
 // starts too late on: measured on a 2-core Zen 5, 24 layers x 1 row x 300 positions of a
-// bfloat16 cache read from memory, 1.51 ms -> 1.24 ms a step (1,000 positions: 3.36 -> 2.90).
+// bfloat16 cache read from memory, 1.06-1.43 ms -> 0.96-1.10 ms a step in three runs (1,000
+// positions: 2.66-3.41 -> 2.48-3.12 ms).
 constexpr int64_t kAhead = 32;
 
 // Ask for the cache lines of positions [from, to) (clamped to length) of one head's stream.
