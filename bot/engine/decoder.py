@@ -141,6 +141,9 @@ class SlotDecoder:
             torch.float32 if self.device.type == "cpu" and attention is None else self.dtype
         )
         self.cache = torch.empty(0, device=self.device, dtype=self.cache_dtype)
+        #: Each layer's ``(keys, values)`` views of :attr:`cache`, made once per allocation
+        #: (two indexing operations a layer and step less).
+        self._layer_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
         self._initial_capacity = min(initial_capacity, window)
         #: Attention over each row's own positions (CPU), else one masked call for all rows.
         self.exact_keys = self.device.type == "cpu"
@@ -189,6 +192,7 @@ class SlotDecoder:
                 kept = filled - start
                 grown[:, :, slot, :, :kept] = self.cache[:, :, slot, :, :kept]
         self.cache = grown
+        self._layer_caches = [(layer[0], layer[1]) for layer in grown]
         added = new_slots - len(self._filled)
         self._filled += [0] * added
         self._start += [0] * added
@@ -332,8 +336,7 @@ class SlotDecoder:
                     picked = [t[0, :, single_index].transpose(0, 1) for t in (q, k, v)]
                     out = self.attention(  # type: ignore[misc]
                         *picked,
-                        self.cache[layer, 0],
-                        self.cache[layer, 1],
+                        *self._layer_caches[layer],
                         single_slots,
                         single_starts,
                         single_ends,
@@ -424,12 +427,12 @@ class SlotDecoder:
         slots, starts = list(range(rows)), self._start[:rows]
         prefixes = [list(prefix) for prefix in self._prefix[:rows]]
         shape = (rows, 3, self.heads, self.head_dim)
-        attention, cache = self.attention, self.cache
+        attention = self.attention
         assert attention is not None
         hidden = hidden.view(rows, width)
-        for layer, (calls, scale) in enumerate(zip(self._layer_calls, self.scales, strict=True)):
+        layers = zip(self._layer_calls, self._layer_caches, self.scales, strict=True)
+        for layer, (calls, (keys, values), scale) in enumerate(layers):
             q, k, v = calls.qkv(calls.ln_1(hidden)).view(shape).unbind(1)
-            keys, values = cache[layer, 0], cache[layer, 1]
             attended = attention(q, k, v, keys, values, slots, starts, ends, prefixes, layer, scale)
             hidden = hidden + calls.proj(attended.view(rows, width).to(dtype))
             hidden = hidden + calls.down(calls.up(calls.ln_2(hidden)))
