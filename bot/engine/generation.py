@@ -58,7 +58,7 @@ from transformers import (
 
 from bot.engine.cpu_attention import DecodeAttention
 from bot.engine.decoder import SlotDecoder, supports
-from bot.engine.openmp import StallWatch, release_thread_pool, voluntary_switches
+from bot.engine.openmp import StallWatch, context_switches, release_thread_pool
 from bot.engine.prefix_cache import CachedDialogue, Prefix, PrefixCache, common_prefix
 from bot.engine.sampling import SamplingParams, choose_tokens
 from bot.engine.threads import ThreadTuner
@@ -636,12 +636,13 @@ class GenerationEngine:
                     lengths = torch.tensor([row.computed for row in rows], device=device)
                     if tuner is not None:
                         _use_threads(tuner.threads_for(len(rows)))
-                    decoding, switches = time.perf_counter(), voluntary_switches()
+                    decoding, switches = time.perf_counter(), context_switches()
                     logits = self.decoder.decode(tokens, lengths)
                     if tuner is not None:
                         tuner.step_took(time.perf_counter() - decoding)
-                    if switches is not None and device.type == "cpu":
-                        self._watch_stalls(voluntary_switches() - switches, rows)  # type: ignore[operator]
+                    after = context_switches()
+                    if switches is not None and after is not None and device.type == "cpu":
+                        self._watch_stalls(after[0] - switches[0], after[1] - switches[1], rows)
                 else:  # decoding rows are rows of one token; chunks want logits when done
                     if tuner is not None:
                         tuner.other_step()
@@ -675,21 +676,30 @@ class GenerationEngine:
         if joined:
             self._join(joined, logits[len(logits) - len(joined) :])
 
-    def _watch_stalls(self, switches: int, rows: list[_Row]) -> None:
-        """Count a decoding step's voluntary context switches; when they show the worker's
-        threads sleeping between products (``bot.engine.openmp``), free the event loop thread's
-        OpenMP pool, the usual cause, and say so."""
+    def _watch_stalls(self, voluntary: int, involuntary: int, rows: list[_Row]) -> None:
+        """Count a decoding step's context switches; when they show the worker's threads
+        sleeping between products (``bot.engine.openmp``), say which cause is likelier, free
+        the event loop thread's OpenMP pool (the usual culprit of one, harmless otherwise) and
+        let the thread tuner try again (the answer to the other)."""
         watch = self.stall_watch
-        if not watch.step(switches, torch.get_num_threads()):
+        if not watch.step(voluntary, involuntary, torch.get_num_threads()):
             return
+        pool = (
+            "a thread other than the engine's ran a multi-threaded torch operation and keeps its "
+            "OpenMP pool (freeing the event loop's; if this comes back on idle cores, run such "
+            "work in a thread that exits: bot.engine.run_in_own_thread)"
+        )
+        busy = "other processes take the cores (the engine's thread tuner tries fewer threads)"
+        first, second = (busy, pool) if watch.busy_machine else (pool, busy)
         logger.warning(
             "decoding steps wait on sleeping OpenMP threads (%.0f voluntary context switches a "
-            "step, ~0 normally, %.0f or more mean this), most likely because a thread other "
-            "than the engine's ran a multi-threaded torch operation and keeps its OpenMP pool; "
-            "freeing the event loop's. If this comes back, run such work in a thread that "
-            "exits (bot.engine.run_in_own_thread)",
+            "step, ~0 on idle cores, %.0f or more mean this; %.1f preemptions a step): most "
+            "likely %s; or %s",
             watch.mean,
             watch.threshold,
+            watch.preempted,
+            first,
+            second,
         )
         for loop in {row.request.loop for row in rows if row.request.loop is not None}:
             with contextlib.suppress(RuntimeError):  # the loop is closed (shutdown)

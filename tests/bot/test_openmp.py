@@ -21,35 +21,60 @@ from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
 
 from bot.engine import GenerationEngine, SamplingParams, load_model, run_in_own_thread
 from bot.engine.cpu_attention import decode_attention_for
-from bot.engine.openmp import StallWatch, release_thread_pool, voluntary_switches
+from bot.engine.openmp import StallWatch, context_switches, release_thread_pool
 from tests.conftest import CHATTY_PERSONA
 
 
 def test_a_stall_is_reported_once_per_episode_and_single_thread_steps_say_nothing():
     watch = StallWatch(layers=24, window=4)
-    assert not any(watch.step(0, threads=2) for _ in range(8))  # a healthy worker
-    assert not any(watch.step(110, threads=1) for _ in range(8))  # no team: not counted
-    verdicts = [watch.step(110, threads=2) for _ in range(8)]
+    assert not any(watch.step(0, 0, threads=2) for _ in range(8))  # a healthy worker
+    assert not any(watch.step(110, 0, threads=1) for _ in range(8))  # no team: not counted
+    verdicts = [watch.step(110, 0, threads=2) for _ in range(8)]
     # the window's mean: 27.5, then 55 (>= 48 switches, two a layer): reported once
     assert verdicts == [False, True, False, False, False, False, False, False]
     assert watch.stalled and watch.episodes == 1 and watch.mean == 110
     watch.restart()  # after a cure, only new steps count
     for _ in range(3):
-        watch.step(0, threads=2)
+        watch.step(0, 0, threads=2)
         assert watch.stalled  # a few quiet steps are not yet a recovery
-    watch.step(0, threads=2)  # a full window of them is
+    watch.step(0, 0, threads=2)  # a full window of them is
     assert not watch.stalled
-    assert [watch.step(110, threads=2) for _ in range(4)] == [False, True, False, False]
+    assert [watch.step(110, 0, threads=2) for _ in range(4)] == [False, True, False, False]
     assert watch.episodes == 2
 
 
 def test_a_busy_neighbour_level_of_switches_is_not_a_stall():
     watch = StallWatch(layers=4, window=16)
-    assert not any(watch.step(6, threads=2) for _ in range(64))  # 1.5 a layer: below the line
+    assert not any(watch.step(6, 2, threads=2) for _ in range(64))  # 1.5 a layer: below the line
+
+
+def test_sleeps_that_come_with_preemptions_are_told_apart():
+    """Measured on the medium shape, 8 users: one busy process beside the engine, 117 voluntary
+    and 65 involuntary switches a step; another thread's pool on idle cores, 161 and 0.5."""
+    busy, pool = StallWatch(layers=24, window=16), StallWatch(layers=24, window=16)
+    assert sum(busy.step(117, 65, threads=2) for _ in range(64)) == 1
+    assert sum(pool.step(161, 0, threads=2) for _ in range(64)) == 1
+    assert busy.busy_machine and not pool.busy_machine
+    assert not StallWatch(layers=24).busy_machine  # nothing seen yet
+
+
+def test_a_busy_machine_is_named_as_the_likely_cause(tiny_model_dir, caplog, monkeypatch):
+    """The warning once blamed another thread's OpenMP pool for every episode, sending the
+    operator of a shared CPU after a thread that was not there."""
+    model, tokenizer = load_model(str(tiny_model_dir), "cpu", "float32", "none")
+    engine = GenerationEngine(model, tokenizer, persona=CHATTY_PERSONA)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)  # a two-thread team's steps
+    threshold = int(engine.stall_watch.threshold)
+    with caplog.at_level(logging.WARNING, logger="bot.engine.generation"):
+        for _ in range(16):
+            engine._watch_stalls(threshold * 2, threshold, [])
+    (warning,) = [r.getMessage() for r in caplog.records if "sleeping OpenMP" in r.getMessage()]
+    assert "most likely other processes take the cores" in warning
+    assert engine.openmp_stalls == 1
 
 
 def test_the_calling_thread_can_free_its_pool():
-    if voluntary_switches() is None:
+    if context_switches() is None:
         pytest.skip("no per-thread context switch counts on this platform")
     torch.randn(300, 300) @ torch.randn(300, 300)
     assert release_thread_pool()  # PyTorch's Linux wheels run on libgomp
