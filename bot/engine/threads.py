@@ -19,7 +19,12 @@ descheduled sibling needs; one that sleeps at once pays a wake-up at every produ
 bot lets OpenMP spin briefly (``bot/__init__.py``) and the worker measures: every so often it
 times a few consecutive decoding steps of the same batch at each candidate thread count,
 alternating (so the batch and the other programs are the same for each), and keeps the
-fastest. A choice that holds is checked again less and less often (up to once a minute); one
+fastest. A trial that finds another count faster is repeated at once, and the count changes
+only when the repeat agrees: two steps a candidate are few on a host whose memory bandwidth
+varies from one second to the next, and one wrong switch costs dearly (a bench run whose bfloat16
+engine ended on one thread stepped 8 rows in 65.8 ms, median, where six runs that kept two took
+31-38 ms; in the first trials on short contexts one thread was only 1.2-1.5x slower, close to the
+margin). A choice that holds is checked again less and less often (up to once a minute); one
 that changes is checked again soon. ``ENGINE_THREADS`` fixes the count and turns this off.
 """
 
@@ -61,6 +66,7 @@ class ThreadTuner:
         self._shape: object = None  # the batch the trial times (steps must all match it)
         self._timings: dict[int, list[float]] = {}
         self._pending: int | None = None  # the count the step being timed runs with
+        self._proposed: int | None = None  # faster in the last trial; the next must agree
 
     def try_soon(self) -> None:
         """Start a trial at the next decoding step (not waiting for the next one due)."""
@@ -105,6 +111,10 @@ class ThreadTuner:
         medians = {n: statistics.median(times) for n, times in self._timings.items()}
         best = min(medians, key=medians.__getitem__)
         if best != self.current and medians[best] < MARGIN * medians[self.current]:
+            if self._proposed != best:  # not yet confirmed: try again at the next step
+                self._proposed, self._next_trial_at = best, self._clock()
+                return
+            self._proposed = None
             logger.info(
                 "engine threads %d -> %d (a step %.1f ms against %.1f ms)",
                 self.current,
@@ -115,6 +125,7 @@ class ThreadTuner:
             self.current, self._wait_s = best, self._first_wait_s
             self.changes += 1
         else:
+            self._proposed = None
             self._wait_s = min(2 * self._wait_s, self._longest_wait_s)
         self._next_trial_at = self._clock() + self._wait_s
 

@@ -41,13 +41,26 @@ def test_shared_cores_make_it_drop_to_one_thread_and_idle_ones_bring_two_back():
     shared = {2: 133.0, 1: 66.0}  # another program holds a core: two threads collide
     used = _run_trial(tuner, shared)
     assert sorted(used) == [1] * STEPS_PER_CANDIDATE + [2] * STEPS_PER_CANDIDATE
-    assert tuner.current == 1 and tuner.changes == 1
+    assert tuner.current == 2 and tuner.trying is False  # one trial proposes, ...
+    _run_trial(tuner, shared)  # ... the next, at once (no clock change), confirms
+    assert tuner.current == 1 and tuner.changes == 1 and tuner.trials == 2
     assert tuner.threads_for(8) == 1  # what the following steps run with
 
     clock.now += 2.0  # a change is checked again soon; the cores are idle again
     idle = {2: 45.0, 1: 82.0}
     _run_trial(tuner, idle)
+    _run_trial(tuner, idle)
     assert tuner.current == 2 and tuner.changes == 2
+
+
+def test_one_trial_misled_by_noise_changes_nothing():
+    clock = Clock()
+    tuner = ThreadTuner(2, first_trial_s=2.0, clock=clock)
+    clock.now = 2.0
+    _run_trial(tuner, {2: 60.0, 1: 45.0})  # a burst of memory traffic during the two-thread steps
+    _run_trial(tuner, {2: 36.0, 1: 62.0})  # the repeat, at once, in quieter conditions
+    assert tuner.current == 2 and tuner.changes == 0 and tuner.trials == 2
+    assert tuner.threads_for(8) == 2 and not tuner.trying  # and no third trial straight away
 
 
 def test_a_choice_that_holds_is_checked_less_and_less_often():
