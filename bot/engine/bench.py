@@ -31,7 +31,9 @@ CPU.
 Each design runs in its own child process (peak RSS is per process) on the same model, built
 from a config with random weights (``--shape medium`` is RuGPT-3 medium's: 24 layers, 1024 wide,
 vocab 50264), so the figures need no download. Printed: wall time, aggregate new tokens/s, p50
-and p95 turn latency (to the whole reply and to the first token), peak RSS, and the ratios.
+and p95 turn latency (to the whole reply and to the first token), peak RSS, and the ratios; per
+engine design, its worker's steps: those that only decoded, at the largest batch they reached
+(median and p90: the "batch-N step"), apart from those that also encoded a prompt chunk.
 ``--json FILE`` writes ``{"naive": {...}, "engine": {...}}`` with the stable keys
 ``tokens_per_s``, ``p50_s``, ``p95_s``, ``first_token_p50_s``, ``peak_rss_mb``.
 
@@ -471,10 +473,31 @@ async def run_design(args: argparse.Namespace) -> dict[str, Any]:
         result["prompt_tokens_reused"] = round(engine.reused_tokens / max(total, 1), 3)
         result["engine_busy_s"] = {k: round(v, 2) for k, v in engine.busy_s.items()}
         result["engine_steps"] = engine.steps
+        result |= step_figures(engine.step_log)
         result["engine_threads"] = engine.worker_threads
         result["engine_thread_changes"] = engine.thread_tuner.changes if engine.thread_tuner else 0
         result["engine_openmp_stalls"] = engine.openmp_stalls
     return result
+
+
+def step_figures(log: Any) -> dict[str, Any]:
+    """The engine's decoding-only steps at the largest batch they reached (the "batch-N step" of
+    the README's tables: N rows' next tokens, weights read once), and apart from them the steps
+    that also encoded a prompt chunk, which take several times as long and would otherwise pass
+    for slow decoding in the mean."""
+    decoding = [(rows, took) for rows, prompt, took in log if rows and not prompt]
+    mixed = [took for rows, prompt, took in log if rows and prompt]
+    figures: dict[str, Any] = {"mixed_steps": len(mixed)}
+    if mixed:
+        figures["mixed_step_mean_ms"] = round(1000 * statistics.mean(mixed), 1)
+    if decoding:
+        full = max(rows for rows, _ in decoding)
+        times = sorted(took for rows, took in decoding if rows == full)
+        figures["decode_rows"] = full
+        figures["decode_steps"] = len(times)
+        figures["decode_step_p50_ms"] = round(1000 * statistics.median(times), 1)
+        figures["decode_step_p90_ms"] = round(1000 * times[round(0.9 * (len(times) - 1))], 1)
+    return figures
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -640,6 +663,14 @@ def print_table(args: argparse.Namespace, results: dict[str, dict[str, Any]]) ->
                 f"{name} worker: {steps} steps ({step_ms:.0f} ms each), busy (s): {busy}, "
                 f"threads at the end: {threads} ({changes} changes)"
                 + (f", OpenMP stalls: {stalls} (bot.engine.openmp)" if stalls else "")
+            )
+        if "decode_steps" in result:
+            mixed = result["mixed_steps"]
+            print(
+                f"{name} steps decoding {result['decode_rows']} rows and nothing else: "
+                f"{result['decode_steps']}, median {result['decode_step_p50_ms']} ms (p90 "
+                f"{result['decode_step_p90_ms']}); steps that also encoded a prompt chunk: "
+                + (f"{mixed}, mean {result['mixed_step_mean_ms']} ms" if mixed else "none")
             )
     if "remote" in results:
         client = results["remote"]["client_peak_rss_mb"]

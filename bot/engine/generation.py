@@ -45,6 +45,7 @@ import logging
 import queue
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field, replace
 
@@ -75,6 +76,9 @@ logger = logging.getLogger(__name__)
 #: A Unicode replacement character ends decoded text while a multi-byte character is split
 #: between tokens: such a tail is not streamed until the next token completes it.
 _PARTIAL = "\ufffd"
+
+#: Steps kept in :attr:`GenerationEngine.step_log` (a few minutes of a busy engine's steps, ~1 MB).
+STEP_LOG_SIZE = 10_000
 
 
 class EngineBusy(Exception):
@@ -252,6 +256,10 @@ class GenerationEngine:
         # Where the worker's time goes (seconds), for the bench and /stats-style diagnostics.
         self.busy_s = {"admit": 0.0, "step": 0.0, "finish": 0.0}
         self.steps = 0
+        # The latest steps as (decoding rows, prompt tokens encoded in the step, seconds): a step
+        # that also encodes a prompt chunk can take several times a decoding-only one, so the
+        # mean of ``busy_s["step"]`` says little about either (the bench reports them apart).
+        self.step_log: deque[tuple[int, int, float]] = deque(maxlen=STEP_LOG_SIZE)
         self._warmed = threading.Event()
         self._warm_up_error: Exception | None = None
 
@@ -661,7 +669,9 @@ class GenerationEngine:
                 row.computed += take
             finished = self._choose(rows, logits[: len(rows)]) if rows else []
             joined = [row for row, _ in chunks if row.computed == row.prompt_len]
-            self.busy_s["step" if rows else "admit"] += time.perf_counter() - started
+            took = time.perf_counter() - started
+            self.busy_s["step" if rows else "admit"] += took
+            self.step_log.append((len(rows), sum(take for _, take in chunks), took))
         except Exception as error:
             logger.exception("generation failed")
             for row in [*rows, *self._joining]:

@@ -1,8 +1,9 @@
-"""``make bench``'s command line: design variants and the background load it competes with."""
+"""``make bench``'s command line (design variants, the background load it competes with) and
+what it reports."""
 
 import pytest
 
-from bot.engine.bench import BackgroundLoad, main, split_design
+from bot.engine.bench import BackgroundLoad, main, split_design, step_figures
 
 
 def test_design_variants_become_the_child_options():
@@ -34,3 +35,29 @@ def test_background_load_runs_busy_processes_and_leaves_none_behind():
         assert len(children) == 2
         assert all(child.poll() is None for child in children)  # spinning
     assert all(child.poll() is not None for child in children)  # stopped and reaped
+
+
+def test_steps_that_encode_a_prompt_are_reported_apart_from_decoding_ones():
+    log = [  # (decoding rows, prompt tokens in the step, seconds), as the engine records them
+        (0, 60, 0.2),  # a prompt encoded whole while nothing decodes
+        (8, 0, 0.036),
+        (8, 0, 0.034),
+        (8, 20, 0.15),  # a joining prompt's chunk rides along
+        (7, 0, 0.030),
+        (8, 0, 0.040),
+    ]
+    assert step_figures(log) == {
+        "decode_rows": 8,
+        "decode_steps": 3,
+        "decode_step_p50_ms": 36.0,
+        "decode_step_p90_ms": 40.0,
+        "mixed_steps": 1,
+        "mixed_step_mean_ms": 150.0,
+    }
+
+
+def test_the_bench_reports_the_engines_decoding_steps(capsys):
+    assert main(["--shape", "tiny", "--users", "2", "--turns", "2", "--designs", "engine"]) == 0
+    out = capsys.readouterr().out
+    assert "engine worker: " in out
+    assert "engine steps decoding 2 rows and nothing else: " in out
