@@ -29,7 +29,8 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from bot import texts
-from bot.config import DEFAULT_DATABASE_TIMEOUT_S, ConfigError, Settings, error_line
+from bot.config import DEFAULT_DATABASE_TIMEOUT_S, ConfigError, Settings
+from bot.conversation import Conversations
 from bot.db.engine import create_engine, create_sessionmaker, upgrade_to_head
 from bot.diagnostics import install_task_dump
 from bot.dialogue import DialogueService
@@ -46,8 +47,8 @@ from bot.middlewares.rate_limit import (
     WindowCounter,
 )
 from bot.middlewares.retry import RetryMiddleware
-from bot.pending import OwedReplies, answer_unanswered
 from bot.replicas import ReplicaCoordinator
+from models.errors import error_line
 
 logger = logging.getLogger(__name__)
 
@@ -115,21 +116,22 @@ def build_dispatcher(
     replicas: ReplicaCoordinator | None = None,
     online_since: datetime | None = None,
 ) -> Dispatcher:
-    """The dispatcher and its life cycle. With ``replicas`` (REDIS_URL), messages are answered
-    under each user's lease by :class:`bot.pending.OwedReplies`, and its sweep replaces the
-    start-up pass over unanswered messages. ``online_since``: when this process started (default
-    now); a message Telegram held from before it is answered only while recent
-    (``bot.handlers.chat.held_too_long``)."""
+    """The dispatcher and its life cycle. Handlers hand each message to one
+    :class:`bot.conversation.Conversations`, which owns its life; with ``replicas``
+    (REDIS_URL) it answers under each user's lease, and its sweep replaces the start-up pass
+    over unanswered messages. ``online_since``: when this process started (default now); a
+    message Telegram held from before it is answered only while recent
+    (``bot.conversation.held_too_long``)."""
     metrics = metrics or BotMetrics()
     metrics.watch_queue(lambda: dialogue.backend.queue_depth)
     if isinstance(dialogue.backend, GenerationEngine):
         engine = dialogue.backend
         metrics.watch_engine(lambda: engine.worker_threads, lambda: engine.openmp_stalls)
+    conversations = Conversations(
+        dialogue, metrics, settings, replicas, online_since or datetime.now(UTC)
+    )
     dp = Dispatcher(
-        dialogue=dialogue,
-        settings=settings,
-        metrics=metrics,
-        online_since=online_since or datetime.now(UTC),
+        dialogue=dialogue, settings=settings, metrics=metrics, conversations=conversations
     )
     dp.update.outer_middleware(CountUpdatesMiddleware(metrics))
     dp.message.outer_middleware(AccessMiddleware(settings.allowed_ids, settings.blocked_ids))
@@ -181,19 +183,15 @@ def build_dispatcher(
         if settings.retention_days > 0:
             background.append(asyncio.create_task(prune_forever()))
         if replicas is not None:
-            owed = OwedReplies(bot, dialogue, metrics, settings, replicas)
-            dp["owed"] = owed  # handlers store, then leave the answer to it
-            background.append(asyncio.create_task(owed.sweep_forever()))
+            background.append(asyncio.create_task(conversations.sweep_forever(bot)))
             return
         # Before the first update: what the last run left unanswered goes first, in order.
-        background.extend(await answer_unanswered(bot, dialogue, metrics, settings))
+        background.extend(await conversations.answer_unanswered(bot))
 
     async def on_shutdown() -> None:
         for task in background:
             task.cancel()
-        owed = dp.workflow_data.get("owed")
-        if owed is not None:
-            await owed.aclose()
+        await conversations.aclose()
         await dialogue.backend.aclose()
         if replicas is not None:
             await replicas.aclose()

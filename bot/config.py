@@ -11,6 +11,8 @@ from pathlib import Path
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from models.hub import missing_model
+
 DEFAULT_PERSONA = (
     "Я дружелюбный собеседник. Отвечаю коротко, по-русски и по делу, с уважением к собеседнику."
 )
@@ -67,26 +69,6 @@ class ConfigError(Exception):
     """A setting is missing or wrong; the message is one line saying what to set."""
 
 
-def error_line(error: BaseException) -> str:
-    """The first line of an exception's message (its type's name when it has none): what a
-    one-line error for the operator quotes of the cause."""
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
-
-
-def missing_model(path: str) -> str | None:
-    """Why ``path`` (MODEL_PATH) names no model, or None: an existing directory, or what can
-    only be a hub id (``owner/name``), which the loader fetches. One line, saying what to do."""
-    local = Path(path)
-    looks_local = local.is_absolute() or path.startswith(".") or local.parent.exists()
-    if not local.exists() and (looks_local or path.count("/") != 1):  # not a hub id either
-        return (
-            f"no model at {path!r}: train one (`make finetune PROFILE=tiny-scratch`) or set "
-            "MODEL_PATH to a Hugging Face model directory or hub id"
-        )
-    return None
-
-
 class Settings(BaseSettings):
     """Everything the bot can be told. Names are the environment variables, case-insensitive."""
 
@@ -104,9 +86,9 @@ class Settings(BaseSettings):
     )
     model_path: str = "checkpoints/latest"
     model_device: str = "auto"  # auto | cpu | cuda | cuda:1 ...
-    model_dtype: str = "float32"  # auto | float32 | bfloat16 | float16 (see bot.engine.loading)
+    model_dtype: str = "float32"  # auto | float32 | bfloat16 | float16 (see models.loading)
     model_quantize: str = "none"  # none | int8 (dynamic int8 projections, for CPUs)
-    model_cpu_onednn: bool = True  # float32 projections through oneDNN on a CPU (bot.engine.onednn)
+    model_cpu_onednn: bool = True  # float32 projections through oneDNN on a CPU (models.onednn)
     cpu_attention_kernel: str = "auto"  # auto | on | off (bot.engine.cpu_attention)
     context_tokens: int | None = Field(None, ge=32, description="default: the model's window")
     reply_tokens: int = Field(64, ge=1, le=1024)

@@ -63,12 +63,23 @@ class UserRef:
 
 
 @dataclass(frozen=True)
+class StoredUser:
+    """What answering a message needs of its author's row, read once per message (when the
+    message is stored, or found owed): the row's id and the user's /temp. Stands in for the
+    row in the repository's queries, which only use its id."""
+
+    id: int
+    temperature: float | None
+
+
+@dataclass(frozen=True)
 class OwedMessage:
     """A stored Telegram message with no delivered reply: whose, which (``message_id`` in the
     database, ``telegram_message_id`` in its chat), the forum topic its reply belongs in
     (``None`` outside topics), and the bot's message an attempt that died was streaming the
     reply into (``draft_id``); or, when ``role`` is a marker role (``repository.RESET_ROLE``,
-    ``FORGET_ROLE``), a /reset or /forget not carried out yet."""
+    ``FORGET_ROLE``), a /reset or /forget not carried out yet. ``author``: the user's row as
+    read with it, so that answering it reads the user no more."""
 
     user: UserRef
     message_id: int
@@ -76,13 +87,7 @@ class OwedMessage:
     role: str
     draft_id: int | None
     telegram_message_id: int | None
-
-    @classmethod
-    def just_stored(
-        cls, user: UserRef, message_id: int, telegram_message_id: int, thread_id: int | None
-    ) -> OwedMessage:
-        """A user's message the moment it is stored: nothing was sent for it yet."""
-        return cls(user, message_id, thread_id, repository.USER_ROLE, None, telegram_message_id)
+    author: StoredUser | None = None
 
     @property
     def is_command(self) -> bool:
@@ -177,6 +182,36 @@ class DialogueService:
         finally:
             turn.finish()
 
+    async def store_user_message(
+        self,
+        user: UserRef,
+        text: str,
+        telegram_message_id: int | None = None,
+        telegram_thread_id: int | None = None,
+    ) -> OwedMessage | None:
+        """:meth:`remember_user_message`, returning the message as owed (its author's row
+        with it, so answering it reads the user no more); ``None`` for an update delivered
+        again."""
+        stored = await self._store_incoming(
+            user,
+            repository.USER_ROLE,
+            text[: self.settings.max_message_chars],
+            telegram_message_id,
+            telegram_thread_id,
+        )
+        if stored is None:
+            return None
+        message_id, author = stored
+        return OwedMessage(
+            user,
+            message_id,
+            telegram_thread_id,
+            repository.USER_ROLE,
+            None,
+            telegram_message_id,
+            author,
+        )
+
     async def remember_user_message(
         self,
         user: UserRef,
@@ -193,13 +228,8 @@ class DialogueService:
         longer than MAX_MESSAGE_CHARS keeps its beginning. The forum topic is kept with it:
         whoever answers it later (a restart, another replica) answers there.
         """
-        return await self._store_incoming(
-            user,
-            repository.USER_ROLE,
-            text[: self.settings.max_message_chars],
-            telegram_message_id,
-            telegram_thread_id,
-        )
+        stored = await self.store_user_message(user, text, telegram_message_id, telegram_thread_id)
+        return None if stored is None else stored.message_id
 
     async def edit_user_message(self, user: UserRef, telegram_message_id: int, text: str) -> bool:
         """The user edited a message in Telegram: memory takes the corrected text, so the
@@ -226,9 +256,10 @@ class DialogueService:
         answered. With replicas this is all a webhook request does for them (receiving is
         storing, bot.replicas); ``None`` for a command Telegram delivered again."""
         assert role in repository.MARKER_ROLES, role
-        return await self._store_incoming(
+        stored = await self._store_incoming(
             user, role, "/" + role, telegram_message_id, telegram_thread_id
         )
+        return None if stored is None else stored[0]
 
     async def _store_incoming(
         self,
@@ -237,12 +268,12 @@ class DialogueService:
         text: str,
         telegram_message_id: int | None,
         telegram_thread_id: int | None,
-    ) -> int | None:
-        """One committed row for something the user sent (retried: :meth:`_write`); ``None``
-        when Telegram delivered it again."""
+    ) -> tuple[int, StoredUser] | None:
+        """One committed row for something the user sent (retried: :meth:`_write`), with its
+        author's row as read for it; ``None`` when Telegram delivered it again."""
         tries = 0
 
-        async def store(session: AsyncSession) -> int:
+        async def store(session: AsyncSession) -> tuple[int, StoredUser]:
             nonlocal tries
             tries += 1
             row = await repository.get_or_create_user(session, user.telegram_id, user.name)
@@ -254,7 +285,7 @@ class DialogueService:
                 telegram_message_id=telegram_message_id,
                 telegram_thread_id=telegram_thread_id,
             )
-            return message.id
+            return message.id, StoredUser(row.id, row.temperature)
 
         try:
             return await self._write(store)
@@ -313,10 +344,13 @@ class DialogueService:
         for topic in topics:
             self.backend.forget(dialogue_key(telegram_id, topic))
 
-    async def _stored_id(self, user: UserRef, telegram_message_id: int) -> int | None:
+    async def _stored_id(
+        self, user: UserRef, telegram_message_id: int
+    ) -> tuple[int, StoredUser] | None:
         async with self.sessions() as session:
             row = await repository.get_or_create_user(session, user.telegram_id, user.name)
-            return await repository.stored_message_id(session, row, telegram_message_id)
+            stored = await repository.stored_message_id(session, row, telegram_message_id)
+            return None if stored is None else (stored, StoredUser(row.id, row.temperature))
 
     async def unanswered(
         self,
@@ -349,6 +383,7 @@ class DialogueService:
                 p.role,
                 p.draft_id,
                 p.telegram_message_id,
+                StoredUser(p.user_id, p.temperature),
             )
             for p in pending
         ]
@@ -359,24 +394,28 @@ class DialogueService:
         message_id: int | None = None,
         on_text: Callable[[str], None] | None = None,
         thread_id: int | None = None,
+        author: StoredUser | None = None,
     ) -> str:
         """Generate the reply to the history up to ``message_id`` (may raise EngineBusy/Timeout).
 
         Bounding the history by the message id means a reply answers exactly the messages sent
         before it, even when the user has already written more while waiting. ``on_text`` gets
         the reply so far while it is generated (for streaming). ``thread_id``: the forum topic
-        the message was written in; the reply sees that topic's conversation only.
+        the message was written in; the reply sees that topic's conversation only. ``author``:
+        the user's row as read when the message was stored (read here when not given).
         """
         async with self.sessions() as session:
-            row = await repository.get_or_create_user(session, user.telegram_id, user.name)
+            if author is None:
+                row = await repository.get_or_create_user(session, user.telegram_id, user.name)
+                author = StoredUser(row.id, row.temperature)
             history = await repository.recent_turns(
                 session,
-                row,
+                author,
                 self.settings.history_messages,
                 up_to_id=message_id,
                 thread_id=thread_id,
             )
-            temperature = row.temperature or self.settings.temperature
+        temperature = author.temperature or self.settings.temperature
         turns = build_prompt_turns(
             history,
             self.backend.count_tokens,
@@ -396,7 +435,13 @@ class DialogueService:
         reply = await self.backend.generate(turns, params, key=key, on_text=on_text)
         return reply or texts.FALLBACK_REPLY
 
-    async def store_reply(self, user: UserRef, reply: str, reply_to_id: int | None) -> bool:
+    async def store_reply(
+        self,
+        user: UserRef,
+        reply: str,
+        reply_to_id: int | None,
+        author: StoredUser | None = None,
+    ) -> bool:
         """Keep the reply once the user has it: ``reply_to_id`` marks that message answered.
 
         False, and nothing stored, when that message has a reply already: with replicas, one
@@ -405,7 +450,9 @@ class DialogueService:
         """
 
         async def store(session: AsyncSession) -> None:
-            row = await repository.get_or_create_user(session, user.telegram_id, user.name)
+            row = author or await repository.get_or_create_user(
+                session, user.telegram_id, user.name
+            )
             await repository.add_message(
                 session, row, repository.BOT_ROLE, reply, reply_to_id=reply_to_id
             )

@@ -23,11 +23,11 @@ The rule that keeps one user's conversation in order whichever replica gets whic
   kept on this replica's own monotonic clock (:func:`check_lease`), so the check needs no
   round trip and holds even when the stalled replica wakes up with a request ready to go.
 - **A replica that dies** stops renewing its leases: they expire after ``REPLICA_LEASE_S``, and
-  every replica's sweep (:func:`bot.pending.sweep_forever`) picks owed messages whose lease is
-  free. The reply the dead replica was streaming is not sent again as a second message: the
-  Telegram id of the message it was writing into (the *draft*) is stored with the user's message
-  in the database (``messages.reply_draft_id``, as for a single bot's restart), and the survivor
-  writes its reply into that same message.
+  every replica's sweep (:meth:`bot.conversation.Conversations.sweep_forever`) picks owed
+  messages whose lease is free. The reply the dead replica was streaming is not sent again as a
+  second message: the Telegram id of the message it was writing into (the *draft*) is stored
+  with the user's message in the database (``messages.reply_draft_id``, as for a single bot's
+  restart), and the survivor writes its reply into that same message.
 - A message answered with a notice (the model busy or too slow), or whose chat refuses the
   bot, is marked *settled* in the database (``messages.settled_at``), so that the sweep does not
   answer it again and again.

@@ -7,7 +7,8 @@ import torch
 
 from dataset_tools.dialogue_format import parse_reply, render_dialogue, render_prompt
 from dataset_tools.sample_data import generate_dialogues
-from trainer.modeling import build_scratch_model, train_scratch_tokenizer
+from models.scratch_tokenizer import train_scratch_tokenizer
+from trainer.modeling import build_scratch_model
 
 
 @pytest.fixture(scope="session")

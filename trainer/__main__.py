@@ -182,7 +182,7 @@ def _evaluate(args: argparse.Namespace) -> int:
         # The very loading path the bot serves with. Imported after transformers (torch): the bot's
         # package sets its OpenMP wait policy for the processes it starts, not for this one.
         from bot.engine import load_model
-        from bot.engine.loading import ModelLoadError
+        from models.loading import ModelLoadError
 
         try:
             model, tokenizer = load_model(

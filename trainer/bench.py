@@ -26,8 +26,8 @@ from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainingArguments
 
 from dataset_tools.dialogue_format import render_dialogue
 from dataset_tools.sample_data import DEFAULT_SAMPLE_PATH
+from models.scratch_tokenizer import train_scratch_tokenizer
 from trainer import data as training_data
-from trainer.modeling import train_scratch_tokenizer
 
 SHAPES: dict[str, dict[str, int]] = {
     "tiny": {"n_layer": 2, "n_embd": 128, "n_head": 2},

@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from bot.config import error_line
+from models.errors import error_line
 from trainer.model_card import write_model_card
 
 #: Left out of an upload: training state, not the model.

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Protocol
 
 from sqlalchemy import Select, and_, delete, exists, func, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -21,6 +22,14 @@ RESET_ROLE = "reset"  # /reset: forget the conversation
 FORGET_ROLE = "forget"  # /forget: forget the conversation and the settings
 MARKER_ROLES = (RESET_ROLE, FORGET_ROLE)
 DIALOGUE_ROLES = (USER_ROLE, BOT_ROLE)
+
+
+class UserKey(Protocol):
+    """What the queries that only scope by user need of one: the row's id (a ``User`` row, or
+    the snapshot of one that travels with a message, ``bot.dialogue.StoredUser``)."""
+
+    @property
+    def id(self) -> int: ...
 
 
 @dataclass(frozen=True)
@@ -48,7 +57,7 @@ async def set_temperature(session: AsyncSession, user: User, value: float | None
 
 async def add_message(
     session: AsyncSession,
-    user: User,
+    user: UserKey,
     role: str,
     text: str,
     *,
@@ -103,6 +112,8 @@ class PendingMessage:
     role: str
     draft_id: int | None  # the bot's message an earlier attempt was streaming its reply into
     telegram_message_id: int  # the message in its chat, which a reply may quote
+    user_id: int  # the author's row: what answering it needs of the user comes with it
+    temperature: float | None
 
 
 async def unanswered_messages(
@@ -130,6 +141,8 @@ async def unanswered_messages(
             Message.role,
             Message.reply_draft_id,
             Message.telegram_message_id,
+            User.id,
+            User.temperature,
         )
         .join(User, User.id == Message.user_id)
         .where(
@@ -194,7 +207,7 @@ async def set_reply_draft(session: AsyncSession, message_id: int, telegram_messa
 
 async def recent_turns(
     session: AsyncSession,
-    user: User,
+    user: UserKey,
     limit: int,
     up_to_id: int | None = None,
     thread_id: int | None = None,

@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Callable, Hashable
 from typing import Protocol
 
-from bot.engine.generation import RequestStats
+from bot.engine.requests import RequestStats
 from bot.engine.sampling import SamplingParams
 
 

@@ -75,7 +75,7 @@ def build(shape: str, path: Path) -> None:
 
     from dataset_tools.dialogue_format import render_dialogue
     from dataset_tools.sample_data import generate_dialogues
-    from trainer.modeling import train_scratch_tokenizer
+    from models.scratch_tokenizer import train_scratch_tokenizer
 
     vocab = 50264 if shape != "tiny" else 4096
     texts = (render_dialogue(d) for d in generate_dialogues())

@@ -15,10 +15,11 @@ from bot.config import Settings
 from bot.engine.backend import ReplyBackend
 from bot.engine.cpu_attention import KernelUnavailable, decode_attention_for
 from bot.engine.generation import GenerationEngine
-from bot.engine.loading import ModelLoadError, load_model, run_in_own_thread
+from bot.engine.own_thread import run_in_own_thread
 from bot.engine.remote import RemoteBackend
 from bot.logs import adopt_library_logs
 from dataset_tools.dialogue_format import missing_speaker_tags
+from models.loading import ModelLoadError, load_model
 
 logger = logging.getLogger(__name__)
 

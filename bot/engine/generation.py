@@ -47,25 +47,33 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Hashable
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 
 import torch
 from transformers import (
     PreTrainedModel,
     PreTrainedTokenizerBase,
-    StoppingCriteria,
-    StoppingCriteriaList,
 )
 
 from bot.engine.cpu_attention import DecodeAttention
 from bot.engine.decoder import SlotDecoder, supports
+from bot.engine.fallback import generate_apart
 from bot.engine.openmp import StallWatch, context_switches, release_thread_pool
 from bot.engine.prefix_cache import CachedDialogue, Prefix, PrefixCache, common_prefix
+from bot.engine.requests import (
+    Completion,
+    ContextLengthError,
+    EngineBusy,
+    EngineClosed,
+    EngineTimeout,
+    Request,
+    RequestStats,
+    Row,
+    stop_token_ids,
+)
 from bot.engine.sampling import SamplingParams, choose_tokens
 from bot.engine.threads import ThreadTuner
 from dataset_tools.dialogue_format import (
-    BOT_TAG,
-    USER_TAG,
     parse_reply,
     render_dialogue,
     render_prompt,
@@ -79,115 +87,6 @@ _PARTIAL = "\ufffd"
 
 #: Steps kept in :attr:`GenerationEngine.step_log` (a few minutes of a busy engine's steps, ~1 MB).
 STEP_LOG_SIZE = 10_000
-
-
-class EngineBusy(Exception):
-    """The queue is full."""
-
-
-class EngineTimeout(Exception):
-    """The reply did not come within the request timeout."""
-
-
-class EngineClosed(Exception):
-    """The engine is shutting down."""
-
-
-class ContextLengthError(ValueError):
-    """The prompt and the tokens asked for do not fit the context window."""
-
-    def __init__(self, context: int, prompt_tokens: int, max_tokens: int) -> None:
-        # vLLM's wording: clients that already handle vLLM's 400 recognise it.
-        super().__init__(
-            f"This model's maximum context length is {context} tokens. However, your request has "
-            f"{prompt_tokens} input tokens plus {max_tokens} 'max_tokens' "
-            f"({prompt_tokens + max_tokens} in all). Please reduce the length of the input "
-            "or of max_tokens."
-        )
-        self.context, self.prompt_tokens, self.max_tokens = context, prompt_tokens, max_tokens
-
-
-@dataclass(frozen=True)
-class Completion:
-    """A raw completion: the generated text (cut at a stop string) and why it ended."""
-
-    text: str
-    token_ids: list[int]
-    finish_reason: str  # "stop" (a stop token or string) or "length" (max tokens or context)
-    stop_reason: str | int | None  # the stop string or token that ended it; None for EOS/length
-    prompt_tokens: int
-    cached_tokens: int  # prompt tokens whose keys/values came from the prefix cache
-
-
-@dataclass
-class RequestStats:
-    """What serving one request took (filled in by the worker; read by the bench and tests)."""
-
-    reused_tokens: int = 0  # prompt tokens whose keys/values came from the prefix cache
-    first_token_at: float | None = None  # time.perf_counter() when the first token was chosen
-    batch_rows: int = 0  # the most rows decoded together while this one was active
-    prompt_ids: list[int] = field(default_factory=list)  # the tokens the model was given
-    reply_ids: list[int] = field(default_factory=list)  # the tokens it chose (no stop token)
-    prompt_tokens: int = 0  # how many: a remote server reports counts, not ids
-    new_tokens: int = 0
-
-
-@dataclass
-class _Request:
-    prompt: str | list[int]  # text, or token ids as given
-    params: SamplingParams
-    key: Hashable | None
-    loop: asyncio.AbstractEventLoop | None
-    future: asyncio.Future[Completion] | None
-    on_text: Callable[[str], None] | None = None
-    stop_ids: frozenset[int] = frozenset()
-    stop: tuple[str, ...] = ()
-    stats: RequestStats = field(default_factory=RequestStats)
-    cancelled: threading.Event = field(default_factory=threading.Event)
-    keep: bool = True  # keep its keys/values in the prefix cache when it finishes
-    result: Completion | None = None  # for requests served without an event loop (warm-up)
-    error: BaseException | None = None  # likewise
-
-    @property
-    def holdback(self) -> int:
-        """Characters kept from the stream: the start of a stop string may be arriving."""
-        return max((len(s) for s in self.stop), default=1) - 1
-
-
-@dataclass
-class _Row:
-    """A request being decoded; it occupies the decoder slot of its index in the batch."""
-
-    request: _Request
-    ids: list[int]  # the prompt and the reply so far; the last one is not yet fed to the model
-    prompt_len: int
-    computed: int  # tokens whose keys/values are in the slot
-    seen: torch.Tensor  # [vocab] tokens in this row, for the repetition penalty
-    start: Prefix = field(default_factory=Prefix)  # cached keys/values it was started from
-    generator: torch.Generator | None = None  # the request's own, when it gave a seed
-    slot: int = -1  # its decoder slot while its prompt is being encoded (then: its index)
-    text: str = ""  # the reply decoded so far, up to a stop string
-    shown: str = ""
-    finish_reason: str = "length"
-    stop_reason: str | int | None = None
-
-    @property
-    def generated(self) -> list[int]:
-        return self.ids[self.prompt_len :]
-
-
-class _Cancelled(StoppingCriteria):
-    def __init__(self, event: threading.Event) -> None:
-        self.event = event
-
-    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs) -> bool:  # type: ignore[override]
-        return self.event.is_set()
-
-
-def stop_token_ids(tokenizer: PreTrainedTokenizerBase) -> list[int]:
-    """Where a reply ends: EOS, or either speaker's tag when the tokenizer has it as a token."""
-    vocab = tokenizer.get_vocab()
-    return [tokenizer.eos_token_id] + [vocab[t] for t in (USER_TAG, BOT_TAG) if t in vocab]
 
 
 class GenerationEngine:
@@ -228,10 +127,10 @@ class GenerationEngine:
         #: Notices decoding steps that wait on another thread's OpenMP pool (bot.engine.openmp).
         self.stall_watch = StallWatch(getattr(model.config, "num_hidden_layers", None) or 1)
         self.prefill_chunk = prefill_chunk or None
-        self._queue: queue.Queue[_Request | None] = queue.Queue(maxsize=queue_size)
+        self._queue: queue.Queue[Request | None] = queue.Queue(maxsize=queue_size)
         self._thread: threading.Thread | None = None
-        self._rows: list[_Row] = []  # decoding, row i in slot i
-        self._joining: list[_Row] = []  # prompts being encoded, oldest first, each in its slot
+        self._rows: list[Row] = []  # decoding, row i in slot i
+        self._joining: list[Row] = []  # prompts being encoded, oldest first, each in its slot
         self._closed = False
         self._stop_ids = stop_token_ids(tokenizer)
         self.decoder = (
@@ -330,7 +229,7 @@ class GenerationEngine:
         """Serve one short request in the calling thread (the worker, with ``start(warm_up=True)``)
         so that the first user pays neither for lazy initialisation nor for encoding the persona;
         raise what went wrong, so that a model that cannot serve fails the start, not users."""
-        request = _Request(
+        request = Request(
             render_prompt(["Привет"], self.persona),
             SamplingParams(max_new_tokens=2),
             None,
@@ -414,7 +313,7 @@ class GenerationEngine:
             if count + params.max_new_tokens > self.context_tokens:
                 raise ContextLengthError(self.context_tokens, count, params.max_new_tokens)
         loop = asyncio.get_running_loop()
-        request = _Request(
+        request = Request(
             prompt,
             params,
             key,
@@ -488,7 +387,7 @@ class GenerationEngine:
             if self._rows or self._joining:
                 self._step()
 
-    def _take(self, requests: list[_Request | None]) -> bool:
+    def _take(self, requests: list[Request | None]) -> bool:
         """Admit requests into the batch (or serve them apart); ``False`` means shut down."""
         if None in requests:
             for request in requests:
@@ -526,7 +425,7 @@ class GenerationEngine:
                 self.busy_s["admit"] += time.perf_counter() - started
         return True
 
-    def _encode(self, request: _Request, cached: CachedDialogue | None) -> list[int]:
+    def _encode(self, request: Request, cached: CachedDialogue | None) -> list[int]:
         """The prompt's tokens, reusing the cached dialogue's own tokens where it is a prefix.
 
         The cached tokens are those the model produced, which a fresh tokenization of the same
@@ -557,7 +456,7 @@ class GenerationEngine:
                 self._persona_entry = CachedDialogue(self._persona_text, ids, (past,), shared=1)
         return self._persona_entry
 
-    def _cached_start(self, request: _Request, slot: int) -> CachedDialogue | None:
+    def _cached_start(self, request: Request, slot: int) -> CachedDialogue | None:
         """Where a request's prompt may start from: its dialogue's entry, else the longest
         cached entry its prompt extends (a client that names no dialogue), else the persona."""
         if request.key is not None:
@@ -567,7 +466,7 @@ class GenerationEngine:
         found = self.prefix_cache.take_longest_prefix(request.prompt)
         return found or self._shared_persona(slot)
 
-    def _plan(self, requests: list[_Request]) -> None:
+    def _plan(self, requests: list[Request]) -> None:
         """Give each request a free slot holding its reusable prefix; its new tokens are encoded
         by the following steps (:meth:`_step`), a chunk at a time while other rows decode."""
         assert self.decoder is not None
@@ -592,7 +491,7 @@ class GenerationEngine:
             generator = None
             if request.params.seed is not None:
                 generator = torch.Generator(device=device).manual_seed(request.params.seed)
-            row = _Row(request, ids, len(ids), reuse, seen, start, generator, slot=slot)
+            row = Row(request, ids, len(ids), reuse, seen, start, generator, slot=slot)
             self._joining.append(row)
 
     def _free_slot(self) -> int:
@@ -603,7 +502,7 @@ class GenerationEngine:
             slot += 1
         return slot
 
-    def _chunks(self) -> list[tuple[_Row, int]]:
+    def _chunks(self) -> list[tuple[Row, int]]:
         """How many prompt tokens each joining row encodes in this step.
 
         While rows are decoding, at most ``prefill_chunk`` tokens in all, oldest request first,
@@ -686,7 +585,7 @@ class GenerationEngine:
         if joined:
             self._join(joined, logits[len(logits) - len(joined) :])
 
-    def _watch_stalls(self, voluntary: int, involuntary: int, rows: list[_Row]) -> None:
+    def _watch_stalls(self, voluntary: int, involuntary: int, rows: list[Row]) -> None:
         """Count a decoding step's context switches; when they show the worker's threads
         sleeping between products (``bot.engine.openmp``), say which cause is likelier, free
         the event loop thread's OpenMP pool (the usual culprit of one, harmless otherwise) and
@@ -718,7 +617,7 @@ class GenerationEngine:
         if self.thread_tuner is not None:
             self.thread_tuner.try_soon()  # two threads may pay again once the pool is gone
 
-    def _join(self, joined: list[_Row], logits: torch.Tensor) -> None:
+    def _join(self, joined: list[Row], logits: torch.Tensor) -> None:
         """Rows whose prompt is encoded join the decoding rows: slot i for row i, then each
         chooses its first token from its prompt's last logits."""
         assert self.decoder is not None
@@ -738,7 +637,7 @@ class GenerationEngine:
         for index in sorted(self._choose(joined, logits), reverse=True):
             self._finish(first + index)
 
-    def _choose(self, rows: list[_Row], logits: torch.Tensor) -> list[int]:
+    def _choose(self, rows: list[Row], logits: torch.Tensor) -> list[int]:
         """Append each row's next token; return the indices (into ``rows``) that are done."""
         params = [row.request.params for row in rows]
         ban = torch.tensor(
@@ -781,7 +680,7 @@ class GenerationEngine:
                 self._stream(row)
         return done
 
-    def _stop_mask_for(self, rows: list[_Row]) -> torch.Tensor:
+    def _stop_mask_for(self, rows: list[Row]) -> torch.Tensor:
         """``[vocab]`` or ``[rows, vocab]``: the stop tokens that rows under their minimum length
         may not choose. The engine's own set unless a request brought its own."""
         if all(row.request.stop_ids <= self._stop_set for row in rows):
@@ -797,7 +696,7 @@ class GenerationEngine:
     def _stop_set(self) -> frozenset[int]:
         return frozenset(self._stop_ids)
 
-    def _read(self, row: _Row) -> bool:
+    def _read(self, row: Row) -> bool:
         """Decode the row's reply so far; ``True`` when it now contains a stop string."""
         text = self._decode(row.generated)
         for stop in row.request.stop:
@@ -808,7 +707,7 @@ class GenerationEngine:
         row.text = text
         return row.finish_reason == "stop"
 
-    def _stream(self, row: _Row) -> None:
+    def _stream(self, row: Row) -> None:
         """Show the text so far, less what may yet become a stop string or a whole character."""
         request = row.request
         text = row.text[: len(row.text) - request.holdback] if request.holdback else row.text
@@ -853,11 +752,11 @@ class GenerationEngine:
 
     def _deliver(
         self,
-        request: _Request,
+        request: Request,
         prompt_ids: list[int],
         generated: list[int],
         text: str,
-        row: _Row | None,
+        row: Row | None,
     ) -> None:
         request.stats.reply_ids = list(generated)
         request.stats.prompt_tokens, request.stats.new_tokens = len(prompt_ids), len(generated)
@@ -873,47 +772,21 @@ class GenerationEngine:
         )
         self._resolve(request, result=completion)
 
-    def _serve_apart(self, request: _Request) -> None:
+    def _serve_apart(self, request: Request) -> None:
         """Beam search, or a model the slot decoder does not cover: ``model.generate`` alone."""
         ids = self._encode(request, None)
-        params = request.params
-        device = self.model.device
-        input_ids = torch.tensor([ids], device=device)
-        beams = params.num_beams > 1
-        sampling = {}
-        if not beams:
-            sampling = {
-                "do_sample": params.temperature > 0.001,
-                "temperature": max(params.temperature, 0.001),
-                "top_p": params.top_p,
-                "top_k": params.top_k,
-            }
-        stop_ids = sorted(request.stop_ids)
-        with torch.inference_mode():
-            output = self.model.generate(
-                input_ids=input_ids,
-                attention_mask=torch.ones_like(input_ids),
-                num_beams=params.num_beams,
-                repetition_penalty=params.repetition_penalty,
-                max_new_tokens=params.max_new_tokens,
-                min_new_tokens=params.min_new_tokens,
-                eos_token_id=stop_ids,
-                pad_token_id=self.tokenizer.pad_token_id,
-                stopping_criteria=StoppingCriteriaList([_Cancelled(request.cancelled)]),
-                **sampling,
-            )
-        new = output[0, len(ids) :].tolist()
+        new = generate_apart(self.model, self.tokenizer, ids, request)
         generated = [t for t in new if t not in request.stop_ids]
         request.stats.prompt_ids = ids
         request.stats.first_token_at = request.stats.first_token_at or time.perf_counter()
-        row = _Row(request, ids + generated, len(ids), len(ids), torch.empty(0))
+        row = Row(request, ids + generated, len(ids), len(ids), torch.empty(0))
         row.finish_reason = "stop" if len(generated) < len(new) else "length"
         text = row.text if request.stop and self._read(row) else self._decode(generated)
         self._deliver(request, ids, generated, text, row)
 
     @staticmethod
     def _resolve(
-        request: _Request, result: Completion | None = None, error: BaseException | None = None
+        request: Request, result: Completion | None = None, error: BaseException | None = None
     ) -> None:
         if request.loop is None or request.future is None:
             request.result, request.error = result, error

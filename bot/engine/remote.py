@@ -35,12 +35,12 @@ import openai
 from openai import AsyncOpenAI
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
-from bot.engine.generation import EngineBusy, EngineTimeout, RequestStats, stop_token_ids
-from bot.engine.hub import HubUnreachable, pretrained_source
-from bot.engine.loading import ModelLoadError
+from bot.engine.requests import EngineBusy, EngineTimeout, RequestStats, stop_token_ids
 from bot.engine.sampling import SamplingParams
 from bot.memory import fit_turns
 from dataset_tools.dialogue_format import SPEAKER_TAGS, parse_reply, render_prompt
+from models.hub import HubUnreachable, pretrained_source
+from models.loading import ModelLoadError
 
 logger = logging.getLogger(__name__)
 

@@ -30,16 +30,7 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from bot.config import Settings
-from bot.engine.generation import (
-    Completion,
-    ContextLengthError,
-    EngineBusy,
-    EngineClosed,
-    EngineTimeout,
-    GenerationEngine,
-    stop_token_ids,
-)
-from bot.engine.loading import count_parameters
+from bot.engine.generation import GenerationEngine
 from bot.engine.openai_api import (
     CompletionRequest,
     RequestError,
@@ -49,7 +40,16 @@ from bot.engine.openai_api import (
     model_card,
     parse_request,
 )
+from bot.engine.requests import (
+    Completion,
+    ContextLengthError,
+    EngineBusy,
+    EngineClosed,
+    EngineTimeout,
+    stop_token_ids,
+)
 from dataset_tools.dialogue_format import SPEAKER_TAGS, parse_reply, render_prompt
+from models.loading import count_parameters
 
 logger = logging.getLogger(__name__)
 

@@ -305,7 +305,7 @@ async def test_the_engine_the_bot_starts_follows_the_setting(tiny_model_dir, mon
     kernel under ``auto`` where it can be had, none with ``off``, and with ``on`` where it cannot
     be had the start stops with the reason."""
     from bot.engine.factory import open_local_engine
-    from bot.engine.loading import ModelLoadError
+    from models.loading import ModelLoadError
 
     def engine_for(mode: str):  # type: ignore[no-untyped-def]
         settings = Settings(

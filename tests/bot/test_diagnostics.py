@@ -51,7 +51,7 @@ async def test_kill_usr1_shows_a_reply_stuck_on_telegram_and_the_bot_goes_on(
         bot.process.send_signal(signal.SIGUSR1)
         await eventually(lambda: DUMP in log.read_text(errors="replace"), "the task dump")
         dump = log.read_text(errors="replace").split(DUMP, 1)[1]
-        assert "bot/handlers/chat.py" in dump and "in answer" in dump, dump[-3000:]
+        assert "bot/conversation.py" in dump and "in _answer" in dump, dump[-3000:]
         assert "bot/streaming.py" in dump and "in _send" in dump, dump[-3000:]
         fake.release("sendMessage")
         await eventually(lambda: len(bot_replies(db, ALICE)) == 1, "the reply, Telegram back")

@@ -13,8 +13,9 @@ from pydantic import ValidationError
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from bot.config import Settings
-from bot.engine import GenerationEngine, SamplingParams, cpu_attention, load_model, onednn
-from bot.engine.loading import ModelLoadError, count_parameters, pick_dtype
+from bot.engine import GenerationEngine, SamplingParams, cpu_attention, load_model
+from models import onednn
+from models.loading import ModelLoadError, count_parameters, pick_dtype
 from tests.bot.test_batching import ask
 from tests.conftest import CHATTY_DIALOGUES, CHATTY_PERSONA
 

@@ -112,7 +112,6 @@ async def test_a_reset_replicas_left_stored_is_carried_out_in_its_place_at_the_n
 
     from bot.db import repository
     from bot.dialogue import UserRef
-    from bot.pending import answer_unanswered
 
     dp, bot, session, db = wired
     dialogue = dp["dialogue"]
@@ -120,7 +119,7 @@ async def test_a_reset_replicas_left_stored_is_carried_out_in_its_place_at_the_n
     before = await dialogue.remember_user_message(user, "Меня зовут Вася", 1)
     await dialogue.remember_command(user, repository.RESET_ROLE, 2)
     await dialogue.remember_user_message(user, "Как меня зовут?", 3)
-    tasks = await answer_unanswered(bot, dialogue, dp["metrics"], dp["settings"])
+    tasks = await dp["conversations"].answer_unanswered(bot)
     await asyncio.gather(*tasks)
     shown = session.texts_to(7)
     assert len(shown) == 3 and shown[1] == texts.RESET_DONE, shown
@@ -141,14 +140,13 @@ async def test_a_reply_quotes_its_message_when_the_user_has_written_since(wired)
     from aiogram.methods import SendMessage
 
     from bot.dialogue import UserRef
-    from bot.pending import answer_unanswered
 
     dp, bot, session, _ = wired
     dialogue = dp["dialogue"]
     user = UserRef(7, "Аня")
     await dialogue.remember_user_message(user, "Первый вопрос", 101)
     await dialogue.remember_user_message(user, "Второй вопрос", 102)
-    await asyncio.gather(*await answer_unanswered(bot, dialogue, dp["metrics"], dp["settings"]))
+    await asyncio.gather(*await dp["conversations"].answer_unanswered(bot))
     sends = [m for m in session.requests if isinstance(m, SendMessage)]
     quotes = [m.reply_parameters for m in sends]
     assert [q.message_id if q else None for q in quotes] == [101, None]
@@ -164,7 +162,6 @@ async def test_a_message_written_while_the_reply_is_generated_makes_the_reply_qu
     from aiogram.methods import SendMessage
 
     from bot.dialogue import UserRef
-    from bot.pending import answer_unanswered
 
     dp, bot, session, _ = wired
     dialogue = dp["dialogue"]
@@ -178,7 +175,7 @@ async def test_a_message_written_while_the_reply_is_generated_makes_the_reply_qu
 
     dialogue.make_reply = second_message_arrives_meanwhile
     try:
-        await asyncio.gather(*await answer_unanswered(bot, dialogue, dp["metrics"], dp["settings"]))
+        await asyncio.gather(*await dp["conversations"].answer_unanswered(bot))
     finally:
         dialogue.make_reply = make_reply
     sends = [m for m in session.requests if isinstance(m, SendMessage)]
@@ -302,8 +299,8 @@ async def test_a_user_who_blocked_the_bot_is_not_answered_again_and_again(wired,
 
     from aiogram.methods import SendMessage
 
+    from bot.conversation import Conversations
     from bot.dialogue import UserRef
-    from bot.pending import OwedReplies, answer_unanswered
     from bot.replicas import ReplicaCoordinator
 
     dp, bot, session, _ = wired
@@ -311,11 +308,11 @@ async def test_a_user_who_blocked_the_bot_is_not_answered_again_and_again(wired,
     user = UserRef(7, "Аня")
     session.blocked.add(7)
     replicas = await ReplicaCoordinator.connect(redis_url, lease_s=5, wait_s=1)
-    owed = OwedReplies(bot, dialogue, dp["metrics"], dp["settings"], replicas)
+    owed = Conversations(dialogue, dp["metrics"], dp["settings"], replicas)
     try:
         message_id = await dialogue.remember_user_message(user, "Привет!", 101)
         assert [m.message_id for m in await dialogue.unanswered(600)] == [message_id]
-        owed.answer_soon(user, from_id=message_id)
+        owed.answer_soon(bot, user, from_id=message_id)
         for _ in range(600):
             if not await dialogue.unanswered(600):
                 break
@@ -323,11 +320,11 @@ async def test_a_user_who_blocked_the_bot_is_not_answered_again_and_again(wired,
         assert await dialogue.unanswered(600) == []  # settled: owed no more
         tries = sum(isinstance(m, SendMessage) for m in session.requests)
         assert tries >= 1
-        await owed.sweep_once()  # starts an answer at once for anything still owed
+        await owed.sweep_once(bot)  # starts an answer at once for anything still owed
         assert not owed._tasks
         await owed.aclose()
         # nor does a single bot's next start answer it
-        assert await answer_unanswered(bot, dialogue, dp["metrics"], dp["settings"]) == []
+        assert await dp["conversations"].answer_unanswered(bot) == []
         assert sum(isinstance(m, SendMessage) for m in session.requests) == tries
     finally:
         await replicas.aclose()
@@ -339,7 +336,6 @@ async def test_a_message_answered_with_a_notice_is_not_answered_late(wired):
     """The model was too slow: the user is told to try again, once. The message is settled,
     so the next start does not answer it after all (it did, minutes later, unasked)."""
     from bot.engine import GenerationEngine
-    from bot.pending import answer_unanswered
 
     dp, bot, session, _ = wired
     dialogue = dp["dialogue"]
@@ -354,7 +350,7 @@ async def test_a_message_answered_with_a_notice_is_not_answered_late(wired):
         dialogue.backend.close()
         dialogue.backend = working
     assert session.texts_to(7) == [texts.TIMEOUT]
-    assert await answer_unanswered(bot, dialogue, dp["metrics"], dp["settings"]) == []
+    assert await dp["conversations"].answer_unanswered(bot) == []
     assert session.texts_to(7) == [texts.TIMEOUT]
 
 
@@ -391,9 +387,8 @@ async def test_messages_telegram_held_while_the_bot_was_down_are_answered_only_w
         ).all()
     assert [row[0] for row in rows] == [2, 3]  # the hour-old message has no reply
     # nor does it get one late at the next start
-    from bot.pending import answer_unanswered
 
-    assert await answer_unanswered(bot, dp["dialogue"], dp["metrics"], dp["settings"]) == []
+    assert await dp["conversations"].answer_unanswered(bot) == []
 
 
 async def test_with_no_late_answers_a_message_sent_just_after_the_start_is_answered(

@@ -11,7 +11,7 @@ COMMIT = "0123456789abcdef0123456789abcdef01234567"
 # The bot's loader and the trainer's, as `python -m bot` and `make finetune` call them.
 PROBE = """
 import time
-from bot.engine.loading import ModelLoadError, load_model
+from models.loading import ModelLoadError, load_model
 from trainer.modeling import BaseModelError, load_pretrained
 
 for load, refusal in ((load_model, ModelLoadError), (load_pretrained, BaseModelError)):

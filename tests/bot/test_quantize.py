@@ -9,7 +9,7 @@ from transformers.pytorch_utils import Conv1D
 
 from bot.config import Settings
 from bot.engine import load_model
-from bot.engine.quantize import load_int8_low_memory, quantize_int8
+from models.quantize import load_int8_low_memory, quantize_int8
 
 
 def test_every_projection_is_int8_and_predictions_match_float32(tiny_model_dir):

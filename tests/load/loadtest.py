@@ -19,9 +19,10 @@ from pathlib import Path
 
 from dataset_tools.dialogue_format import render_dialogue
 from dataset_tools.sample_data import generate_dialogues
+from models.scratch_tokenizer import train_scratch_tokenizer
 from tests.bot.fake_telegram import FakeTelegram
 from tests.bot.harness import TOKEN, BotProcess, answered, bot_replies
-from trainer.modeling import build_scratch_model, train_scratch_tokenizer
+from trainer.modeling import build_scratch_model
 
 
 def build_tiny_model(path: Path) -> None:

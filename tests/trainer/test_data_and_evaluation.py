@@ -8,9 +8,9 @@ from transformers import GPT2Config, GPT2LMHeadModel
 
 from dataset_tools.dialogue_format import USER_TAG, render_dialogue
 from dataset_tools.sample_data import generate_dialogues
+from models.scratch_tokenizer import train_scratch_tokenizer
 from trainer.data import IGNORE_INDEX, TokenizedDialogue, pack, tokenize_dialogue
 from trainer.evaluation import distinct_n, perplexity
-from trainer.modeling import train_scratch_tokenizer
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,7 @@ import random
 
 from dataset_tools.dialogue_format import render_dialogue
 from dataset_tools.sample_data import generate_dialogues
-from trainer.modeling import train_scratch_tokenizer
+from models.scratch_tokenizer import train_scratch_tokenizer
 
 TEXTS = [render_dialogue(d) for d in generate_dialogues()]
 

@@ -101,3 +101,16 @@ def pretrained_source(name: str) -> PretrainedSource:
         f"{hub_constants.ENDPOINT} cannot be reached from this machine ({reason}) and {name!r} "
         f"is not in the local Hugging Face cache ({hub_constants.HF_HUB_CACHE})"
     )
+
+
+def missing_model(path: str) -> str | None:
+    """Why ``path`` (MODEL_PATH) names no model, or None: an existing directory, or what can
+    only be a hub id (``owner/name``), which the loader fetches. One line, saying what to do."""
+    local = Path(path)
+    looks_local = local.is_absolute() or path.startswith(".") or local.parent.exists()
+    if not local.exists() and (looks_local or path.count("/") != 1):  # not a hub id either
+        return (
+            f"no model at {path!r}: train one (`make finetune PROFILE=tiny-scratch`) or set "
+            "MODEL_PATH to a Hugging Face model directory or hub id"
+        )
+    return None

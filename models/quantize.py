@@ -18,7 +18,7 @@ import torch
 from torch import nn
 from torch.ao.nn.quantized.dynamic import Linear as DynamicLinear
 
-from bot.engine.streamed import convert_loaded, load_streamed, tanh_gelu_mlps
+from models.streamed import convert_loaded, load_streamed, tanh_gelu_mlps
 
 
 class DirectInt8Linear(DynamicLinear):
@@ -86,7 +86,7 @@ def quantize_int8(model: nn.Module) -> int:
 
 def load_int8_low_memory(path: Path) -> nn.Module | None:
     """The model at ``path`` with int8 projections, built tensor by tensor
-    (:func:`~bot.engine.streamed.load_streamed`): each projection is read, quantized and dropped
+    (:func:`~models.streamed.load_streamed`): each projection is read, quantized and dropped
     before the next is read, so the float32 model never sits in memory whole. None when the
     directory has no safetensors weights (the caller then loads normally and calls
     :func:`quantize_int8`)."""

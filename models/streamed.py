@@ -1,7 +1,7 @@
 """Building a serving model tensor by tensor from its safetensors files.
 
-The CPU conversions (int8 in ``bot.engine.quantize``, packed float32/bfloat16 projections in
-``bot.engine.onednn``) each replace every projection with a module of their own. Done on a model
+The CPU conversions (int8 in ``models.quantize``, packed float32/bfloat16 projections in
+``models.onednn``) each replace every projection with a module of their own. Done on a model
 loaded the usual way, the float32 weights sit in memory whole (or as memory-mapped pages that stay
 resident while any view of them lives) next to their converted copies: 3.4 GB at the peak for the
 medium model with oneDNN. Built here instead, each projection is read, converted and dropped before
@@ -74,7 +74,7 @@ def untie_for_serving(model: nn.Module, copied: bool | None = None) -> None:
     """``lm_head`` is now a module of its own (a lookup table and a packed or int8 projection
     cannot share memory). Whether it was copied from the input embedding is recorded, so that
     the model's parameter count does not count those weights twice
-    (:func:`bot.engine.loading.count_parameters`)."""
+    (:func:`models.loading.count_parameters`)."""
     if copied is None:
         copied = bool(getattr(model.config, "tie_word_embeddings", False))
     model.config.lm_head_copied_from_embeddings = copied

@@ -18,7 +18,7 @@ with ``mkldnn._linear_pointwise``, the kernels PyTorch's own compiler (inductor)
 linears. Dense tensors go in and out (no per-call format conversions), and GPT-2's tanh-GELU is
 fused into the MLP's first projection. Same weights, same float32 arithmetic (results agree with
 ``F.linear`` to ~1e-6; the tests check greedy replies token for token), so this is a kernel
-choice, not a different model. Like ``bot.engine.quantize``, each GPT-2 ``Conv1D`` is rewritten as a
+choice, not a different model. Like ``models.quantize``, each GPT-2 ``Conv1D`` is rewritten as a
 linear layer, one module at a time, and ``lm_head`` gets its own copy of the (tied) embedding.
 
 **bfloat16** (``MODEL_DTYPE=bfloat16`` or ``auto`` on a CPU with AVX512_BF16 or AMX): the same
@@ -32,7 +32,7 @@ bfloat16 at all and PyTorch's own bfloat16 matmul is emulated (~300× slower tha
 refused at load (:func:`bfloat16_support`).
 
 Memory: a local safetensors checkpoint is built projection by projection
-(:func:`load_packed`, ``bot.engine.streamed``), so the unpacked weights never sit in memory
+(:func:`load_packed`, ``models.streamed``), so the unpacked weights never sit in memory
 whole; the process holds the packed projections, the embeddings and the runtime. A model loaded
 the usual way (a hub id) is converted in place (:func:`to_onednn`) and its remaining weights are
 copied out of the memory-mapped checkpoint so that its pages are released (:func:`_own_memory`).
@@ -47,7 +47,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from bot.engine.streamed import convert_loaded, load_streamed, tanh_gelu_mlps
+from models.streamed import convert_loaded, load_streamed, tanh_gelu_mlps
 
 #: The batch size the weights are laid out for. A hint, not a limit: any number of rows works
 #: (prefill passes hundreds); 8 was fastest at 1, 8, 25 and 200 rows here.

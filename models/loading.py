@@ -1,4 +1,4 @@
-"""Loading a model for serving, and the thread it is loaded in.
+"""Loading a model for serving or evaluation (the bot, its server, the trainer's evaluation).
 
 Any Hugging Face causal-LM directory or hub id loads; the CPU conversions (int8, oneDNN) are
 applied here, once, so that the engine only ever sees a ready model.
@@ -6,11 +6,7 @@ applied here, once, so that the engine only ever sees a ready model.
 
 from __future__ import annotations
 
-import asyncio
-import threading
-from collections.abc import Callable
 from pathlib import Path
-from typing import TypeVar
 
 import torch
 from huggingface_hub import constants as hub_constants
@@ -23,13 +19,11 @@ from transformers import (
 )
 from transformers.utils import logging as hf_logging
 
-from bot.config import error_line, missing_model
-from bot.engine import onednn
-from bot.engine.allocator import returning_freed_memory
-from bot.engine.hub import pretrained_source
-from bot.engine.quantize import load_int8_low_memory, quantize_int8
-
-T = TypeVar("T")
+from models import onednn
+from models.allocator import returning_freed_memory
+from models.errors import error_line
+from models.hub import missing_model, pretrained_source
+from models.quantize import load_int8_low_memory, quantize_int8
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -83,10 +77,10 @@ def load_model(
     """Load any Hugging Face causal-LM directory or hub id, or fail with one clear line.
 
     ``dtype`` may be ``auto`` (:func:`pick_dtype`). ``quantize="int8"`` converts the projections
-    to dynamic int8 (CPU only, see bot.engine.quantize); ``cpu_onednn`` runs float32 or bfloat16
-    projections through oneDNN on a CPU (see bot.engine.onednn). A local safetensors checkpoint is
-    converted tensor by tensor as it is read (bot.engine.streamed). What the conversions free goes
-    back to the system (bot.engine.allocator).
+    to dynamic int8 (CPU only, see models.quantize); ``cpu_onednn`` runs float32 or bfloat16
+    projections through oneDNN on a CPU (see models.onednn). A local safetensors checkpoint is
+    converted tensor by tensor as it is read (models.streamed). What the conversions free goes
+    back to the system (models.allocator).
     """
     with returning_freed_memory():
         return _load_model(path, device, dtype, quantize, cpu_onednn)
@@ -166,39 +160,3 @@ def count_parameters(model: torch.nn.Module) -> int:
     if getattr(model.config, "lm_head_copied_from_embeddings", False) and head is not None:
         count -= head.in_features * head.out_features  # the input embedding, counted already
     return count
-
-
-async def run_in_own_thread(function: Callable[..., T], *args: object) -> T:
-    """``function(*args)`` in a new thread that ends when it returns (for loading the model).
-
-    Why not ``asyncio.to_thread``: its threads live on, and so does the OpenMP thread team of any
-    thread that ran a parallel torch operation (loading and converting weights does). With more
-    OpenMP threads alive than cores, libgomp stops spin-waiting between parallel regions and puts
-    its threads to sleep instead, and every matrix product of the engine's worker pays for the
-    wake-ups: measured on the 2-core machine, a batch-8 decoding step took ~30% longer after the
-    model was loaded in a thread that stayed alive. A thread that has ended takes its team with it.
-    """
-    loop = asyncio.get_running_loop()
-    future: asyncio.Future[T] = loop.create_future()
-
-    def settle(result: T | None, error: BaseException | None) -> None:
-        if not future.done():
-            if error is not None:
-                future.set_exception(error)
-            else:
-                future.set_result(result)  # type: ignore[arg-type]
-
-    def run() -> None:
-        try:
-            result = function(*args)
-        except BaseException as error:  # handed to the awaiting coroutine
-            loop.call_soon_threadsafe(settle, None, error)
-        else:
-            loop.call_soon_threadsafe(settle, result, None)
-
-    thread = threading.Thread(target=run, name=f"run-{getattr(function, '__name__', 'call')}")
-    thread.start()
-    try:
-        return await future
-    finally:
-        thread.join()  # already returned: the thread only has to exit
