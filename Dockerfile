@@ -35,6 +35,7 @@ COPY alembic.ini ./
 COPY alembic/ alembic/
 COPY dataset_tools/ dataset_tools/
 COPY trainer/ trainer/
+COPY models/ models/
 COPY bot/ bot/
 
 RUN useradd --create-home --uid 10001 bot \

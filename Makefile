@@ -1,4 +1,4 @@
-# The index of everything an operator or developer runs; README.md explains each target.
+# The index of everything an operator or developer runs; README.md lists each target.
 # Every target works from a fresh clone: the ones that need .venv create it first.
 
 PYTHON ?= python3
@@ -21,7 +21,7 @@ NPROC ?= 1
 TEST_WORKERS ?= 2
 COMPOSE ?= docker compose
 
-.PHONY: install test test-stress lint dataset sample finetune evaluate bench bench-train run serve chat migrate demo loadtest up down test-compose clean
+.PHONY: install test test-stress lint dataset sample finetune evaluate bench bench-train bench-report run serve chat migrate demo loadtest up down test-compose clean
 
 install: $(STAMP)
 
@@ -83,6 +83,10 @@ bench: install
 bench-train: install
 	$(PY) -m trainer.bench --shape $(TRAIN_SHAPE) $(ARGS)
 
+# docs/benchmarks.md and the README's headline table, rendered from benchmarks/results/*.json.
+bench-report: install
+	$(PY) -m benchmarks.report
+
 # Bring the bot's database to the newest schema (the bot also does this at start).
 migrate: install
 	$(PY) -m alembic upgrade head
@@ -95,7 +99,7 @@ loadtest: install
 run: install
 	$(PY) -m bot
 
-# The model behind an OpenAI-compatible API (SERVE_HOST/SERVE_PORT, API_KEYS; README "Scaling out").
+# The model behind an OpenAI-compatible API (SERVE_HOST/SERVE_PORT, API_KEYS; docs/serving.md).
 serve: install
 	$(PY) -m bot serve $(ARGS)
 
@@ -113,7 +117,7 @@ demo: install
 	@echo "For real replies: make dataset INPUT=<your russian_dialogues.parquet>, then make finetune (PROFILE=rugpt3-medium on a GPU) and make run."
 
 # The deployment of compose.yaml (PostgreSQL, Redis, the model server, two bot replicas in
-# webhook mode behind nginx); settings from .env. README: "Deploying with Docker Compose".
+# webhook mode behind nginx); settings from .env. docs/deploy.md.
 up:
 	@test -e checkpoints/latest/config.json || { echo "no model in checkpoints/latest: run make finetune first (or set MODEL_PATH to a hub id in .env)"; exit 1; }
 	$(COMPOSE) -p tgbot up -d --build --wait

@@ -179,10 +179,8 @@ def _evaluate(args: argparse.Namespace) -> int:
     if not args.model.is_dir():
         raise FileNotFoundError(f"{args.model}: model directory not found")
     if args.quantize == "int8" or args.dtype != "float32":
-        # The very loading path the bot serves with. Imported after transformers (torch): the bot's
-        # package sets its OpenMP wait policy for the processes it starts, not for this one.
-        from bot.engine import load_model
-        from models.loading import ModelLoadError
+        # The very loading path the bot serves with (shared in models/, not the bot's package).
+        from models.loading import ModelLoadError, load_model
 
         try:
             model, tokenizer = load_model(

@@ -191,7 +191,20 @@ def main(argv: list[str] | None = None) -> int:
         )
     print(f"ratio   packed / naive = {result['ratio']:.2f}x")
     if args.json:
-        args.json.write_text(json.dumps(result, indent=2), encoding="utf-8")
+        from benchmarks.machine import describe_machine
+
+        document = {
+            "benchmark": "training",
+            "machine": describe_machine(),
+            "settings": {
+                "shape": args.shape,
+                "data": str(args.data),
+                "block_size": args.block_size,
+                "batch_size": args.batch_size,
+            },
+            "result": result,
+        }
+        args.json.write_text(json.dumps(document, indent=2) + "\n", encoding="utf-8")
     return 0
 
 

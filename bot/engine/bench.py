@@ -34,8 +34,11 @@ vocab 50264), so the figures need no download. Printed: wall time, aggregate new
 and p95 turn latency (to the whole reply and to the first token), peak RSS, and the ratios; per
 engine design, its worker's steps: those that only decoded, at the largest batch they reached
 (median and p90: the "batch-N step"), apart from those that also encoded a prompt chunk.
-``--json FILE`` writes ``{"naive": {...}, "engine": {...}}`` with the stable keys
-``tokens_per_s``, ``p50_s``, ``p95_s``, ``first_token_p50_s``, ``peak_rss_mb``.
+``--json FILE`` writes ``{"benchmark": "serving", "machine": {...}, "settings": {...},
+"designs": {"naive": {...}, "engine": {...}}}``: the machine it ran on
+(:func:`benchmarks.machine.describe_machine`), the workload, and per design the stable keys
+``tokens_per_s``, ``p50_s``, ``p95_s``, ``first_token_p50_s``, ``peak_rss_mb``. A run worth
+keeping goes in ``benchmarks/results/``; ``make bench-report`` renders the tables from them.
 
 The vocabulary: a BPE trained on the project's sample dialogues, filled up to the model's size
 with placeholder tokens spelled with a leading space (as most words of a real GPT-2 vocabulary
@@ -60,36 +63,13 @@ from typing import Any
 
 import torch
 
-from bot.engine.bench_decode import SHAPES, peak_rss_kb
+from bot.engine.bench_model import SHAPES, build, peak_rss_kb
 
 DESIGNS = ("naive", "engine", "remote")
 DTYPE_CHOICES = ("float32", "bfloat16", "float16", "auto")
 KEYS = ("tokens_per_s", "p50_s", "p95_s", "first_token_p50_s", "peak_rss_mb")
 PERSONA_TOKENS = 60
 MESSAGE_TOKENS = 20
-
-
-def build(shape: str, path: Path) -> None:
-    """A random-weight GPT-2 of ``shape`` and a tokenizer as large as its vocabulary."""
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    from dataset_tools.dialogue_format import render_dialogue
-    from dataset_tools.sample_data import generate_dialogues
-    from models.scratch_tokenizer import train_scratch_tokenizer
-
-    vocab = 50264 if shape != "tiny" else 4096
-    texts = (render_dialogue(d) for d in generate_dialogues())
-    tokenizer = train_scratch_tokenizer(texts, 4000, pad_to=vocab)
-    config = GPT2Config(
-        vocab_size=vocab,
-        n_positions=2048 if shape != "tiny" else 1024,
-        eos_token_id=tokenizer.eos_token_id,
-        bos_token_id=tokenizer.eos_token_id,
-        **SHAPES[shape],
-    )
-    torch.manual_seed(0)
-    GPT2LMHeadModel(config).save_pretrained(path)
-    tokenizer.save_pretrained(path)
 
 
 def conversations(tokenizer: Any, users: int, turns: int) -> tuple[str, list[list[str]]]:
@@ -600,7 +580,23 @@ def main(argv: list[str] | None = None) -> int:
                 results[spec] = json.loads(done.stdout.strip().splitlines()[-1])
     print_table(args, results)
     if args.json:
-        args.json.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
+        from benchmarks.machine import describe_machine
+
+        document = {
+            "benchmark": "serving",
+            "machine": describe_machine(),
+            "settings": {
+                "shape": args.shape,
+                "users": args.users,
+                "turns": args.turns,
+                "reply_tokens": args.reply_tokens,
+                "dtype": args.dtype,
+                "quantize": args.quantize,
+                "background_load": args.background_load,
+            },
+            "designs": results,
+        }
+        args.json.write_text(json.dumps(document, indent=2) + "\n", encoding="utf-8")
     return 0
 
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
 import tempfile
@@ -21,29 +20,7 @@ from pathlib import Path
 
 import torch
 
-SHAPES = {
-    "tiny": {"n_layer": 2, "n_embd": 128, "n_head": 2},
-    "small": {"n_layer": 12, "n_embd": 768, "n_head": 12},
-    "medium": {"n_layer": 24, "n_embd": 1024, "n_head": 16},
-}
-
-
-def build(shape: str, path: Path) -> None:
-    """The random-weight model of ``shape`` that ``make bench`` uses (``bench.build``)."""
-    from bot.engine.bench import (
-        build as build_model,  # imported here: bot.engine.bench imports this module
-    )
-
-    build_model(shape, path)
-
-
-def peak_rss_kb() -> int:
-    """This process's peak resident memory. Not ``ru_maxrss``: Linux carries that across
-    ``execve``, so a child started by a big parent would report the parent's peak."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1])
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+from bot.engine.bench_model import SHAPES, build, peak_rss_kb
 
 
 def measure(path: Path, quantize: str, prompt_tokens: int, new_tokens: int) -> dict[str, float]:

@@ -1,0 +1,249 @@
+"""Render the benchmark tables from the stored results: ``make bench-report``.
+
+``benchmarks/results/*.json`` are runs worth keeping, each written by a benchmark's ``--json``
+with the machine it ran on (:mod:`benchmarks.machine`). From them this writes
+``docs/benchmarks.md`` (every run, grouped by machine) and the headline table between the
+markers in ``README.md`` (the newest serving and training run). Nobody types a figure: a test
+checks that the committed tables are exactly what this renders from the committed results.
+
+``--check`` writes nothing and fails when a committed table differs from what it would write.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from benchmarks.machine import machine_label
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "benchmarks" / "results"
+DOC = ROOT / "docs" / "benchmarks.md"
+README = ROOT / "README.md"
+HEADLINE_START = "<!-- bench-report:start (make bench-report writes this table) -->"
+HEADLINE_END = "<!-- bench-report:end -->"
+
+INTRO = """# Benchmarks
+
+Every table here is rendered by `make bench-report` from the stored runs in
+[`benchmarks/results/`](../benchmarks/results/); do not edit it by hand. A run records the
+machine it ran on (CPU model and the flags that decide which kernels run, cores, memory,
+accelerator, library versions, the commit, the date), so figures from different machines are
+never mixed in one table. Timings on shared machines are noisy: compare the ratios inside one
+run (each design against the first one run, on the same model and workload), not absolute
+figures across runs.
+
+To add a run:
+
+```bash
+make bench SHAPE=medium ARGS="--designs naive,engine,engine:bfloat16,engine:int8 \\
+    --json benchmarks/results/serving-medium-$(date +%Y%m%d).json"
+make bench-train TRAIN_SHAPE=small \\
+    ARGS="--json benchmarks/results/training-small-$(date +%Y%m%d).json"
+make bench-report
+```
+
+What the benchmarks measure is described in [serving.md](serving.md#benchmarks) and
+[training.md](training.md#throughput).
+"""
+
+
+def load_results(folder: Path = RESULTS) -> list[dict[str, Any]]:
+    """Every stored run, oldest first (by the date it ran), each with its file name."""
+    runs = []
+    for path in sorted(folder.glob("*.json")):
+        run = json.loads(path.read_text(encoding="utf-8"))
+        if "machine" not in run or "benchmark" not in run:
+            raise ValueError(f"{path}: not a benchmark result (no 'benchmark' or 'machine')")
+        run["file"] = path.name
+        runs.append(run)
+    return sorted(runs, key=lambda run: (run["machine"]["date"], run["file"]))
+
+
+def _table(header: list[str], rows: Iterable[list[str]]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return lines
+
+
+def _num(value: Any, digits: int = 2) -> str:
+    if value is None:
+        return "–"
+    if isinstance(value, int | float):
+        return f"{value:,.{digits}f}"
+    return str(value)
+
+
+def _serving_settings(run: dict[str, Any]) -> str:
+    s = run["settings"]
+    text = (
+        f"{s['shape']} shape, {s['users']} users × {s['turns']} turns, "
+        f"{s['reply_tokens']}-token replies"
+    )
+    if s.get("background_load"):
+        text += f", {s['background_load']} busy process(es) beside it"
+    return text
+
+
+def serving_table(run: dict[str, Any]) -> list[str]:
+    """One row per design: throughput and its ratio to the first design, latency, memory."""
+    designs = run["designs"]
+    base = next(iter(designs.values()))["tokens_per_s"]
+    rows = []
+    for name, d in designs.items():
+        step = d.get("decode_step_p50_ms")
+        rows.append(
+            [
+                f"`{name}`",
+                _num(d["tokens_per_s"]),
+                f"{d['tokens_per_s'] / base:.2f}×" if base else "–",
+                _num(d["p50_s"]),
+                _num(d["p95_s"]),
+                _num(d["first_token_p50_s"]),
+                _num(d["peak_rss_mb"], 0),
+                f"{_num(step, 1)} ({d['decode_rows']} rows)" if step is not None else "–",
+            ]
+        )
+    header = [
+        "design",
+        "new tokens/s",
+        "× first",
+        "turn p50, s",
+        "turn p95, s",
+        "first token p50, s",
+        "peak RSS, MB",
+        "decoding step p50, ms",
+    ]
+    return _table(header, rows)
+
+
+def training_table(run: dict[str, Any]) -> list[str]:
+    r = run["result"]
+    rows = [
+        [
+            key,
+            r[key]["recipe"],
+            f"{r[key]['real_tokens']:,}",
+            _num(r[key]["seconds"], 1),
+            _num(r[key]["tokens_per_s"], 1),
+        ]
+        for key in ("naive", "packed")
+    ]
+    rows.append(["packed / naive", "", "", "", f"{r['ratio']:.2f}×"])
+    return _table(["recipe", "how", "real tokens", "seconds", "real tokens/s"], rows)
+
+
+def _run_heading(run: dict[str, Any]) -> str:
+    m = run["machine"]
+    when = m["date"][:10]
+    commit = f", commit `{m['commit']}`" if m.get("commit") else ""
+    if run["benchmark"] == "serving":
+        what = f"Serving: {_serving_settings(run)}"
+    else:
+        s = run["settings"]
+        what = f"Training: {s['shape']} shape, {run['result']['dialogues']:,} dialogues"
+    return f"### {what} ({when}{commit}; `{run['file']}`)"
+
+
+def render_doc(runs: list[dict[str, Any]]) -> str:
+    """``docs/benchmarks.md``: each machine, then each of its runs, newest first."""
+    lines = [INTRO.rstrip(), ""]
+    machines: dict[str, list[dict[str, Any]]] = {}
+    for run in runs:
+        machines.setdefault(machine_label(run["machine"]), []).append(run)
+    for label, of_machine in machines.items():
+        m = of_machine[-1]["machine"]
+        lines += [
+            f"## {label}",
+            "",
+            f"Flags: {', '.join(m['cpu_flags']) or 'none of those that matter'}; memory "
+            f"{_num(m['memory_gib'], 1)} GiB; torch {m['torch']}, transformers "
+            f"{m['transformers']}, Python {m['python']}.",
+            "",
+        ]
+        for run in reversed(of_machine):
+            lines += [_run_heading(run), ""]
+            lines += serving_table(run) if run["benchmark"] == "serving" else training_table(run)
+            lines.append("")
+    if not runs:
+        lines += ["No stored runs yet.", ""]
+    return "\n".join(lines)
+
+
+def render_headline(runs: list[dict[str, Any]]) -> str:
+    """The README's table: the newest serving run, and the newest training run, if any."""
+    lines = [HEADLINE_START]
+    serving = [r for r in runs if r["benchmark"] == "serving"]
+    training = [r for r in runs if r["benchmark"] == "training"]
+    if serving:
+        run = serving[-1]
+        m = run["machine"]
+        lines += [
+            "",
+            f"Serving, {_serving_settings(run)}, on {machine_label(m)} ({m['date'][:10]}):",
+            "",
+        ]
+        designs = run["designs"]
+        base = next(iter(designs.values()))["tokens_per_s"]
+        rows = [
+            [
+                f"`{name}`",
+                _num(d["tokens_per_s"]),
+                f"{d['tokens_per_s'] / base:.2f}×" if base else "–",
+                _num(d["p95_s"]),
+                _num(d["peak_rss_mb"], 0),
+            ]
+            for name, d in designs.items()
+        ]
+        lines += _table(["design", "new tokens/s", "× first", "turn p95, s", "peak RSS, MB"], rows)
+    if training:
+        run = training[-1]
+        r, m = run["result"], run["machine"]
+        lines += [
+            "",
+            f"Training, {run['settings']['shape']} shape, on {machine_label(m)} "
+            f"({m['date'][:10]}): packed sequences train {r['packed']['tokens_per_s']:.1f} real "
+            f"tokens/s against {r['naive']['tokens_per_s']:.1f} for the naive recipe "
+            f"(**{r['ratio']:.2f}×**).",
+        ]
+    lines += ["", HEADLINE_END]
+    return "\n".join(lines)
+
+
+def with_headline(readme: str, headline: str) -> str:
+    """``readme`` with the text between the markers replaced by ``headline``."""
+    start, end = readme.find(HEADLINE_START), readme.find(HEADLINE_END)
+    if start < 0 or end < start:
+        raise ValueError(f"README.md has no {HEADLINE_START!r} ... {HEADLINE_END!r} block")
+    return readme[:start] + headline + readme[end + len(HEADLINE_END) :]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.report", description=__doc__)
+    parser.add_argument("--check", action="store_true", help="fail if a table is out of date")
+    args = parser.parse_args(argv)
+    runs = load_results()
+    doc = render_doc(runs)
+    readme = with_headline(README.read_text(encoding="utf-8"), render_headline(runs))
+    stale = [
+        path.relative_to(ROOT)
+        for path, text in ((DOC, doc), (README, readme))
+        if not path.exists() or path.read_text(encoding="utf-8") != text
+    ]
+    if args.check:
+        for path in stale:
+            print(f"{path} is not what `make bench-report` renders from benchmarks/results/")
+        return 1 if stale else 0
+    DOC.parent.mkdir(parents=True, exist_ok=True)
+    DOC.write_text(doc, encoding="utf-8")
+    README.write_text(readme, encoding="utf-8")
+    print(f"rendered {len(runs)} stored run(s) into {DOC.relative_to(ROOT)} and README.md")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
