@@ -34,18 +34,23 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def _cpuinfo() -> tuple[str, list[str]]:
-    """The CPU's model name and the flags of :data:`FLAGS_THAT_MATTER` it has (Linux)."""
+    """The CPU's model name and the flags of :data:`FLAGS_THAT_MATTER` it has (Linux). A
+    virtual machine may name only the vendor's line ("AMD EPYC"): the family and model numbers
+    are added, since they tell the generations apart (family 25: Zen 3/4, 26: Zen 5)."""
     try:
         text = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
     except OSError:
         return platform.processor() or platform.machine(), []
-    model, flags = platform.machine(), set()
+    fields: dict[str, str] = {}
     for line in text.splitlines():
         key, _, value = line.partition(":")
-        if key.strip() == "model name" and model == platform.machine():
-            model = value.strip()
-        elif key.strip() == "flags" and not flags:
-            flags = set(value.split())
+        fields.setdefault(key.strip(), value.strip())
+        if not line.strip():  # the first processor's block is enough
+            break
+    model = fields.get("model name", platform.machine())
+    if "cpu family" in fields:
+        model += f" (family {fields['cpu family']}, model {fields.get('model', '?')})"
+    flags = set(fields.get("flags", "").split())
     return model, [flag for flag in FLAGS_THAT_MATTER if flag in flags]
 
 
@@ -59,23 +64,17 @@ def _memory_gib() -> float | None:
     return None
 
 
+def _git(*args: str) -> str:
+    return subprocess.run(
+        ["git", *args], cwd=ROOT, capture_output=True, text=True, check=True
+    ).stdout.strip()
+
+
 def _git_commit() -> str | None:
     """The commit that ran, with ``-dirty`` when the work tree had changes."""
     try:
-        commit = subprocess.run(
-            ["git", "rev-parse", "--short=12", "HEAD"],
-            cwd=ROOT,
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"],
-            cwd=ROOT,
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout.strip()
+        commit = _git("rev-parse", "--short=12", "HEAD")
+        dirty = _git("status", "--porcelain", "--untracked-files=no")
     except (OSError, subprocess.CalledProcessError):
         return None
     return commit + ("-dirty" if dirty else "")

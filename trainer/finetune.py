@@ -31,13 +31,14 @@ from transformers import (
 from transformers.trainer_utils import get_last_checkpoint
 
 from dataset_tools.dialogue_format import USER_TAG, render_dialogue
+from models.loading import count_parameters
 from models.scratch_tokenizer import train_scratch_tokenizer
 from trainer import data as training_data
 from trainer.evaluation import evaluate_model, perplexity
 from trainer.experiments import append_experiment, plot_loss, point_latest, write_metrics
 from trainer.lora import apply_lora, save_merged, trainable_parameters
 from trainer.model_card import data_summary, write_model_card
-from trainer.modeling import build_scratch_model, count_parameters, load_pretrained
+from trainer.modeling import build_scratch_model, load_pretrained
 from trainer.profiles import Profile
 from trainer.progress import use_progress
 

@@ -71,7 +71,3 @@ def load_pretrained(base_model: str) -> tuple[PreTrainedModel, PreTrainedTokeniz
     model.config.pad_token_id = tokenizer.pad_token_id
     model.config.eos_token_id = tokenizer.eos_token_id
     return model, tokenizer
-
-
-def count_parameters(model: PreTrainedModel) -> int:
-    return sum(p.numel() for p in model.parameters())
