@@ -459,3 +459,27 @@ async def test_a_mention_alone_gets_an_invitation_not_a_complaint_about_text(wir
     update["message"]["chat"] = {"id": -300, "type": "group", "title": "Группа"}
     await dp.feed_raw_update(bot, update)
     assert session.texts_to(-300) == [texts.LISTENING]
+
+
+async def test_a_message_reads_its_user_row_once(wired):
+    """A message's life (store, history, reply, stored reply) reads the user's row once, when
+    the message is stored; it used to be looked up again to build the prompt and to store the
+    reply (three reads a message)."""
+    from sqlalchemy import event
+
+    dp, bot, session, db = wired
+    statements: list[str] = []
+
+    def note(conn, cursor, statement, parameters, context, executemany):
+        statements.append(" ".join(statement.split()))
+
+    await dp.feed_raw_update(bot, text_update(1, 7, "Привет!"))  # the user's row exists now
+    event.listen(db.sync_engine, "before_cursor_execute", note)
+    try:
+        await dp.feed_raw_update(bot, text_update(2, 7, "Как дела?"))
+    finally:
+        event.remove(db.sync_engine, "before_cursor_execute", note)
+    assert len(session.texts_to(7)) == 2
+    user_reads = [s for s in statements if s.startswith("SELECT") and " FROM users" in s]
+    assert len(user_reads) == 1, user_reads
+    assert any(s.startswith("INSERT INTO messages") for s in statements)
