@@ -11,6 +11,6 @@ import os
 # drops to fewer threads when its own measured steps say the cores are shared
 # (bot.engine.threads has the figures). libgomp reads this once, when torch is first imported,
 # so it is set here, before any module of the bot imports torch; an operator's own
-# OMP_WAIT_POLICY or GOMP_SPINCOUNT wins. README, "A shared CPU".
+# OMP_WAIT_POLICY or GOMP_SPINCOUNT wins. docs/serving.md, "Threads on a shared CPU".
 if "OMP_WAIT_POLICY" not in os.environ:
     os.environ.setdefault("GOMP_SPINCOUNT", "3000")

@@ -27,7 +27,7 @@ the weight bytes to read per step; the engine turns the logits into float32 befo
 and keeps keys/values in bfloat16 where the CPU attention kernel runs, else in float32
 (``bot.engine.decoder`` says why). Measured on a 2-core
 AVX512_BF16 CPU, medium shape: an 8-row step 71 ms against float32's 96, one row 42 against 79
-(README, "The dtypes side by side"). On a CPU without those instructions oneDNN cannot pack
+(docs/benchmarks.md). On a CPU without those instructions oneDNN cannot pack
 bfloat16 at all and PyTorch's own bfloat16 matmul is emulated (~300× slower than float32):
 refused at load (:func:`bfloat16_support`).
 

@@ -462,7 +462,7 @@ async def run_design(args: argparse.Namespace) -> dict[str, Any]:
 
 def step_figures(log: Any) -> dict[str, Any]:
     """The engine's decoding-only steps at the largest batch they reached (the "batch-N step" of
-    the README's tables: N rows' next tokens, weights read once), and apart from them the steps
+    the benchmark tables: N rows' next tokens, weights read once), and apart from them the steps
     that also encoded a prompt chunk, which take several times as long and would otherwise pass
     for slow decoding in the mean."""
     decoding = [(rows, took) for rows, prompt, took in log if rows and not prompt]

@@ -32,7 +32,7 @@ def warn_if_not_dialogue_tuned(tokenizer: PreTrainedTokenizerBase, where: str) -
         logger.warning(
             "the model at %s was not fine-tuned on this project's dialogue format (its "
             "tokenizer has no %s token): replies will ramble; fine-tune it first "
-            "(`make finetune`, README: Stage 2) and point MODEL_PATH at the result",
+            "(`make finetune`, docs/training.md) and point MODEL_PATH at the result",
             where,
             " / ".join(missing),
         )

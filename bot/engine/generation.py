@@ -1,6 +1,6 @@
 """The generation engine: owns the model, serves every user's turn from one worker thread.
 
-What it does for a chat server on one machine (the figures in the README come from
+What it does for a chat server on one machine (the figures in docs/benchmarks.md come from
 ``make bench``):
 
 - **Continuous batching.** Requests wait in a bounded queue (a full queue answers "busy" at once

@@ -24,7 +24,7 @@ machine (where the slowdown, if there too, cannot be told apart; the thread tune
 for the thread that owns the pool to free it, :func:`release_thread_pool`; the engine asks the
 event loop's thread to (the usual culprit) and names the cause for any other thread. Measured:
 after the release, 18.4 -> 12.9 ms a step (int8, one row), 114 -> 0 switches; in the bot's
-engine (bfloat16, one user), the stalled steps' median 32.4 ms, the cured ones' 24.1 (README).
+engine (bfloat16, one user), the stalled steps' median 32.4 ms, the cured ones' 24.1.
 """
 
 from __future__ import annotations

@@ -177,8 +177,9 @@ def visible_messages(fake: FakeTelegram, chat_id: int) -> list[tuple[int, float,
 
 def orphans(fake: FakeTelegram, chat_id: int, stored: list[str], killed_at: float | None) -> list:
     """Messages on screen that are not stored replies: allowed only as the one window the
-    design leaves (README): the dead replica's first words of a reply, sent before the kill,
-    whose id it never learnt, so that nobody touched the message after the kill."""
+    design leaves (docs/known-limitations.md): the dead replica's first words of a reply, sent
+    before the kill, whose id it never learnt, so that nobody touched the message after the
+    kill."""
     extra = [m for m in visible_messages(fake, chat_id) if m[2] not in stored]
     if killed_at is None:
         return extra

@@ -96,7 +96,7 @@ def test_two_processes_train_as_one_with_the_same_global_batch(tmp_path, sample_
     # The tolerance: two processes start from the same weights as one and see the same global
     # batches' worth of rows, only grouped differently (DistributedSampler shards the shuffled
     # rows). So their loss curve may differ from one process's by as much as reshuffling the
-    # rows does, not more (see the note in the README).
+    # rows does, not more (see docs/training.md, DDP).
     single, ddp, reshuffled = (
         losses(tmp_path / "one"),
         losses(tmp_path / "two"),
