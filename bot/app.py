@@ -127,8 +127,11 @@ def build_dispatcher(
     if isinstance(dialogue.backend, GenerationEngine):
         engine = dialogue.backend
         metrics.watch_engine(lambda: engine.worker_threads, lambda: engine.openmp_stalls)
+    # Answering under the users' leases begins when the dispatcher starts, with the sweep (as
+    # the owed replies' drain always has): a dispatcher fed updates without being started (the
+    # handler tests) answers in line, with only the shared rate limit on Redis.
     conversations = Conversations(
-        dialogue, metrics, settings, replicas, online_since or datetime.now(UTC)
+        dialogue, metrics, settings, None, online_since or datetime.now(UTC)
     )
     dp = Dispatcher(
         dialogue=dialogue, settings=settings, metrics=metrics, conversations=conversations
@@ -183,6 +186,7 @@ def build_dispatcher(
         if settings.retention_days > 0:
             background.append(asyncio.create_task(prune_forever()))
         if replicas is not None:
+            conversations.replicas = replicas
             background.append(asyncio.create_task(conversations.sweep_forever(bot)))
             return
         # Before the first update: what the last run left unanswered goes first, in order.
