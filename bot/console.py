@@ -16,9 +16,10 @@ from bot import texts
 from bot.config import Settings
 from bot.dialogue import DialogueService, UserRef, clean_user_text
 from bot.engine import EngineBusy, EngineTimeout
+from bot.facts import describe_memory
 
 PROMPT = "вы> "
-HINT = "Консольный чат. Команды: /reset, /temp [значение], /help, /exit (или Ctrl-D)."
+HINT = "Консольный чат. Команды: /reset, /temp [значение], /memory, /help, /exit (или Ctrl-D)."
 
 
 class ConsoleStream:
@@ -57,6 +58,8 @@ async def _handle(
     if line == "/reset":
         await dialogue.reset(user)
         return texts.RESET_DONE
+    if line == "/memory":
+        return describe_memory(*await dialogue.memory(user))
     if line == "/temp" or line.startswith("/temp "):
         return await dialogue.temperature_command(user, line[len("/temp") :])
     text = clean_user_text(line)

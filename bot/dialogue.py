@@ -29,7 +29,9 @@ from bot import texts
 from bot.config import Settings
 from bot.db import repository
 from bot.db.engine import UNREACHABLE, Sessions
+from bot.db.models import User
 from bot.engine import ReplyBackend, SamplingParams
+from bot.facts import Fact, extract_facts, facts_exchange
 from bot.memory import build_prompt_turns
 from dataset_tools.dialogue_format import sanitize_utterance
 
@@ -70,6 +72,11 @@ class StoredUser:
 
     id: int
     temperature: float | None
+    memory_enabled: bool = True
+
+    @classmethod
+    def of(cls, row: User) -> StoredUser:
+        return cls(row.id, row.temperature, row.memory_enabled)
 
 
 @dataclass(frozen=True)
@@ -285,7 +292,13 @@ class DialogueService:
                 telegram_message_id=telegram_message_id,
                 telegram_thread_id=telegram_thread_id,
             )
-            return message.id, StoredUser(row.id, row.temperature)
+            if role == repository.USER_ROLE and user.telegram_id >= 0 and row.memory_enabled:
+                # Facts only from a person's own chat (group chat ids are negative): in a group
+                # the memory is the group's, and "меня зовут Аня" is one member's.
+                facts = [(f.kind, f.value) for f in extract_facts(text)]
+                if facts:
+                    await repository.remember_facts(session, row, facts, message.id)
+            return message.id, StoredUser.of(row)
 
         try:
             return await self._write(store)
@@ -350,7 +363,7 @@ class DialogueService:
         async with self.sessions() as session:
             row = await repository.get_or_create_user(session, user.telegram_id, user.name)
             stored = await repository.stored_message_id(session, row, telegram_message_id)
-            return None if stored is None else (stored, StoredUser(row.id, row.temperature))
+            return None if stored is None else (stored, StoredUser.of(row))
 
     async def unanswered(
         self,
@@ -383,7 +396,7 @@ class DialogueService:
                 p.role,
                 p.draft_id,
                 p.telegram_message_id,
-                StoredUser(p.user_id, p.temperature),
+                StoredUser(p.user_id, p.temperature, p.memory_enabled),
             )
             for p in pending
         ]
@@ -407,7 +420,7 @@ class DialogueService:
         async with self.sessions() as session:
             if author is None:
                 row = await repository.get_or_create_user(session, user.telegram_id, user.name)
-                author = StoredUser(row.id, row.temperature)
+                author = StoredUser.of(row)
             history = await repository.recent_turns(
                 session,
                 author,
@@ -415,13 +428,16 @@ class DialogueService:
                 up_to_id=message_id,
                 thread_id=thread_id,
             )
+            facts = await repository.user_facts(session, author) if author.memory_enabled else []
         temperature = author.temperature or self.settings.temperature
+        exchange = facts_exchange([Fact(f.kind, f.value) for f in facts])
         turns = build_prompt_turns(
             history,
             self.backend.count_tokens,
             self.backend.prompt_budget,
             self.backend.persona,
             self.settings.history_trim_step,
+            pinned=exchange or (),
         )
         params = SamplingParams(
             temperature=temperature,
@@ -530,6 +546,26 @@ class DialogueService:
             tokens=self.backend.tokens,
             tokens_per_s=self.backend.tokens / uptime,
         )
+
+    async def memory(self, user: UserRef) -> tuple[bool, list[tuple[int, str, str]]]:
+        """What ``/memory`` shows: whether memory is on, and each fact as (id, kind, value)."""
+        async with self.sessions() as session:
+            row = await repository.get_or_create_user(session, user.telegram_id, user.name)
+            facts = await repository.user_facts(session, row)
+            return row.memory_enabled, [(f.id, f.kind, f.value) for f in facts]
+
+    async def forget_fact(self, user: UserRef, fact_id: int) -> bool:
+        """Delete one of ``user``'s facts (a /memory button); False when it is not theirs or
+        already gone."""
+        async with self.sessions.begin() as session:
+            return await repository.forget_fact(session, user.telegram_id, fact_id)
+
+    async def set_memory(self, user: UserRef, enabled: bool) -> None:
+        """/memory on|off: with it off the facts stay stored (and listed) but no prompt has
+        them, and no new ones are kept."""
+        async with self.sessions.begin() as session:
+            row = await repository.get_or_create_user(session, user.telegram_id, user.name)
+            await repository.set_memory_enabled(session, row, enabled)
 
     async def get_temperature(self, user: UserRef) -> float:
         async with self.sessions() as session:

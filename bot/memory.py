@@ -1,9 +1,12 @@
 """Which part of a user's history goes into the prompt.
 
-The prompt is the persona exchange + as many of the latest turns as fit the model's context window
-minus the reply budget, counted in **tokens**, dropping whole turns from the oldest first. The
-current message is always kept; if it alone is too long, it keeps its beginning. This is what
-makes "maximum context length" errors impossible however long a dialogue grows.
+The prompt is the persona exchange + the exchange of facts the user told the bot (``pinned``,
+:func:`bot.facts.facts_exchange`: kept right after the persona, so that it changes only when a
+fact does and the engine's cached keys/values of the dialogue stay good) + as many of the latest
+turns as fit the model's context window minus the reply budget, counted in **tokens**, dropping
+whole turns from the oldest first. The current message is always kept; if it alone is too long,
+it keeps its beginning (and the facts go first). This is what makes "maximum context length"
+errors impossible however long a dialogue grows.
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ def build_prompt_turns(
     budget: int,
     persona: str | None,
     trim_step: int = 1,
+    pinned: Sequence[str] = (),
 ) -> list[str]:
     """The turns to render, ending with the current user message, within ``budget`` tokens.
 
@@ -51,7 +55,7 @@ def build_prompt_turns(
     every turn would re-encode the whole context; dropping several at once keeps the start stable
     for several turns, at the price of a few exchanges of memory.
     """
-    return fit_turns(alternate(history), count_tokens, budget, persona, trim_step)
+    return fit_turns(alternate(history), count_tokens, budget, persona, trim_step, pinned)
 
 
 def fit_turns(
@@ -60,6 +64,7 @@ def fit_turns(
     budget: int,
     persona: str | None,
     trim_step: int = 1,
+    pinned: Sequence[str] = (),
 ) -> list[str]:
     """:func:`build_prompt_turns` for turns that already alternate (user first and last).
 
@@ -68,9 +73,14 @@ def fit_turns(
     """
     if not turns or len(turns) % 2 == 0:
         raise ValueError("history must end with the user's message")
+    if len(pinned) % 2:
+        raise ValueError("pinned turns must be whole exchanges")
+    if pinned and count_tokens(render_prompt([*pinned, turns[-1]], persona)) > budget:
+        pinned = ()  # the message itself comes first
+    pinned = list(pinned)
 
     def fits(start: int) -> bool:
-        return count_tokens(render_prompt(turns[start:], persona)) <= budget
+        return count_tokens(render_prompt(pinned + turns[start:], persona)) <= budget
 
     # Fewest exchanges dropped such that the rest fits. Dropping more never adds tokens, so a
     # binary search over exchanges tokenizes ~log2(n) prompts instead of one per dropped exchange
@@ -86,7 +96,7 @@ def fit_turns(
         low = min(-(-low // trim_step) * trim_step, len(turns) // 2)
     kept = turns[2 * low :]
     if len(kept) > 1 or fits(len(turns) - 1):
-        return kept
+        return pinned + kept
     # Only the current message is left and it is still too long: keep its beginning.
     message = kept[-1]
     low, high = 0, len(message)

@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Protocol
 
 from sqlalchemy import Select, and_, delete, exists, func, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import aliased
 
-from bot.db.models import Message, User
+from bot.db.models import Message, User, UserFact
 
 USER_ROLE = "user"
 BOT_ROLE = "bot"
@@ -114,6 +115,7 @@ class PendingMessage:
     telegram_message_id: int  # the message in its chat, which a reply may quote
     user_id: int  # the author's row: what answering it needs of the user comes with it
     temperature: float | None
+    memory_enabled: bool
 
 
 async def unanswered_messages(
@@ -143,6 +145,7 @@ async def unanswered_messages(
             Message.telegram_message_id,
             User.id,
             User.temperature,
+            User.memory_enabled,
         )
         .join(User, User.id == Message.user_id)
         .where(
@@ -317,6 +320,7 @@ async def carry_out_marker(session: AsyncSession, user: User, marker_id: int, ro
         gone = gone.where(Message.id.in_(_in_topic(user, await session.scalar(topic))))
     result = await session.execute(gone.execution_options(synchronize_session=False))
     if role == FORGET_ROLE:
+        await session.execute(delete(UserFact).where(UserFact.user_id == user.id))
         if await count_messages(session, user) == 0:
             await session.delete(user)
         else:  # the user wrote again after /forget: keep those, drop what they had set
@@ -334,10 +338,11 @@ async def count_messages(session: AsyncSession, user: User) -> int:
 
 
 async def delete_user(session: AsyncSession, telegram_id: int) -> bool:
-    """Delete everything stored about this user: their messages and their row."""
+    """Delete everything stored about this user: their messages, facts and row."""
     user = await session.scalar(select(User).where(User.telegram_id == telegram_id))
     if user is None:
         return False
+    await session.execute(delete(UserFact).where(UserFact.user_id == user.id))
     await session.execute(delete(Message).where(Message.user_id == user.id))
     await session.delete(user)
     return True
@@ -386,3 +391,46 @@ async def totals(session: AsyncSession) -> tuple[int, int]:
         or 0
     )
     return users, messages
+
+
+async def remember_facts(
+    session: AsyncSession, user: UserKey, facts: Sequence[tuple[str, str]], message_id: int
+) -> int:
+    """Keep each (kind, value) the user stated in message ``message_id``; a kind already known
+    takes the new value (the newer statement supersedes the older). Returns how many changed."""
+    changed = 0
+    for kind, value in facts:
+        row = await session.scalar(
+            select(UserFact).where(UserFact.user_id == user.id, UserFact.kind == kind)
+        )
+        if row is None:
+            session.add(UserFact(user_id=user.id, kind=kind, value=value, message_id=message_id))
+            changed += 1
+        elif row.value != value:
+            row.value, row.message_id, row.updated_at = value, message_id, datetime.now(UTC)
+            changed += 1
+    await session.flush()
+    return changed
+
+
+async def user_facts(session: AsyncSession, user: UserKey) -> list[UserFact]:
+    """What the user told the bot about themselves, oldest statement first."""
+    rows = await session.scalars(
+        select(UserFact).where(UserFact.user_id == user.id).order_by(UserFact.id)
+    )
+    return list(rows)
+
+
+async def forget_fact(session: AsyncSession, telegram_id: int, fact_id: int) -> bool:
+    """Delete fact ``fact_id`` if it is this Telegram user's (or chat's); False otherwise (a
+    button pressed twice, or someone else's fact id)."""
+    owner = select(User.id).where(User.telegram_id == telegram_id).scalar_subquery()
+    result = await session.execute(
+        delete(UserFact).where(UserFact.id == fact_id, UserFact.user_id == owner)
+    )
+    return bool(result.rowcount)
+
+
+async def set_memory_enabled(session: AsyncSession, user: User, enabled: bool) -> None:
+    user.memory_enabled = enabled
+    await session.flush()

@@ -85,3 +85,21 @@ def test_trimming_in_steps_keeps_the_prompt_start_stable_across_turns():
         for n in range(21, 41, 2)
     ]
     assert len(set(single)) == len(single)
+
+
+def test_the_facts_exchange_stays_first_while_old_turns_go():
+    history = _history("один два три", "четыре пять", "шесть", "семь восемь", "девять десять")
+    pinned = ["что ты помнишь?", "тебя зовут аня"]
+    budget = count_words(render_prompt([*pinned, "шесть", "семь восемь", "девять десять"], None))
+    kept = build_prompt_turns(history, count_words, budget, None, pinned=pinned)
+    assert kept == [*pinned, "шесть", "семь восемь", "девять десять"]
+
+
+def test_the_message_itself_comes_before_the_facts():
+    """When the message alone fills the budget, the facts give way (the message is kept)."""
+    pinned = ["что ты помнишь?", "тебя зовут аня"]
+    history = _history("раз два три четыре")
+    budget = count_words(render_prompt(["раз два три четыре"], None))
+    assert build_prompt_turns(history, count_words, budget, None, pinned=pinned) == [
+        "раз два три четыре"
+    ]

@@ -27,6 +27,7 @@ async def sessions(request, tmp_path):
     await upgrade_to_head(url)  # creates the folder (SQLite) and the schema from nothing
     engine = create_engine(url)
     async with engine.begin() as connection:  # a shared server keeps rows between tests
+        await connection.execute(text("DELETE FROM user_facts"))
         await connection.execute(text("DELETE FROM messages"))
         await connection.execute(text("DELETE FROM users"))
     yield create_sessionmaker(engine)
@@ -602,3 +603,36 @@ async def test_a_stored_reset_bounds_and_deletes_its_own_topic_and_a_forget_all(
         group = await repository.get_or_create_user(session, -100500, None)
         await repository.carry_out_marker(session, group, forget.id, "forget")
         assert await repository.count_messages(session, group) == 1
+
+
+async def test_a_newer_fact_supersedes_and_forgetting_is_scoped_to_its_user(sessions):
+    """One value per kind, the newest statement's; a fact id of another user's deletes nothing;
+    /forget takes the facts with everything else (both backends)."""
+    async with sessions.begin() as session:
+        anya = await repository.get_or_create_user(session, 7, "Аня")
+        borya = await repository.get_or_create_user(session, 8, "Боря")
+        first = await repository.add_message(session, anya, "user", "я живу в Казани")
+        await repository.remember_facts(session, anya, [("city", "Казань")], first.id)
+        moved = await repository.add_message(session, anya, "user", "я переехала в Тверь")
+        changed = await repository.remember_facts(
+            session, anya, [("city", "Тверь"), ("name", "Аня")], moved.id
+        )
+        said = await repository.add_message(session, borya, "user", "я живу в Казани")
+        await repository.remember_facts(session, borya, [("city", "Казань")], said.id)
+    assert changed == 2
+    async with sessions.begin() as session:
+        anya = await repository.get_or_create_user(session, 7, "Аня")
+        facts = await repository.user_facts(session, anya)
+        assert [(f.kind, f.value, f.message_id) for f in facts] == [
+            ("city", "Тверь", moved.id),
+            ("name", "Аня", moved.id),
+        ]
+        assert not await repository.forget_fact(session, 8, facts[0].id)  # not Боря's
+        assert await repository.forget_fact(session, 7, facts[0].id)
+        assert [f.kind for f in await repository.user_facts(session, anya)] == ["name"]
+        assert await repository.delete_user(session, 7)
+    async with sessions() as session:
+        count = await session.scalar(text("SELECT count(*) FROM user_facts"))
+        borya = await repository.get_or_create_user(session, 8, "Боря")
+        assert [f.value for f in await repository.user_facts(session, borya)] == ["Казань"]
+    assert count == 1

@@ -1,0 +1,141 @@
+"""What the bot remembers about a user beyond the window: facts in the prompt, /memory and its
+buttons, /memory off, /reset keeping facts, /forget removing them, no user's facts in another's
+prompt, nothing from groups."""
+
+from __future__ import annotations
+
+import pytest
+from aiogram.methods import AnswerCallbackQuery, EditMessageText, SendMessage
+
+from bot import texts
+from tests.bot.recording_session import in_process_bot, text_update
+from tests.bot.test_handlers import prompts_seen
+
+
+@pytest.fixture
+async def short_window(tmp_path, tiny_model_dir):
+    """A bot whose prompt holds only the last 4 messages, so a fact falls out of the window
+    after two more exchanges."""
+    dp, bot, session, db = await in_process_bot(
+        f"sqlite+aiosqlite:///{tmp_path / 'bot.db'}", tiny_model_dir, history_messages=4
+    )
+    yield dp, bot, session, db
+    dp["dialogue"].backend.close()
+    await db.dispose()
+
+
+def callback_update(update_id: int, user_id: int, data: str, message_id: int) -> dict:
+    return {
+        "update_id": update_id,
+        "callback_query": {
+            "id": str(update_id),
+            "from": {"id": user_id, "is_bot": False, "first_name": "Тест"},
+            "chat_instance": "1",
+            "data": data,
+            "message": {
+                "message_id": message_id,
+                "date": 0,
+                "chat": {"id": user_id, "type": "private"},
+                "from": {"id": 42, "is_bot": True, "first_name": "Тестбот"},
+                "text": "…",
+            },
+        },
+    }
+
+
+async def _chat(dp, bot, user_id: int, texts_: list[str], first_update: int) -> None:
+    for offset, text in enumerate(texts_):
+        await dp.feed_raw_update(bot, text_update(first_update + offset, user_id, text))
+
+
+async def test_a_name_told_long_ago_is_still_in_the_prompt(short_window):
+    dp, bot, session, _ = short_window
+    with prompts_seen(dp["dialogue"].backend) as prompts:
+        await _chat(dp, bot, 7, ["Меня зовут Аня, я из Казани", "Как погода?", "А что нового?"], 1)
+        await _chat(dp, bot, 7, ["Расскажи анекдот", "Как меня зовут?"], 4)
+    last = prompts[-1]
+    assert "Меня зовут Аня" not in last  # the message itself left the window
+    assert "Тебя зовут Аня. Ты живёшь в городе Казань." in last
+    assert last.index("Тебя зовут Аня") < last.index("Как меня зовут?")
+
+
+async def test_memory_lists_the_facts_and_a_button_forgets_one(short_window):
+    dp, bot, session, _ = short_window
+    await _chat(dp, bot, 7, ["Меня зовут Аня. Мне 21 год."], 1)
+    await dp.feed_raw_update(bot, text_update(2, 7, "/memory"))
+    listing = [m for m in session.requests if isinstance(m, SendMessage)][-1]
+    assert "имя: Аня" in listing.text and "возраст: 21" in listing.text
+    buttons = [row[0] for row in listing.reply_markup.inline_keyboard]
+    assert [b.text for b in buttons] == ["Забыть: имя", "Забыть: возраст"]
+    await dp.feed_raw_update(bot, callback_update(3, 7, buttons[0].callback_data, 99))
+    answered = [m for m in session.requests if isinstance(m, AnswerCallbackQuery)][-1]
+    assert answered.text == texts.MEMORY_FORGOTTEN
+    edited = [m for m in session.requests if isinstance(m, EditMessageText)][-1]
+    assert "имя" not in edited.text and "возраст: 21" in edited.text
+    with prompts_seen(dp["dialogue"].backend) as prompts:
+        await _chat(dp, bot, 7, ["Привет"], 4)
+    assert "Тебя зовут" not in prompts[-1] and "Тебе 21 год." in prompts[-1]
+
+
+async def test_another_users_button_forgets_nothing_of_mine(short_window):
+    """Two users say the same words; each prompt holds only its own user's facts, and a
+    callback naming the other user's fact id deletes nothing."""
+    dp, bot, session, _ = short_window
+    await _chat(dp, bot, 7, ["Меня зовут Аня"], 1)
+    await _chat(dp, bot, 8, ["Меня зовут Боря"], 2)
+    _, facts = await dp["dialogue"].memory(_ref(7))
+    anya_fact = facts[0][0]
+    await dp.feed_raw_update(bot, callback_update(3, 8, f"forget-fact:{anya_fact}", 99))
+    answered = [m for m in session.requests if isinstance(m, AnswerCallbackQuery)][-1]
+    assert answered.text == texts.MEMORY_GONE
+    assert (await dp["dialogue"].memory(_ref(7)))[1] == facts
+    with prompts_seen(dp["dialogue"].backend) as prompts:
+        await _chat(dp, bot, 8, ["Как меня зовут?"], 4)
+    assert "Тебя зовут Боря" in prompts[-1] and "Аня" not in prompts[-1]
+
+
+async def test_memory_off_keeps_facts_out_of_the_prompt_until_on(short_window):
+    dp, bot, session, _ = short_window
+    await _chat(dp, bot, 7, ["Меня зовут Аня", "/memory off"], 1)
+    assert session.texts_to(7)[-1] == texts.MEMORY_OFF
+    with prompts_seen(dp["dialogue"].backend) as prompts:
+        await _chat(dp, bot, 7, ["Я живу в Твери", "Привет"], 3)
+        await _chat(dp, bot, 7, ["/memory on", "Как дела?"], 5)
+    assert "Тебя зовут" not in prompts[0] and "Тебя зовут" not in prompts[1]
+    assert "Тебя зовут Аня." in prompts[2]
+    assert "Твери" not in prompts[2].split("\n")[1]  # nothing was kept while memory was off
+    await dp.feed_raw_update(bot, text_update(7, 7, "/memory maybe"))
+    assert session.texts_to(7)[-1] == texts.MEMORY_USAGE
+
+
+async def test_reset_keeps_the_facts_and_forget_removes_them(short_window):
+    dp, bot, session, db = short_window
+    await _chat(dp, bot, 7, ["Меня зовут Аня", "/reset"], 1)
+    assert session.texts_to(7)[-1] == texts.RESET_DONE and "/memory" in texts.RESET_DONE
+    assert [(k, v) for _, k, v in (await dp["dialogue"].memory(_ref(7)))[1]] == [("name", "Аня")]
+    await _chat(dp, bot, 7, ["/forget"], 3)
+    assert (await dp["dialogue"].memory(_ref(7)))[1] == []
+    async with db.connect() as connection:
+        from sqlalchemy import text
+
+        assert (await connection.execute(text("SELECT count(*) FROM user_facts"))).scalar() == 0
+
+
+async def test_a_newer_statement_supersedes_the_older(short_window):
+    dp, bot, _, _ = short_window
+    await _chat(dp, bot, 7, ["Я живу в Казани", "Я переехала в Тверь"], 1)
+    assert [(k, v) for _, k, v in (await dp["dialogue"].memory(_ref(7)))[1]] == [("city", "Тверь")]
+
+
+async def test_a_group_keeps_no_member_facts(short_window):
+    dp, bot, _, _ = short_window
+    update = text_update(1, 7, "@test_bot меня зовут Аня")
+    update["message"]["chat"] = {"id": -100, "type": "group", "title": "Группа"}
+    await dp.feed_raw_update(bot, update)
+    assert (await dp["dialogue"].memory(_ref(-100)))[1] == []
+
+
+def _ref(telegram_id: int):
+    from bot.dialogue import UserRef
+
+    return UserRef(telegram_id, None)
