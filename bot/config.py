@@ -118,6 +118,9 @@ class Settings(BaseSettings):
     stream_edit_interval_s: float = Field(1.0, ge=0, description="per chat; Telegram allows ~1/s")
     system_prompt: str = DEFAULT_PERSONA
     history_messages: int = Field(60, ge=2, description="messages read from the DB per prompt")
+    memory_tokens: int = Field(
+        300, ge=0, description="prompt tokens for recalled old exchanges (0: recall none)"
+    )
     queue_size: int = Field(32, ge=1)
     request_timeout_s: float = Field(60.0, gt=0)
     polling_concurrency: int = Field(64, ge=1)

@@ -33,6 +33,8 @@ from bot.db.models import User
 from bot.engine import ReplyBackend, SamplingParams
 from bot.facts import Fact, extract_facts, facts_exchange
 from bot.memory import build_prompt_turns
+from bot.morphology import content_lemmas
+from bot.recall import ranked
 from dataset_tools.dialogue_format import sanitize_utterance
 
 logger = logging.getLogger(__name__)
@@ -293,11 +295,12 @@ class DialogueService:
                 telegram_thread_id=telegram_thread_id,
             )
             if role == repository.USER_ROLE and user.telegram_id >= 0 and row.memory_enabled:
-                # Facts only from a person's own chat (group chat ids are negative): in a group
+                # Memory only from a person's own chat (group chat ids are negative): in a group
                 # the memory is the group's, and "меня зовут Аня" is one member's.
                 facts = [(f.kind, f.value) for f in extract_facts(text)]
                 if facts:
                     await repository.remember_facts(session, row, facts, message.id)
+                await repository.index_terms(session, row, message.id, content_lemmas(text))
             return message.id, StoredUser.of(row)
 
         try:
@@ -428,7 +431,10 @@ class DialogueService:
                 up_to_id=message_id,
                 thread_id=thread_id,
             )
-            facts = await repository.user_facts(session, author) if author.memory_enabled else []
+            facts, recalled = [], []
+            if author.memory_enabled and history:
+                facts = await repository.user_facts(session, author)
+                recalled = await self._recall(session, author, history)
         temperature = author.temperature or self.settings.temperature
         exchange = facts_exchange([Fact(f.kind, f.value) for f in facts])
         turns = build_prompt_turns(
@@ -438,6 +444,7 @@ class DialogueService:
             self.backend.persona,
             self.settings.history_trim_step,
             pinned=exchange or (),
+            recalled=recalled,
         )
         params = SamplingParams(
             temperature=temperature,
@@ -450,6 +457,36 @@ class DialogueService:
         key = dialogue_key(user.telegram_id, thread_id)
         reply = await self.backend.generate(turns, params, key=key, on_text=on_text)
         return reply or texts.FALLBACK_REPLY
+
+    async def _recall(
+        self, session: AsyncSession, author: StoredUser, history: list[repository.Turn]
+    ) -> list[str]:
+        """The user's old exchanges the new message (the last of ``history``) is about, older
+        than everything ``history`` holds, as alternating turns within MEMORY_TOKENS."""
+        budget = self.settings.memory_tokens
+        message = history[-1]
+        places = [t.place for t in history if t.place is not None]
+        if budget <= 0 or not places or message.role != repository.USER_ROLE:
+            return []
+        words = content_lemmas(message.text)
+        hits = await repository.term_hits(session, author, words, before_id=min(places))
+        best = ranked(words, hits)
+        found = await repository.exchanges(session, author, [m for m, _ in best])
+        chosen: list[int] = []
+        spent = 0
+        for message_id, _ in best:  # the most relevant first, while the budget lasts
+            asked, answered = found.get(message_id, ("", None))
+            if not asked or not answered:
+                continue  # never answered: not an exchange
+            cost = self.backend.count_tokens(asked) + self.backend.count_tokens(answered) + 4
+            if spent + cost <= budget:
+                chosen.append(message_id)
+                spent += cost
+        turns: list[str] = []
+        for message_id in sorted(chosen):  # in the order they were said
+            asked, answered = found[message_id]
+            turns += [asked, answered or ""]
+        return turns
 
     async def store_reply(
         self,

@@ -17,9 +17,10 @@ downloaded at run time): "живу в Казани" → Казань, "рабо�
 
 from __future__ import annotations
 
-import functools
 import re
 from dataclasses import dataclass
+
+from bot.morphology import analyser
 
 #: What each kind is called where the user sees it (``/memory``), and in the prompt.
 KINDS = {
@@ -95,18 +96,10 @@ class Fact:
     value: str
 
 
-@functools.cache
-def _morph():  # type: ignore[no-untyped-def]
-    """The analyser, loaded once (its dictionary takes ~0.1 s and ~15 MB)."""
-    import pymorphy3
-
-    return pymorphy3.MorphAnalyzer()
-
-
 def _nominative(word: str, *, place: bool = False, name: bool = False) -> str:
     """``word`` in the nominative singular, as the dictionary knows it; the word as written
     when the dictionary does not (a rare name, a made-up city)."""
-    parses = _morph().parse(word)
+    parses = analyser().parse(word)
     if place:
         parses = [p for p in parses if "Geox" in p.tag] or parses
     elif name:
@@ -125,11 +118,11 @@ def _capitalised(text: str) -> str:
 def _place(words: str) -> str:
     """A city in the nominative: "Нижнем Новгороде" → Нижний Новгород."""
     parts = words.split()
-    last = _morph().parse(parts[-1])
+    last = analyser().parse(parts[-1])
     noun = next((p for p in last if "Geox" in p.tag), last[0])
     result = []
     for word in parts[:-1]:
-        adjective = next((p for p in _morph().parse(word) if p.tag.POS == "ADJF"), None)
+        adjective = next((p for p in analyser().parse(word) if p.tag.POS == "ADJF"), None)
         if adjective is not None and noun.tag.gender is not None:
             form = adjective.inflect({"nomn", "sing", noun.tag.gender})
             result.append(form.word if form else word)

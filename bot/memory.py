@@ -4,9 +4,11 @@ The prompt is the persona exchange + the exchange of facts the user told the bot
 :func:`bot.facts.facts_exchange`: kept right after the persona, so that it changes only when a
 fact does and the engine's cached keys/values of the dialogue stay good) + as many of the latest
 turns as fit the model's context window minus the reply budget, counted in **tokens**, dropping
-whole turns from the oldest first. The current message is always kept; if it alone is too long,
-it keeps its beginning (and the facts go first). This is what makes "maximum context length"
-errors impossible however long a dialogue grows.
+whole turns from the oldest first + the old exchanges recalled for this message (``recalled``,
+:mod:`bot.recall`: right before the message, after the window, so the window's cached
+keys/values are still reused) + the current message. The current message is always kept; if it
+alone is too long, it keeps its beginning (recalled exchanges give way first, then the facts).
+This is what makes "maximum context length" errors impossible however long a dialogue grows.
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ def build_prompt_turns(
     persona: str | None,
     trim_step: int = 1,
     pinned: Sequence[str] = (),
+    recalled: Sequence[str] = (),
 ) -> list[str]:
     """The turns to render, ending with the current user message, within ``budget`` tokens.
 
@@ -55,7 +58,7 @@ def build_prompt_turns(
     every turn would re-encode the whole context; dropping several at once keeps the start stable
     for several turns, at the price of a few exchanges of memory.
     """
-    return fit_turns(alternate(history), count_tokens, budget, persona, trim_step, pinned)
+    return fit_turns(alternate(history), count_tokens, budget, persona, trim_step, pinned, recalled)
 
 
 def fit_turns(
@@ -65,6 +68,7 @@ def fit_turns(
     persona: str | None,
     trim_step: int = 1,
     pinned: Sequence[str] = (),
+    recalled: Sequence[str] = (),
 ) -> list[str]:
     """:func:`build_prompt_turns` for turns that already alternate (user first and last).
 
@@ -73,14 +77,20 @@ def fit_turns(
     """
     if not turns or len(turns) % 2 == 0:
         raise ValueError("history must end with the user's message")
-    if len(pinned) % 2:
-        raise ValueError("pinned turns must be whole exchanges")
+    if len(pinned) % 2 or len(recalled) % 2:
+        raise ValueError("pinned and recalled turns must be whole exchanges")
+    # The message itself comes first, then the facts, then what was recalled.
+    if recalled and count_tokens(render_prompt([*pinned, *recalled, turns[-1]], persona)) > budget:
+        recalled = ()
     if pinned and count_tokens(render_prompt([*pinned, turns[-1]], persona)) > budget:
-        pinned = ()  # the message itself comes first
-    pinned = list(pinned)
+        pinned = ()
+    pinned, recalled = list(pinned), list(recalled)
+
+    def with_memory(window: list[str]) -> list[str]:
+        return pinned + window[:-1] + recalled + window[-1:]
 
     def fits(start: int) -> bool:
-        return count_tokens(render_prompt(pinned + turns[start:], persona)) <= budget
+        return count_tokens(render_prompt(with_memory(turns[start:]), persona)) <= budget
 
     # Fewest exchanges dropped such that the rest fits. Dropping more never adds tokens, so a
     # binary search over exchanges tokenizes ~log2(n) prompts instead of one per dropped exchange
@@ -96,7 +106,7 @@ def fit_turns(
         low = min(-(-low // trim_step) * trim_step, len(turns) // 2)
     kept = turns[2 * low :]
     if len(kept) > 1 or fits(len(turns) - 1):
-        return pinned + kept
+        return with_memory(kept)
     # Only the current message is left and it is still too long: keep its beginning.
     message = kept[-1]
     low, high = 0, len(message)

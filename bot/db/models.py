@@ -101,3 +101,21 @@ class UserFact(Base):
     value: Mapped[str] = mapped_column(String(256))
     message_id: Mapped[int | None] = mapped_column(ForeignKey("messages.id", ondelete="SET NULL"))
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class MessageTerm(Base):
+    """One content word of a user's message (``bot.morphology.content_lemmas``): the index
+    that finds a user's old exchanges again (``bot.recall``). A plain table, so SQLite and
+    PostgreSQL index and search it the same way; scoped by user in every query."""
+
+    __tablename__ = "message_terms"
+    __table_args__ = (
+        Index("ix_message_terms_user_term", "user_id", "term"),
+        # deleting messages (/reset, /forget, pruning) deletes their terms by this
+        Index("ix_message_terms_message_id", "message_id"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"))
+    message_id: Mapped[int] = mapped_column(ForeignKey("messages.id", ondelete="CASCADE"))
+    term: Mapped[str] = mapped_column(String(48))

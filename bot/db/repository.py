@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Protocol
@@ -11,7 +11,7 @@ from sqlalchemy import Select, and_, delete, exists, func, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import aliased
 
-from bot.db.models import Message, User, UserFact
+from bot.db.models import Message, MessageTerm, User, UserFact
 
 USER_ROLE = "user"
 BOT_ROLE = "bot"
@@ -37,6 +37,7 @@ class UserKey(Protocol):
 class Turn:
     role: str
     text: str
+    place: int | None = None  # the id of the user message it is, or answers
 
 
 async def get_or_create_user(session: AsyncSession, telegram_id: int, name: str | None) -> User:
@@ -248,7 +249,7 @@ async def recent_turns(
     answered = aliased(Message)
     topic = func.coalesce(Message.telegram_thread_id, answered.telegram_thread_id)
     query = (
-        select(Message.role, Message.text)
+        select(Message.role, Message.text, place)
         .outerjoin(answered, answered.id == Message.reply_to_id)
         .where(
             Message.user_id == user.id,
@@ -265,7 +266,7 @@ async def recent_turns(
             )
         )
     rows = await session.execute(query.order_by(place.desc(), Message.id.desc()).limit(limit))
-    return [Turn(role, text) for role, text in reversed(rows.all())]
+    return [Turn(role, text, at) for role, text, at in reversed(rows.all())]
 
 
 async def topics(session: AsyncSession, telegram_id: int) -> list[int]:
@@ -343,6 +344,7 @@ async def delete_user(session: AsyncSession, telegram_id: int) -> bool:
     if user is None:
         return False
     await session.execute(delete(UserFact).where(UserFact.user_id == user.id))
+    await session.execute(delete(MessageTerm).where(MessageTerm.user_id == user.id))
     await session.execute(delete(Message).where(Message.user_id == user.id))
     await session.delete(user)
     return True
@@ -434,3 +436,78 @@ async def forget_fact(session: AsyncSession, telegram_id: int, fact_id: int) -> 
 async def set_memory_enabled(session: AsyncSession, user: User, enabled: bool) -> None:
     user.memory_enabled = enabled
     await session.flush()
+
+
+async def index_terms(
+    session: AsyncSession, user: UserKey, message_id: int, terms: Iterable[str]
+) -> None:
+    """Index message ``message_id`` under its content words (``bot.recall`` finds it by them)."""
+    session.add_all(
+        MessageTerm(user_id=user.id, message_id=message_id, term=term[:48]) for term in terms
+    )
+    await session.flush()
+
+
+@dataclass(frozen=True)
+class TermHits:
+    """What the index knows of some words, for one user: how many of the user's indexed
+    messages hold each word (``df``), how many messages are indexed (``indexed``), and which
+    words each older message holds (``hits``)."""
+
+    df: dict[str, int]
+    indexed: int
+    hits: dict[int, set[str]]
+
+
+async def term_hits(
+    session: AsyncSession,
+    user: UserKey,
+    terms: Collection[str],
+    before_id: int,
+    max_share: float = 0.05,
+) -> TermHits:
+    """The user's messages older than ``before_id`` holding any of ``terms``; a word held by
+    more than ``max_share`` of the user's messages (and more than 5) is counted but not looked
+    up: it tells nothing apart, and would fetch thousands of rows."""
+    if not terms:
+        return TermHits({}, 0, {})
+    scoped = MessageTerm.user_id == user.id
+    indexed = (
+        await session.scalar(
+            select(func.count()).where(Message.user_id == user.id, Message.role == USER_ROLE)
+        )
+        or 0
+    )
+    max_df = max(5, int(indexed * max_share))
+    rows = await session.execute(
+        select(MessageTerm.term, func.count())
+        .where(scoped, MessageTerm.term.in_(sorted(terms)))
+        .group_by(MessageTerm.term)
+    )
+    df = {term: count for term, count in rows.all()}
+    rare = sorted(term for term, count in df.items() if count <= max_df)
+    hits: dict[int, set[str]] = {}
+    if rare:
+        found = await session.execute(
+            select(MessageTerm.message_id, MessageTerm.term).where(
+                scoped, MessageTerm.term.in_(rare), MessageTerm.message_id < before_id
+            )
+        )
+        for message_id, term in found.all():
+            hits.setdefault(message_id, set()).add(term)
+    return TermHits(df, indexed, hits)
+
+
+async def exchanges(
+    session: AsyncSession, user: UserKey, message_ids: Collection[int]
+) -> dict[int, tuple[str, str | None]]:
+    """Each of the user's messages ``message_ids`` with the reply stored to it (None if none)."""
+    if not message_ids:
+        return {}
+    reply = aliased(Message)
+    rows = await session.execute(
+        select(Message.id, Message.text, reply.text)
+        .outerjoin(reply, reply.reply_to_id == Message.id)
+        .where(Message.user_id == user.id, Message.id.in_(sorted(message_ids)))
+    )
+    return {message_id: (text_, answer) for message_id, text_, answer in rows.all()}

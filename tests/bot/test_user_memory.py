@@ -52,11 +52,31 @@ async def test_a_name_told_long_ago_is_still_in_the_prompt(short_window):
     dp, bot, session, _ = short_window
     with prompts_seen(dp["dialogue"].backend) as prompts:
         await _chat(dp, bot, 7, ["Меня зовут Аня, я из Казани", "Как погода?", "А что нового?"], 1)
-        await _chat(dp, bot, 7, ["Расскажи анекдот", "Как меня зовут?"], 4)
-    last = prompts[-1]
-    assert "Меня зовут Аня" not in last  # the message itself left the window
-    assert "Тебя зовут Аня. Ты живёшь в городе Казань." in last
-    assert last.index("Тебя зовут Аня") < last.index("Как меня зовут?")
+        await _chat(dp, bot, 7, ["Расскажи анекдот", "Ну и ладно"], 4)
+    last = prompts[-1].split("\n")
+    assert "Меня зовут Аня, я из Казани" not in last  # left the window, and not asked about
+    assert last[:2] == ["Что ты обо мне помнишь?", "Тебя зовут Аня. Ты живёшь в городе Казань."]
+    assert last[-1] == "Ну и ладно"
+
+
+async def test_an_old_exchange_the_message_is_about_comes_back_before_it(short_window):
+    """Out of the window, but the new message asks about it: the exchange is recalled, right
+    before the message (after the window, whose cached keys/values stay good); a message
+    about nothing said before recalls nothing."""
+    dp, bot, session, _ = short_window
+    said = "Моя сестра Оля работает в банке"
+    with prompts_seen(dp["dialogue"].backend) as prompts:
+        await _chat(dp, bot, 7, [said, "Как погода?", "А что нового?", "Расскажи анекдот"], 1)
+        await _chat(dp, bot, 7, ["Где работает сестра?", "Какую музыку ты слушаешь?"], 5)
+    recalled, unrelated = prompts[-2].split("\n"), prompts[-1].split("\n")
+    assert recalled[-3] == said and recalled[-1] == "Где работает сестра?"
+    assert recalled.index(said) > recalled.index("Расскажи анекдот")
+    assert said not in unrelated
+    other = await dp["dialogue"].memory(_ref(8))  # another user's memory holds none of it
+    assert other == (True, [])
+    with prompts_seen(dp["dialogue"].backend) as prompts:
+        await _chat(dp, bot, 8, ["Где работает сестра?"], 7)
+    assert said not in prompts[-1]  # no memory crosses users
 
 
 async def test_memory_lists_the_facts_and_a_button_forgets_one(short_window):

@@ -1,4 +1,4 @@
-"""facts users state about themselves, and whether their memory is on
+"""facts users state about themselves, an index of their messages' words, memory on/off
 
 Revision ID: 0008
 Revises: 0007
@@ -6,7 +6,9 @@ Create Date: 2026-12-07
 
 The prompt holds only the latest messages that fit the context: a name said 30 exchanges ago
 was gone. Facts a user states about themselves (bot.facts) are kept apart, one value per kind
-(a newer statement replaces the older), and reach every prompt while ``memory_enabled``.
+(a newer statement replaces the older), and reach every prompt while ``memory_enabled``. The
+content words of each message (bot.morphology) are indexed in ``message_terms``, so that old
+exchanges the window no longer holds can be found again (bot.recall).
 """
 
 from collections.abc import Sequence
@@ -43,8 +45,27 @@ def upgrade() -> None:
         sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),
         sa.UniqueConstraint("user_id", "kind", name="uq_user_facts_user_kind"),
     )
+    op.create_table(
+        "message_terms",
+        sa.Column("id", sa.Integer(), primary_key=True),
+        sa.Column(
+            "user_id", sa.Integer(), sa.ForeignKey("users.id", ondelete="CASCADE"), nullable=False
+        ),
+        sa.Column(
+            "message_id",
+            sa.Integer(),
+            sa.ForeignKey("messages.id", ondelete="CASCADE"),
+            nullable=False,
+        ),
+        sa.Column("term", sa.String(48), nullable=False),
+    )
+    op.create_index("ix_message_terms_user_term", "message_terms", ["user_id", "term"])
+    op.create_index("ix_message_terms_message_id", "message_terms", ["message_id"])
 
 
 def downgrade() -> None:
+    op.drop_index("ix_message_terms_message_id", table_name="message_terms")
+    op.drop_index("ix_message_terms_user_term", table_name="message_terms")
+    op.drop_table("message_terms")
     op.drop_table("user_facts")
     op.drop_column("users", "memory_enabled")
