@@ -21,7 +21,7 @@ NPROC ?= 1
 TEST_WORKERS ?= 2
 COMPOSE ?= docker compose
 
-.PHONY: install test test-stress lint dataset sample finetune evaluate bench bench-train bench-report run serve chat migrate demo loadtest up down test-compose clean
+.PHONY: install test test-stress lint dataset sample finetune evaluate bench bench-train bench-memory bench-report run serve chat migrate demo loadtest up down test-compose clean
 
 install: $(STAMP)
 
@@ -82,6 +82,18 @@ bench: install
 # Training throughput: packed data path vs the naive recipe (TRAIN_SHAPE=tiny|small|medium).
 bench-train: install
 	$(PY) -m trainer.bench --shape $(TRAIN_SHAPE) $(ARGS)
+
+# Memory: long dialogues with planted facts (filler from ../shared/data, or the bundled sample),
+# the bot's prompt for a question about each (MODEL, MEMORY=on|off, DATABASE_URL optional), and
+# how often the answer is in it, by distance; extra options for the scorer in ARGS (--json FILE).
+MEMORY ?= on
+MEMORY_SET ?= data/memory_set.jsonl
+bench-memory: install
+	@test -f $(MEMORY_SET) || $(PY) -m benchmarks.memory_set --output $(MEMORY_SET)
+	$(PY) -m bot.memory_eval --input $(MEMORY_SET) --output data/memory_prompts.jsonl \
+	  --model $(MODEL) --memory $(MEMORY) $${DATABASE_URL:+--database-url $$DATABASE_URL}
+	$(PY) -m benchmarks.memory_score --set $(MEMORY_SET) --results data/memory_prompts.jsonl \
+	  --memory $(MEMORY) --database $$(echo $${DATABASE_URL:-sqlite} | cut -d: -f1 | cut -d+ -f1) $(ARGS)
 
 # docs/benchmarks.md and the README's headline table, rendered from benchmarks/results/*.json.
 bench-report: install

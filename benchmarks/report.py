@@ -44,11 +44,12 @@ make bench SHAPE=medium ARGS="--designs naive,engine,engine:bfloat16,engine:int8
     --json benchmarks/results/serving-medium-$(date +%Y%m%d).json"
 make bench-train TRAIN_SHAPE=small \\
     ARGS="--json benchmarks/results/training-small-$(date +%Y%m%d).json"
+make bench-memory MEMORY=on ARGS="--json benchmarks/results/memory-on-$(date +%Y%m%d).json"
 make bench-report
 ```
 
-What the benchmarks measure is described in [serving.md](serving.md#benchmarks) and
-[training.md](training.md#throughput).
+What the benchmarks measure is described in [serving.md](serving.md#benchmarks),
+[training.md](training.md#throughput) and [bot.md](bot.md#measuring-memory).
 """
 
 
@@ -137,12 +138,46 @@ def training_table(run: dict[str, Any]) -> list[str]:
     return _table(["recipe", "how", "real tokens", "seconds", "real tokens/s"], rows)
 
 
+def memory_table(run: dict[str, Any]) -> list[str]:
+    """Per category, the share of questions whose answer is in the prompt at each distance
+    (and, where there is one, how often only the wrong value is), then the costs."""
+    f = run["figures"]
+    distances = sorted({c["distance"] for c in f["cells"]})
+    rows = []
+    for category in sorted({c["category"] for c in f["cells"]}):
+        cells = {c["distance"]: c for c in f["cells"] if c["category"] == category}
+        row = [category]
+        for distance in distances:
+            c = cells.get(distance)
+            if c is None:
+                row.append("–")
+                continue
+            text = f"{c['hit'] / c['n']:.0%} of {c['n']}"
+            if "wrong_only" in c:
+                text += f" (wrong alone {c['wrong_only'] / c['n']:.0%})"
+            row.append(text)
+        rows.append(row)
+    lines = _table(["answer in the prompt", *(f"{d} turns back" for d in distances)], rows)
+    never = f["never"]
+    lines += [
+        "",
+        f"Questions about things never said: {never['n']}, memory tokens added "
+        f"{never['memory_tokens_mean']} on average. Building a prompt: p50 "
+        f"{f['prompt_ms_p50']} ms, p95 {f['prompt_ms_p95']} ms; storing a message with its "
+        f"index: p95 {f['store_ms_p95']} ms.",
+    ]
+    return lines
+
+
 def _run_heading(run: dict[str, Any]) -> str:
     m = run["machine"]
     when = m["date"][:10]
     commit = f", commit `{m['commit']}`" if m.get("commit") else ""
     if run["benchmark"] == "serving":
         what = f"Serving: {_serving_settings(run)}"
+    elif run["benchmark"] == "memory":
+        s = run["settings"]
+        what = f"Memory: {s['dialogues']} dialogues, memory {s['memory']}, {s['database']}"
     else:
         s = run["settings"]
         what = f"Training: {s['shape']} shape, {run['result']['dialogues']:,} dialogues"
@@ -167,7 +202,8 @@ def render_doc(runs: list[dict[str, Any]]) -> str:
         ]
         for run in reversed(of_machine):
             lines += [_run_heading(run), ""]
-            lines += serving_table(run) if run["benchmark"] == "serving" else training_table(run)
+            tables = {"serving": serving_table, "memory": memory_table, "training": training_table}
+            lines += tables[run["benchmark"]](run)
             lines.append("")
     if not runs:
         lines += ["No stored runs yet.", ""]

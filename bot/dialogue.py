@@ -34,7 +34,7 @@ from bot.engine import ReplyBackend, SamplingParams
 from bot.facts import Fact, extract_facts, facts_exchange
 from bot.memory import build_prompt_turns
 from bot.morphology import content_lemmas
-from bot.recall import ranked
+from bot.recall import MAX_RECALLED, ranked
 from dataset_tools.dialogue_format import sanitize_utterance
 
 logger = logging.getLogger(__name__)
@@ -64,6 +64,17 @@ class UserRef:
 
     telegram_id: int
     name: str | None
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """The turns a reply is generated from (the persona is the backend's), its sampling
+    settings, and how many of the prompt's tokens are memory: the facts exchange and the
+    recalled exchanges that made it in."""
+
+    turns: list[str]
+    params: SamplingParams
+    memory_tokens: int
 
 
 @dataclass(frozen=True)
@@ -420,6 +431,20 @@ class DialogueService:
         the message was written in; the reply sees that topic's conversation only. ``author``:
         the user's row as read when the message was stored (read here when not given).
         """
+        prompt = await self.prompt_for(user, message_id, thread_id, author)
+        key = dialogue_key(user.telegram_id, thread_id)
+        reply = await self.backend.generate(prompt.turns, prompt.params, key=key, on_text=on_text)
+        return reply or texts.FALLBACK_REPLY
+
+    async def prompt_for(
+        self,
+        user: UserRef,
+        message_id: int | None = None,
+        thread_id: int | None = None,
+        author: StoredUser | None = None,
+    ) -> Prompt:
+        """What :meth:`make_reply` gives the model: the turns (persona aside) and the sampling
+        settings; also what ``python -m bot.memory_eval`` measures."""
         async with self.sessions() as session:
             if author is None:
                 row = await repository.get_or_create_user(session, user.telegram_id, user.name)
@@ -431,59 +456,74 @@ class DialogueService:
                 up_to_id=message_id,
                 thread_id=thread_id,
             )
-            facts, recalled = [], []
-            if author.memory_enabled and history:
-                facts = await repository.user_facts(session, author)
-                recalled = await self._recall(session, author, history)
-        temperature = author.temperature or self.settings.temperature
-        exchange = facts_exchange([Fact(f.kind, f.value) for f in facts])
-        turns = build_prompt_turns(
-            history,
-            self.backend.count_tokens,
-            self.backend.prompt_budget,
-            self.backend.persona,
-            self.settings.history_trim_step,
-            pinned=exchange or (),
-            recalled=recalled,
+            facts = await repository.user_facts(session, author) if author.memory_enabled else []
+            exchange = list(facts_exchange([Fact(f.kind, f.value) for f in facts]) or ())
+            window = self._fit(history, exchange)
+            recalled: list[str] = []
+            if author.memory_enabled and history and history[-1].role == repository.USER_ROLE:
+                recalled = await self._recall(session, author, history[-1], window)
+        turns = self._fit(history, exchange, recalled) if recalled else window
+        memory = (exchange if turns[: len(exchange)] == exchange else []) + (
+            recalled if recalled and turns[-1 - len(recalled) : -1] == recalled else []
         )
         params = SamplingParams(
-            temperature=temperature,
+            temperature=author.temperature or self.settings.temperature,
             top_p=self.settings.top_p,
             top_k=self.settings.top_k,
             repetition_penalty=self.settings.repetition_penalty,
             max_new_tokens=self.settings.reply_tokens,
             num_beams=self.settings.num_beams,
         )
-        key = dialogue_key(user.telegram_id, thread_id)
-        reply = await self.backend.generate(turns, params, key=key, on_text=on_text)
-        return reply or texts.FALLBACK_REPLY
+        return Prompt(turns, params, sum(self.backend.count_tokens(t) for t in memory))
+
+    def _fit(
+        self,
+        history: list[repository.Turn],
+        pinned: list[str],
+        recalled: list[str] | None = None,
+    ) -> list[str]:
+        return build_prompt_turns(
+            history,
+            self.backend.count_tokens,
+            self.backend.prompt_budget,
+            self.backend.persona,
+            self.settings.history_trim_step,
+            pinned=pinned,
+            recalled=recalled or (),
+        )
 
     async def _recall(
-        self, session: AsyncSession, author: StoredUser, history: list[repository.Turn]
+        self,
+        session: AsyncSession,
+        author: StoredUser,
+        message: repository.Turn,
+        window: list[str],
     ) -> list[str]:
-        """The user's old exchanges the new message (the last of ``history``) is about, older
-        than everything ``history`` holds, as alternating turns within MEMORY_TOKENS."""
+        """The user's old exchanges ``message`` is about that ``window`` (the prompt's turns
+        without them) does not hold, as alternating turns within MEMORY_TOKENS, in the order
+        they were said."""
         budget = self.settings.memory_tokens
-        message = history[-1]
-        places = [t.place for t in history if t.place is not None]
-        if budget <= 0 or not places or message.role != repository.USER_ROLE:
+        if budget <= 0 or message.place is None:
             return []
         words = content_lemmas(message.text)
-        hits = await repository.term_hits(session, author, words, before_id=min(places))
+        hits = await repository.term_hits(session, author, words, before_id=message.place)
         best = ranked(words, hits)
         found = await repository.exchanges(session, author, [m for m, _ in best])
+        shown = "\n".join(window)
         chosen: list[int] = []
         spent = 0
         for message_id, _ in best:  # the most relevant first, while the budget lasts
             asked, answered = found.get(message_id, ("", None))
-            if not asked or not answered:
-                continue  # never answered: not an exchange
+            if not asked or not answered or asked in shown:
+                continue  # never answered (not an exchange), or in the window already
             cost = self.backend.count_tokens(asked) + self.backend.count_tokens(answered) + 4
             if spent + cost <= budget:
                 chosen.append(message_id)
                 spent += cost
+            if len(chosen) == MAX_RECALLED:
+                break
         turns: list[str] = []
-        for message_id in sorted(chosen):  # in the order they were said
+        for message_id in sorted(chosen):
             asked, answered = found[message_id]
             turns += [asked, answered or ""]
         return turns

@@ -37,6 +37,7 @@ _WORD = r"[А-ЯЁа-яё][а-яё]+(?:-[А-ЯЁа-яё][а-яё]+)*"
 _CAPITAL = r"[А-ЯЁ][а-яё]+(?:-[А-ЯЁа-яё][а-яё]+)*"
 _QUOTED = re.compile(r"«[^»]*»|\"[^\"]*\"|„[^“]*“|'[^']*'")
 _SENTENCE = re.compile(r"[^.!?;\n]+[.!?;]?")
+_CLAUSE_MARKS = (",", ":", "—", " - ", "?")
 _QUESTION_START = re.compile(
     r"^\s*(?:а\s+|и\s+)?(?:как|где|кто|что|чем|сколько|когда|почему|зачем|откуда|куда|какой|"
     r"какая|какое|какие|чей|чья|ли)\b",
@@ -158,17 +159,24 @@ def _is_question(sentence: str) -> bool:
     return sentence.rstrip().endswith("?") or bool(_QUESTION_START.match(sentence))
 
 
+def _clause(sentence: str, match: re.Match[str]) -> str:
+    """The part of ``sentence`` between the punctuation around ``match``: "Мне 63 года,
+    представляешь?" is a statement with a question after it, not a question."""
+    start = max(sentence.rfind(mark, 0, match.start("v")) for mark in _CLAUSE_MARKS) + 1
+    ends = [sentence.find(mark, match.end("v")) for mark in _CLAUSE_MARKS]
+    end = min((e for e in ends if e >= 0), default=len(sentence))
+    return sentence[start : end + 1 if end < len(sentence) and sentence[end] == "?" else end]
+
+
 def extract_facts(text: str) -> list[Fact]:
     """The facts ``text`` (one message of the user's) states about its author, in the order
     stated; a later statement of a kind in the same message wins over an earlier one."""
     found: dict[str, Fact] = {}
     unquoted = _QUOTED.sub(" ", text)
     for sentence in _SENTENCE.findall(unquoted):
-        if _is_question(sentence):
-            continue
         for kind, pattern in _RULES:
             for match in pattern.finditer(sentence):
-                if match.group("not"):
+                if match.group("not") or _is_question(_clause(sentence, match)):
                     continue
                 value = _normalised(kind, match)
                 if value:

@@ -29,11 +29,14 @@ from bot.db.repository import TermHits
 MIN_COVERAGE = 0.5
 #: At most this many exchanges recalled into one prompt.
 MAX_RECALLED = 3
+#: Candidates looked at (the best ones), of which those already in the window are passed over.
+CANDIDATES = 20
 
 
 def ranked(query: Collection[str], hits: TermHits) -> list[tuple[int, float]]:
     """The messages of ``hits`` worth recalling for a message with words ``query``, best first
-    (ties: the newer first), each with its coverage of the query's weight."""
+    (ties: the newer first), each with its coverage of the query's weight; at most
+    :data:`CANDIDATES`."""
     if not query or not hits.hits:
         return []
     total = hits.indexed
@@ -49,4 +52,4 @@ def ranked(query: Collection[str], hits: TermHits) -> list[tuple[int, float]]:
         for message_id, terms in hits.hits.items()
     ]
     good = [(message_id, score) for message_id, score in scored if score >= MIN_COVERAGE]
-    return sorted(good, key=lambda item: (-item[1], -item[0]))[:MAX_RECALLED]
+    return sorted(good, key=lambda item: (-item[1], -item[0]))[:CANDIDATES]
