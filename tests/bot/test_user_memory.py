@@ -49,7 +49,7 @@ async def _chat(dp, bot, user_id: int, texts_: list[str], first_update: int) -> 
 
 
 async def test_a_name_told_long_ago_is_still_in_the_prompt(short_window):
-    dp, bot, session, _ = short_window
+    dp, bot, _, _ = short_window
     with prompts_seen(dp["dialogue"].backend) as prompts:
         await _chat(dp, bot, 7, ["Меня зовут Аня, я из Казани", "Как погода?", "А что нового?"], 1)
         await _chat(dp, bot, 7, ["Расскажи анекдот", "Ну и ладно"], 4)
@@ -63,7 +63,7 @@ async def test_an_old_exchange_the_message_is_about_comes_back_before_it(short_w
     """Out of the window, but the new message asks about it: the exchange is recalled, right
     before the message (after the window, whose cached keys/values stay good); a message
     about nothing said before recalls nothing."""
-    dp, bot, session, _ = short_window
+    dp, bot, _, _ = short_window
     said = "Моя сестра Оля работает в банке"
     with prompts_seen(dp["dialogue"].backend) as prompts:
         await _chat(dp, bot, 7, [said, "Как погода?", "А что нового?", "Расскажи анекдот"], 1)
