@@ -67,12 +67,22 @@ FACT_TEMPLATES = {
     "likes": (["Я очень люблю {likes}.", "Я обожаю {likes}."], ["Что я люблю?"]),
 }
 DETAILS = [
-    ("Моя сестра Оля работает в банке.", "Где работает моя сестра?", ["банк"]),
-    ("Прошлым летом мы ездили отдыхать в Грузию.", "Куда мы ездили отдыхать летом?", ["Грузи"]),
-    ("Я недавно купил машину, белую Ладу.", "Какую машину я купил?", ["Лад"]),
-    ("Мой любимый фильм — «Брат».", "Какой у меня любимый фильм?", ["Брат"]),
-    ("В субботу у меня экзамен по химии.", "Какой у меня экзамен в субботу?", ["хими"]),
-    ("Мой брат Саша играет на гитаре.", "На чём играет мой брат?", ["гитар"]),
+    ("Моя сестра Оля работает в банке.", "Где работает моя сестра?", ["банк"], "В банке."),
+    (
+        "Прошлым летом мы ездили отдыхать в Грузию.",
+        "Куда мы ездили отдыхать летом?",
+        ["Грузи"],
+        "В Грузию.",
+    ),
+    ("Я недавно купил машину, белую Ладу.", "Какую машину я купил?", ["Лад"], "Белую Ладу."),
+    ("Мой любимый фильм — «Брат».", "Какой у меня любимый фильм?", ["Брат"], "«Брат»."),
+    (
+        "В субботу у меня экзамен по химии.",
+        "Какой у меня экзамен в субботу?",
+        ["хими"],
+        "По химии.",
+    ),
+    ("Мой брат Саша играет на гитаре.", "На чём играет мой брат?", ["гитар"], "На гитаре."),
 ]
 NEVER = [
     "Как зовут мою собаку?",
@@ -140,7 +150,9 @@ def build(pairs: list[tuple[str, str]], seed: int, per_distance: int) -> Iterato
     filler = _Filler(pairs)
     number = 0
 
-    def item(category: str, distance: int, turns: list[str], probe: str, answers, wrong=()):
+    def item(
+        category: str, distance: int, turns: list[str], probe: str, answers, wrong=(), reply=""
+    ):
         nonlocal number
         number += 1
         return {
@@ -151,6 +163,7 @@ def build(pairs: list[tuple[str, str]], seed: int, per_distance: int) -> Iterato
             "distance": distance,
             "answers": list(answers),
             "wrong": list(wrong),
+            "answer_text": reply,  # a right reply, whose probability the model is asked for
         }
 
     for distance in DISTANCES:
@@ -181,11 +194,19 @@ def build(pairs: list[tuple[str, str]], seed: int, per_distance: int) -> Iterato
             }[kind]
             statement = rng.choice(statements).format(**values)
             turns = _dialogue(filler, [(distance, statement)], distance)
-            yield item("fact", distance, turns, rng.choice(probes), answer)
+            reply = {
+                "name": f"Тебя зовут {name}.",
+                "age": f"Тебе {values['age']}.",
+                "city": f"Ты живёшь в городе {city}.",
+                "job": f"Ты {job}.",
+                "pet": f"Твоего питомца зовут {pet_name}.",
+                "likes": f"Ты любишь {values['likes']}.",
+            }[kind]
+            yield item("fact", distance, turns, rng.choice(probes), answer, reply=reply)
         for index in range(max(1, per_distance // 3)):
-            said, probe, answers = DETAILS[(index + distance) % len(DETAILS)]
+            said, probe, answers, reply = DETAILS[(index + distance) % len(DETAILS)]
             turns = _dialogue(filler, [(distance, said)], distance)
-            yield item("detail", distance, turns, probe, answers)
+            yield item("detail", distance, turns, probe, answers, reply=reply)
         for _ in range(max(1, per_distance // 3)):
             (old, old_prep, _, _), (new, _, new_acc, _) = rng.sample(CITIES, 2)
             planted = [
@@ -194,7 +215,8 @@ def build(pairs: list[tuple[str, str]], seed: int, per_distance: int) -> Iterato
             ]
             turns = _dialogue(filler, planted, distance + 10)
             answers, wrong = [new.split()[-1][:4]], [old.split()[-1][:4]]
-            yield item("update", distance, turns, "Где я живу?", answers, wrong)
+            reply = f"Ты живёшь в городе {new}."
+            yield item("update", distance, turns, "Где я живу?", answers, wrong, reply)
         for _ in range(max(1, per_distance // 3)):
             name, other = rng.choice(NAMES), rng.choice(OTHER_NAMES)
             planted = [
@@ -202,7 +224,8 @@ def build(pairs: list[tuple[str, str]], seed: int, per_distance: int) -> Iterato
                 (distance - 2, f"А мою подругу зовут {other}."),
             ]
             turns = _dialogue(filler, planted, distance)
-            yield item("other", distance, turns, "Как меня зовут?", [name], [other])
+            reply = f"Тебя зовут {name}."
+            yield item("other", distance, turns, "Как меня зовут?", [name], [other], reply)
     for index in range(per_distance):
         turns = _dialogue(filler, [], 200)
         yield item("never", 200, turns, NEVER[index % len(NEVER)], [])

@@ -47,8 +47,9 @@ def ranked(query: Collection[str], hits: TermHits) -> list[tuple[int, float]]:
     mass = sum(weight(term) for term in query)
     if mass <= 0:
         return []
+    wanted = set(query)
     scored = [
-        (message_id, sum(weight(term) for term in terms) / mass)
+        (message_id, sum(weight(term) for term in terms & wanted) / mass)
         for message_id, terms in hits.hits.items()
     ]
     good = [(message_id, score) for message_id, score in scored if score >= MIN_COVERAGE]

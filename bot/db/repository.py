@@ -466,36 +466,31 @@ async def term_hits(
     before_id: int,
     max_share: float = 0.05,
 ) -> TermHits:
-    """The user's messages older than ``before_id`` holding any of ``terms``; a word held by
-    more than ``max_share`` of the user's messages (and more than 5) is counted but not looked
-    up: it tells nothing apart, and would fetch thousands of rows."""
+    """The user's messages older than ``before_id`` holding any of ``terms``. A word held by
+    more than ``max_share`` of the user's messages (and more than 5) is counted but its
+    messages are not kept: it tells nothing apart. Two queries, both on indexes scoped to the
+    user: how many messages the user has (index only), and the index rows of these words."""
     if not terms:
         return TermHits({}, 0, {})
-    scoped = MessageTerm.user_id == user.id
-    indexed = (
-        await session.scalar(
-            select(func.count()).where(Message.user_id == user.id, Message.role == USER_ROLE)
-        )
-        or 0
-    )
+    messages = await session.scalar(select(func.count()).where(Message.user_id == user.id))
+    indexed = (messages or 0) // 2  # the user's own messages: every other one is a reply
     max_df = max(5, int(indexed * max_share))
     rows = await session.execute(
-        select(MessageTerm.term, func.count())
-        .where(scoped, MessageTerm.term.in_(sorted(terms)))
-        .group_by(MessageTerm.term)
-    )
-    df = {term: count for term, count in rows.all()}
-    rare = sorted(term for term, count in df.items() if count <= max_df)
-    hits: dict[int, set[str]] = {}
-    if rare:
-        found = await session.execute(
-            select(MessageTerm.message_id, MessageTerm.term).where(
-                scoped, MessageTerm.term.in_(rare), MessageTerm.message_id < before_id
-            )
+        select(MessageTerm.message_id, MessageTerm.term).where(
+            MessageTerm.user_id == user.id, MessageTerm.term.in_(sorted(terms))
         )
-        for message_id, term in found.all():
-            hits.setdefault(message_id, set()).add(term)
-    return TermHits(df, indexed, hits)
+    )
+    by_term: dict[str, list[int]] = {}
+    for message_id, term in rows.all():
+        by_term.setdefault(term, []).append(message_id)
+    hits: dict[int, set[str]] = {}
+    for term, message_ids in by_term.items():
+        if len(message_ids) <= max_df:
+            for message_id in message_ids:
+                if message_id < before_id:
+                    hits.setdefault(message_id, set()).add(term)
+    df = {term: len(message_ids) for term, message_ids in by_term.items()}
+    return TermHits(df, max(indexed, 1), hits)
 
 
 async def exchanges(
