@@ -18,8 +18,10 @@ the ratios come from one run: ``engine:int8`` (``MODEL_QUANTIZE=int8``), ``engin
 prompt encoded whole, ``PREFILL_CHUNK_TOKENS=0``), ``engine:omp=active`` (OpenMP threads spin while
 they wait, ``OMP_WAIT_POLICY=ACTIVE``; see ``bot/__init__.py``), ``engine:spin=N`` (they spin N
 times before they sleep, ``GOMP_SPINCOUNT=N``), ``engine:attention=off`` (PyTorch's attention
-instead of the compiled CPU kernel, ``CPU_ATTENTION_KERNEL=off``); e.g. ``--designs
-naive,engine,engine:int8``.
+instead of the compiled CPU kernel, ``CPU_ATTENTION_KERNEL=off``), ``engine:memory=end`` and
+``engine:memory=start`` (every prompt carries the user's facts and a recalled old exchange,
+placed as the bot places them, or at the prompt's start: what each placement costs the prefix
+cache); e.g. ``--designs naive,engine,engine:int8``.
 ``--join-tokens N`` then measures, per engine design, the streaming replies' token gaps while an
 N-token prompt joins them.
 
@@ -135,9 +137,35 @@ class Tally:
         return summarise(self.latencies, self.firsts, self.produced, wall, means)
 
 
-async def converse(backend: Any, messages: list[list[str]], params: Any, tally: Tally) -> float:
-    """Every user's conversation at once through a ReplyBackend (the bot's own call); the wall
-    time it took."""
+#: The memory a ``memory=`` design adds to every prompt: the user's facts as the bot renders
+#: them (bot.facts.facts_exchange), and one recalled old exchange, a different one each turn.
+FACTS_EXCHANGE = [
+    "Что ты обо мне помнишь?",
+    "Тебя зовут Аня. Тебе 21 год. Ты живёшь в городе Казань. Ты работаешь: программист.",
+]
+
+
+def with_memory(turns: list[str], recalled: list[str], placement: str | None) -> list[str]:
+    """The prompt's turns with memory placed as the bot places it (``end``: the facts after the
+    persona, the recalled exchange right before the new message, so the window's cached
+    keys/values stay good) or at the start (``start``: facts and recalled exchange first, as
+    vector-memory front ends insert them: the prompt's start changes every turn)."""
+    if placement == "end":
+        return FACTS_EXCHANGE + turns[:-1] + recalled + turns[-1:]
+    if placement == "start":
+        return FACTS_EXCHANGE + recalled + turns
+    return turns
+
+
+async def converse(
+    backend: Any,
+    messages: list[list[str]],
+    params: Any,
+    tally: Tally,
+    memory: str | None = None,
+) -> float:
+    """Every user's conversation at once through a ReplyBackend (the bot's own call), with
+    ``memory`` placed in each prompt (:func:`with_memory`); the wall time it took."""
     from bot.engine import RequestStats
 
     async def user(index: int) -> None:
@@ -146,7 +174,9 @@ async def converse(backend: Any, messages: list[list[str]], params: Any, tally: 
             turns.append(message)
             stats = RequestStats()
             started = time.perf_counter()
-            text = await backend.generate(turns, params, key=index, stats=stats)
+            other = messages[(index + turn + 1) % len(messages)][turn]
+            prompt = with_memory(turns, [other, "Да, ты мне это рассказывал."], memory)
+            text = await backend.generate(prompt, params, key=index, stats=stats)
             first = (stats.first_token_at or started) - started
             tally.record(turn, time.perf_counter() - started, first, stats.new_tokens)
             turns.append(text or "…")
@@ -290,11 +320,13 @@ def split_design(spec: str) -> tuple[str, dict[str, str]]:
             options["spin"] = variant[5:]
         elif variant in ("attention=auto", "attention=on", "attention=off"):
             options["attention"] = variant[10:]
+        elif variant in ("memory=end", "memory=start"):
+            options["memory"] = variant[7:]
         else:
             raise ValueError(
                 f"unknown variant {variant!r} in {spec!r}: use int8, a dtype "
-                f"({', '.join(DTYPE_CHOICES)}), threads=N, chunk=N, omp=active|passive, spin=N "
-                "or attention=auto|on|off"
+                f"({', '.join(DTYPE_CHOICES)}), threads=N, chunk=N, omp=active|passive, spin=N, "
+                "attention=auto|on|off or memory=end|start"
             )
     return name, options
 
@@ -434,7 +466,7 @@ async def run_design(args: argparse.Namespace) -> dict[str, Any]:
         )
         engine.start(warm_up=True)
         await engine.ready()
-        wall = await converse(engine, messages, params, tally)
+        wall = await converse(engine, messages, params, tally, args.memory)
         if args.join_tokens:
             joining = await measure_join(engine, args.join_tokens, args.users - 1, 400)
     else:
@@ -513,6 +545,12 @@ def main(argv: list[str] | None = None) -> int:
         type=int,
         default=64,
         help="prompt tokens encoded per step while replies stream (PREFILL_CHUNK_TOKENS; 0: all)",
+    )
+    parser.add_argument(
+        "--memory",
+        choices=["end", "start"],
+        help="add the user's facts and a recalled exchange to every prompt, placed as the bot "
+        "does (end) or at the prompt's start (start); designs engine:memory=end|start",
     )
     parser.add_argument(
         "--join-tokens",

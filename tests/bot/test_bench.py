@@ -61,3 +61,15 @@ def test_the_bench_reports_the_engines_decoding_steps(capsys):
     out = capsys.readouterr().out
     assert "engine worker: " in out
     assert "engine steps decoding 2 rows and nothing else: " in out
+
+
+def test_memory_placements_keep_or_move_the_prompts_start():
+    """The bot's placement keeps the window right after the facts (the cached start holds from
+    turn to turn); the start placement puts the changing recalled exchange first."""
+    from bot.engine.bench import FACTS_EXCHANGE, split_design, with_memory
+
+    assert split_design("engine:memory=end") == ("engine", {"memory": "end"})
+    turns, recalled = ["a", "b", "c"], ["old", "reply"]
+    assert with_memory(turns, recalled, "end") == [*FACTS_EXCHANGE, "a", "b", "old", "reply", "c"]
+    assert with_memory(turns, recalled, "start") == [*FACTS_EXCHANGE, "old", "reply", "a", "b", "c"]
+    assert with_memory(turns, recalled, None) == turns
