@@ -256,13 +256,17 @@ class DialogueService:
         next replies see what the chat shows (a fixed typo, a changed name). No new reply: the
         one already sent stays; a reply still to come is written from the corrected text.
         False when the message was never stored. Cut to MAX_MESSAGE_CHARS like a new one."""
+        text = text[: self.settings.max_message_chars]
         async with self.sessions.begin() as session:
-            return await repository.edit_user_message(
-                session,
-                user.telegram_id,
-                telegram_message_id,
-                text[: self.settings.max_message_chars],
+            message_id = await repository.edit_user_message(
+                session, user.telegram_id, telegram_message_id, text
             )
+            if message_id is None:
+                return False
+            row = await repository.get_or_create_user(session, user.telegram_id, user.name)
+            await repository.forget_message_memory(session, row, message_id)
+            await self._learn_from(session, user, row, message_id, text)
+        return True
 
     async def remember_command(
         self,
@@ -305,13 +309,8 @@ class DialogueService:
                 telegram_message_id=telegram_message_id,
                 telegram_thread_id=telegram_thread_id,
             )
-            if role == repository.USER_ROLE and user.telegram_id >= 0 and row.memory_enabled:
-                # Memory only from a person's own chat (group chat ids are negative): in a group
-                # the memory is the group's, and "меня зовут Аня" is one member's.
-                facts = [(f.kind, f.value) for f in extract_facts(text)]
-                if facts:
-                    await repository.remember_facts(session, row, facts, message.id)
-                await repository.index_terms(session, row, message.id, content_lemmas(text))
+            if role == repository.USER_ROLE:
+                await self._learn_from(session, user, row, message.id, text)
             return message.id, StoredUser.of(row)
 
         try:
@@ -329,6 +328,20 @@ class DialogueService:
                 return stored
             logger.info("update delivered again: message already stored, not answered twice")
             return None
+
+    @staticmethod
+    async def _learn_from(
+        session: AsyncSession, user: UserRef, row: User, message_id: int, text: str
+    ) -> None:
+        """What a user's message teaches memory: the facts it states and its index words.
+        Only from a person's own chat (group chat ids are negative: in a group the memory is
+        the group's, and "меня зовут Аня" is one member's) and while memory is on."""
+        if user.telegram_id < 0 or not row.memory_enabled:
+            return
+        facts = [(f.kind, f.value) for f in extract_facts(text)]
+        if facts:
+            await repository.remember_facts(session, row, facts, message_id)
+        await repository.index_terms(session, row, message_id, content_lemmas(text))
 
     async def _write(self, work: Callable[[AsyncSession], Awaitable[T]]) -> T:
         """``work`` in one committed transaction, tried again while the database is locked,

@@ -185,12 +185,12 @@ async def settle(session: AsyncSession, message_id: int, at: datetime) -> None:
 
 async def edit_user_message(
     session: AsyncSession, telegram_id: int, telegram_message_id: int, text: str
-) -> bool:
+) -> int | None:
     """Replace the text of the user message Telegram knows as ``telegram_message_id`` in chat
-    ``telegram_id``; False when no such message is stored (never addressed to the bot,
-    forgotten, pruned)."""
+    ``telegram_id``; its stored id, or None when no such message is stored (never addressed to
+    the bot, forgotten, pruned)."""
     chat = select(User.id).where(User.telegram_id == telegram_id).scalar_subquery()
-    result = await session.execute(
+    return await session.scalar(
         update(Message)
         .where(
             Message.user_id == chat,
@@ -198,8 +198,8 @@ async def edit_user_message(
             Message.telegram_message_id == telegram_message_id,
         )
         .values(text=text)
+        .returning(Message.id)
     )
-    return bool(result.rowcount)
 
 
 async def set_reply_draft(session: AsyncSession, message_id: int, telegram_message_id: int) -> None:
@@ -446,6 +446,19 @@ async def index_terms(
         MessageTerm(user_id=user.id, message_id=message_id, term=term[:48]) for term in terms
     )
     await session.flush()
+
+
+async def forget_message_memory(session: AsyncSession, user: UserKey, message_id: int) -> None:
+    """Drop what message ``message_id`` taught memory (the facts it stated, its index words):
+    an edit replaces them with what the new text says."""
+    await session.execute(
+        delete(UserFact).where(UserFact.user_id == user.id, UserFact.message_id == message_id)
+    )
+    await session.execute(
+        delete(MessageTerm).where(
+            MessageTerm.user_id == user.id, MessageTerm.message_id == message_id
+        )
+    )
 
 
 @dataclass(frozen=True)

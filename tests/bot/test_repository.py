@@ -514,9 +514,9 @@ async def test_an_edit_changes_only_that_chats_message(sessions):
         await repository.add_message(session, alice, "user", "Вася", telegram_message_id=5)
         await repository.add_message(session, bob, "user", "Коля", telegram_message_id=5)
     async with sessions.begin() as session:
-        assert await repository.edit_user_message(session, 7, 5, "Петя")
-        assert not await repository.edit_user_message(session, 7, 6, "нет такого")
-        assert not await repository.edit_user_message(session, 9, 5, "нет такого чата")
+        assert await repository.edit_user_message(session, 7, 5, "Петя") is not None
+        assert await repository.edit_user_message(session, 7, 6, "нет такого") is None
+        assert await repository.edit_user_message(session, 9, 5, "нет такого чата") is None
     async with sessions() as session:
         alice = await repository.get_or_create_user(session, 7, None)
         bob = await repository.get_or_create_user(session, 8, None)

@@ -159,3 +159,26 @@ def _ref(telegram_id: int):
     from bot.dialogue import UserRef
 
     return UserRef(telegram_id, None)
+
+
+def _edit(update_id: int, user_id: int, message_id: int, text: str) -> dict:
+    """Telegram's update for a user editing message ``message_id`` of their chat."""
+    update = text_update(message_id, user_id, text)
+    update["message"]["edit_date"] = update["message"]["date"] + 5
+    return {"update_id": update_id, "edited_message": update["message"]}
+
+
+async def test_an_edit_replaces_what_the_message_taught_memory(short_window):
+    """A user fixes a message: its facts and its index words are the corrected text's (before,
+    the fact from the text the chat no longer shows stayed pinned in every prompt)."""
+    dp, bot, _, _ = short_window
+    dialogue = dp["dialogue"]
+    await _chat(dp, bot, 7, ["Меня зовут Вася, моя сестра Оля работает в банке"], 1)
+    await dp.feed_raw_update(bot, _edit(2, 7, 1, "Меня зовут Петя"))
+    assert [(k, v) for _, k, v in (await dialogue.memory(_ref(7)))[1]] == [("name", "Петя")]
+    await dp.feed_raw_update(bot, _edit(3, 7, 1, "Привет!"))
+    assert (await dialogue.memory(_ref(7)))[1] == []
+    await _chat(dp, bot, 7, ["Как погода?", "А что нового?", "Расскажи анекдот"], 4)
+    with prompts_seen(dialogue.backend) as prompts:
+        await _chat(dp, bot, 7, ["Где работает сестра Оля?"], 7)
+    assert "банке" not in prompts[-1] and "Привет!" not in prompts[-1]
