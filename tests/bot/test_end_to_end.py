@@ -42,7 +42,8 @@ async def test_the_bot_as_users_see_it(fake, backend_env, tmp_path):
         await bot.start(fake)
         assert fake.count("setMyCommands") == 1
         commands = next(c for c in fake.calls if c.method == "setMyCommands").params["commands"]
-        assert {c["command"] for c in commands} == {"start", "help", "reset", "temp", "forget", "memory"}
+        names = {c["command"] for c in commands}
+        assert names == {"start", "help", "reset", "temp", "forget", "memory"}
 
         fake.send_text(ALICE, "/start")
         assert "Привет" in (await fake.wait_replies(ALICE, 1))[0]
