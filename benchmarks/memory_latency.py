@@ -36,7 +36,7 @@ def _quantile(values: list[float], q: float) -> float:
 
 async def fill(db: Any, users: int, messages: int, pairs: list[tuple[str, str]]) -> list[int]:
     """``users`` users with ``messages`` messages each (half of them replies); their ids."""
-    from sqlalchemy import insert
+    from sqlalchemy import bindparam, insert, update
 
     from bot.db.models import Message, MessageTerm, User
     from bot.morphology import content_lemmas
@@ -50,37 +50,47 @@ async def fill(db: Any, users: int, messages: int, pairs: list[tuple[str, str]])
                 )
             )
             ids.append(result.inserted_primary_key[0])
-    for user_id in ids:
-        start = 0
-        while start < messages // 2:
-            count = min(BATCH, messages // 2 - start)
-            chosen = [pairs[(start + i + user_id * 7919) % len(pairs)] for i in range(count)]
-            async with db.begin() as connection:
-                asked_ids = (
-                    (
-                        await connection.execute(
-                            insert(Message).returning(Message.id, sort_by_parameter_order=True),
-                            [_row(user_id, "user", asked, None) for asked, _ in chosen],
-                        )
+    # Rows in the order a busy bot stores them: each user message followed by its reply, the
+    # users' exchanges interleaved (inserted in order, then each reply linked to the message
+    # before it by the ids the database gave).
+    per_batch = max(1, BATCH // (2 * len(ids)))
+    start = 0
+    while start < messages // 2:
+        count = min(per_batch, messages // 2 - start)
+        chosen = [
+            (user_id, *pairs[(start + i + user_id * 7919) % len(pairs)])
+            for i in range(count)
+            for user_id in ids
+        ]
+        rows = []
+        for user_id, asked, answered in chosen:
+            rows += [_row(user_id, "user", asked, None), _row(user_id, "bot", answered, None)]
+        async with db.begin() as connection:
+            inserted = (
+                (
+                    await connection.execute(
+                        insert(Message).returning(Message.id, sort_by_parameter_order=True), rows
                     )
-                    .scalars()
-                    .all()
                 )
-                await connection.execute(
-                    insert(Message),
-                    [
-                        _row(user_id, "bot", answered, asked_id)
-                        for asked_id, (_, answered) in zip(asked_ids, chosen, strict=True)
-                    ],
-                )
-                terms = [
-                    {"user_id": user_id, "message_id": asked_id, "term": term}
-                    for asked_id, (asked, _) in zip(asked_ids, chosen, strict=True)
-                    for term in sorted(content_lemmas(asked))
-                ]
-                if terms:
-                    await connection.execute(insert(MessageTerm), terms)
-            start += count
+                .scalars()
+                .all()
+            )
+            asked_ids, reply_ids = inserted[0::2], inserted[1::2]
+            await connection.execute(
+                update(Message).where(Message.id == bindparam("reply_id")),
+                [
+                    {"reply_id": reply_id, "reply_to_id": asked_id}
+                    for asked_id, reply_id in zip(asked_ids, reply_ids, strict=True)
+                ],
+            )
+            terms = [
+                {"user_id": user_id, "message_id": asked_id, "term": term}
+                for asked_id, (user_id, asked, _) in zip(asked_ids, chosen, strict=True)
+                for term in sorted(content_lemmas(asked))
+            ]
+            if terms:
+                await connection.execute(insert(MessageTerm), terms)
+        start += count
     return ids
 
 
@@ -130,9 +140,19 @@ async def measure(args: argparse.Namespace) -> dict[str, Any]:
             print(f"{total:,} messages in the database ({filled_s:.0f} s to fill)", flush=True)
             dialogue = DialogueService(create_sessionmaker(db), backend, settings)
             user = UserRef(20_000_000, "load 0")
-            store, with_memory, without = [], [], []
+            # Another user as long-lived, with memory off: storing without facts and index.
+            user_off = UserRef(20_000_000 + min(1, len(ids) - 1), "load 1")
+            if user_off != user:
+                await dialogue.set_memory(user_off, False)
+            store, store_off, with_memory, without = [], [], [], []
             for number in range(args.probes):
                 asked, answered = pairs[(number * 104729) % len(pairs)]
+                if user_off != user:
+                    began = time.perf_counter()
+                    stored_off = await dialogue.store_user_message(user_off, asked)
+                    store_off.append(1000 * (time.perf_counter() - began))
+                    assert stored_off is not None
+                    await dialogue.store_reply(user_off, answered, stored_off.message_id)
                 began = time.perf_counter()
                 stored = await dialogue.store_user_message(user, asked)
                 store.append(1000 * (time.perf_counter() - began))
@@ -155,6 +175,8 @@ async def measure(args: argparse.Namespace) -> dict[str, Any]:
         "probes": args.probes,
         "store_ms_p50": _quantile(store, 0.5),
         "store_ms_p95": _quantile(store, 0.95),
+        "store_without_memory_ms_p50": _quantile(store_off, 0.5) if store_off else None,
+        "store_without_memory_ms_p95": _quantile(store_off, 0.95) if store_off else None,
         "prompt_ms_p50": _quantile(with_memory, 0.5),
         "prompt_ms_p95": _quantile(with_memory, 0.95),
         "prompt_without_memory_ms_p95": _quantile(without, 0.95),
@@ -180,7 +202,8 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"{figures['messages_per_user']:,} messages for the user, "
         f"{figures['messages_in_database']:,} in the database: storing a message p95 "
-        f"{figures['store_ms_p95']} ms; prompt p95 {figures['prompt_ms_p95']} ms with memory, "
+        f"{figures['store_ms_p95']} ms (memory off: {figures['store_without_memory_ms_p95']} ms); "
+        f"prompt p95 {figures['prompt_ms_p95']} ms with memory, "
         f"{figures['prompt_without_memory_ms_p95']} ms without; memory adds p50 "
         f"{figures['memory_added_ms_p50']} ms, p95 {figures['memory_added_ms_p95']} ms"
     )

@@ -169,6 +169,28 @@ def memory_table(run: dict[str, Any]) -> list[str]:
     return lines
 
 
+def memory_latency_table(run: dict[str, Any]) -> list[str]:
+    """What memory costs a message at scale: storing it with its index, and building its
+    prompt with memory and without (the difference is what retrieval and assembly add)."""
+    f = run["figures"]
+    rows = [
+        ["storing a message with its index", _num(f["store_ms_p50"]), _num(f["store_ms_p95"])],
+        [
+            "storing a message, memory off",
+            _num(f.get("store_without_memory_ms_p50")),
+            _num(f.get("store_without_memory_ms_p95")),
+        ],
+        ["building the prompt, memory on", _num(f["prompt_ms_p50"]), _num(f["prompt_ms_p95"])],
+        ["building the prompt, memory off", "–", _num(f["prompt_without_memory_ms_p95"])],
+        [
+            "added by memory (on − off, per message)",
+            _num(f["memory_added_ms_p50"]),
+            _num(f["memory_added_ms_p95"]),
+        ],
+    ]
+    return _table(["per message", "p50, ms", "p95, ms"], rows)
+
+
 def _run_heading(run: dict[str, Any]) -> str:
     m = run["machine"]
     when = m["date"][:10]
@@ -178,10 +200,25 @@ def _run_heading(run: dict[str, Any]) -> str:
     elif run["benchmark"] == "memory":
         s = run["settings"]
         what = f"Memory: {s['dialogues']} dialogues, memory {s['memory']}, {s['database']}"
+    elif run["benchmark"] == "memory_latency":
+        s, f = run["settings"], run["figures"]
+        what = (
+            f"Memory latency: {f['messages_per_user']:,} messages for the user, "
+            f"{f['messages_in_database']:,} in the database, {s['database']}, "
+            f"{f['probes']} messages timed"
+        )
     else:
         s = run["settings"]
         what = f"Training: {s['shape']} shape, {run['result']['dialogues']:,} dialogues"
     return f"### {what} ({when}{commit}; `{run['file']}`)"
+
+
+TABLES = {
+    "serving": serving_table,
+    "memory": memory_table,
+    "memory_latency": memory_latency_table,
+    "training": training_table,
+}
 
 
 def render_doc(runs: list[dict[str, Any]]) -> str:
@@ -202,8 +239,7 @@ def render_doc(runs: list[dict[str, Any]]) -> str:
         ]
         for run in reversed(of_machine):
             lines += [_run_heading(run), ""]
-            tables = {"serving": serving_table, "memory": memory_table, "training": training_table}
-            lines += tables[run["benchmark"]](run)
+            lines += TABLES[run["benchmark"]](run)
             lines.append("")
     if not runs:
         lines += ["No stored runs yet.", ""]

@@ -32,7 +32,7 @@ from bot.db.engine import UNREACHABLE, Sessions
 from bot.db.models import User
 from bot.engine import ReplyBackend, SamplingParams
 from bot.facts import Fact, extract_facts, facts_exchange
-from bot.memory import build_prompt_turns
+from bot.memory import build_prompt_turns, segments_add_up
 from bot.morphology import content_lemmas
 from bot.recall import MAX_RECALLED, ranked
 from dataset_tools.dialogue_format import sanitize_utterance
@@ -178,6 +178,9 @@ class _TurnQueues:
             del self._tails[user_id]
 
 
+TOKEN_COUNTS_KEPT = 20_000  # texts whose token count is remembered (a few MB)
+
+
 class DialogueService:
     """Memory + prompt + engine, shared by the Telegram handlers and the console chat."""
 
@@ -186,6 +189,9 @@ class DialogueService:
         self.backend = backend
         self.settings = settings
         self._turns = _TurnQueues()
+        self._token_counts: dict[str, int] = {}
+        self._counted_by: ReplyBackend | None = None
+        self._segments_add_up = False  # see bot.memory.segments_add_up; set with _counted_by
 
     def take_turn(self, user: UserRef) -> Turn:
         """Call before any await in a handler: it fixes this message's place in line."""
@@ -487,7 +493,28 @@ class DialogueService:
             max_new_tokens=self.settings.reply_tokens,
             num_beams=self.settings.num_beams,
         )
-        return Prompt(turns, params, sum(self.backend.count_tokens(t) for t in memory))
+        return Prompt(turns, params, sum(self._count_tokens(t) for t in memory))
+
+    def _count_tokens(self, text: str) -> int:
+        """The backend's token count, remembered: building each prompt counts the window's
+        turns again, and the window moves by one exchange a message (measured with
+        ``benchmarks.memory_latency``, tokenizing was most of a prompt's cost). Emptied when
+        it holds TOKEN_COUNTS_KEPT texts, a bound on its memory."""
+        self._know_backend()
+        counts = self._token_counts
+        count = counts.get(text)
+        if count is None:
+            if len(counts) >= TOKEN_COUNTS_KEPT:
+                counts.clear()
+            count = counts[text] = self.backend.count_tokens(text)
+        return count
+
+    def _know_backend(self) -> None:
+        """What is remembered about the backend's tokenizer is of this backend (tests swap it)."""
+        if self._counted_by is not self.backend:
+            self._token_counts.clear()
+            self._counted_by = self.backend
+            self._segments_add_up = segments_add_up(self.backend.count_tokens)
 
     def _fit(
         self,
@@ -495,14 +522,16 @@ class DialogueService:
         pinned: list[str],
         recalled: list[str] | None = None,
     ) -> list[str]:
+        self._know_backend()
         return build_prompt_turns(
             history,
-            self.backend.count_tokens,
+            self._count_tokens,
             self.backend.prompt_budget,
             self.backend.persona,
             self.settings.history_trim_step,
             pinned=pinned,
             recalled=recalled or (),
+            segments_add_up=self._segments_add_up,
         )
 
     async def _recall(
@@ -529,7 +558,7 @@ class DialogueService:
             asked, answered = found.get(message_id, ("", None))
             if not asked or not answered or asked in shown:
                 continue  # never answered (not an exchange), or in the window already
-            cost = self.backend.count_tokens(asked) + self.backend.count_tokens(answered) + 4
+            cost = self._count_tokens(asked) + self._count_tokens(answered) + 4
             if spent + cost <= budget:
                 chosen.append(message_id)
                 spent += cost

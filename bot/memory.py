@@ -16,7 +16,26 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 from bot.db.repository import USER_ROLE, Turn
-from dataset_tools.dialogue_format import render_prompt
+from dataset_tools.dialogue_format import render_prompt, render_segments
+
+# Turns that try what could make a tokenizer merge across a segment's edge: punctuation and
+# digits at the ends, Latin, an emoji, an empty utterance, spaces inside.
+_PROBE_TURNS = ("Привет!", "", "Как дела, 2024?", "ok :)", "Всё 👍 хорошо", "a  b", "?")
+
+
+def segments_add_up(count_tokens: Callable[[str], int]) -> bool:
+    """Whether this tokenizer never counts a rendered prompt above the sum of its segments.
+
+    True for GPT-2's byte-level BPE (RuGPT-3, the tiny test models): each segment starts with
+    a space before a word or a tag, where its pre-tokenizer splits anyway (the engine's
+    incremental encoding of a cached prompt relies on the same), and where it does not (an
+    empty utterance), merging the edge saves a token. Then a sum within the budget is a prompt
+    within it. Tried on a probe rather than assumed, so that another tokenizer is counted for
+    real.
+    """
+    segments = render_segments(list(_PROBE_TURNS), "Я бот.", open_reply=True)
+    whole = count_tokens("".join(s.text for s in segments))
+    return whole <= sum(count_tokens(s.text) for s in segments)
 
 
 def alternate(turns: Sequence[Turn]) -> list[str]:
@@ -45,6 +64,7 @@ def build_prompt_turns(
     trim_step: int = 1,
     pinned: Sequence[str] = (),
     recalled: Sequence[str] = (),
+    segments_add_up: bool = False,
 ) -> list[str]:
     """The turns to render, ending with the current user message, within ``budget`` tokens.
 
@@ -58,7 +78,16 @@ def build_prompt_turns(
     every turn would re-encode the whole context; dropping several at once keeps the start stable
     for several turns, at the price of a few exchanges of memory.
     """
-    return fit_turns(alternate(history), count_tokens, budget, persona, trim_step, pinned, recalled)
+    return fit_turns(
+        alternate(history),
+        count_tokens,
+        budget,
+        persona,
+        trim_step,
+        pinned,
+        recalled,
+        segments_add_up,
+    )
 
 
 def fit_turns(
@@ -69,20 +98,35 @@ def fit_turns(
     trim_step: int = 1,
     pinned: Sequence[str] = (),
     recalled: Sequence[str] = (),
+    segments_add_up: bool = False,
 ) -> list[str]:
     """:func:`build_prompt_turns` for turns that already alternate (user first and last).
 
     Also what a remote backend calls when the server says the prompt is still too long for it
     (another tokenizer or a shorter context there): the same turns, a smaller budget.
+
+    ``segments_add_up``: the tokenizer is known to count a prompt at most as the sum of its
+    segments (:func:`segments_add_up`), so the chosen prompt is not tokenized again to check.
     """
     if not turns or len(turns) % 2 == 0:
         raise ValueError("history must end with the user's message")
     if len(pinned) % 2 or len(recalled) % 2:
         raise ValueError("pinned and recalled turns must be whole exchanges")
+
+    def estimate(prompt_turns: list[str]) -> int:
+        # The prompt's tokens as the sum of its segments' (speaker tags, utterances), each
+        # counted once and then cached by the caller's counter: a segment starts at a space,
+        # where a BPE pre-tokenizer splits anyway, so the sum is the whole text's count (checked
+        # on the real text below). Re-tokenizing the whole prompt for each try of the search
+        # cost more than everything else in building it (the window slides by one exchange a
+        # message, so nearly every segment was counted for the message before).
+        segments = render_segments(prompt_turns, persona, open_reply=True)
+        return sum(count_tokens(segment.text) for segment in segments)
+
     # The message itself comes first, then the facts, then what was recalled.
-    if recalled and count_tokens(render_prompt([*pinned, *recalled, turns[-1]], persona)) > budget:
+    if recalled and estimate([*pinned, *recalled, turns[-1]]) > budget:
         recalled = ()
-    if pinned and count_tokens(render_prompt([*pinned, turns[-1]], persona)) > budget:
+    if pinned and estimate([*pinned, turns[-1]]) > budget:
         pinned = ()
     pinned, recalled = list(pinned), list(recalled)
 
@@ -90,12 +134,13 @@ def fit_turns(
         return pinned + window[:-1] + recalled + window[-1:]
 
     def fits(start: int) -> bool:
-        return count_tokens(render_prompt(with_memory(turns[start:]), persona)) <= budget
+        return estimate(with_memory(turns[start:])) <= budget
 
     # Fewest exchanges dropped such that the rest fits. Dropping more never adds tokens, so a
-    # binary search over exchanges tokenizes ~log2(n) prompts instead of one per dropped exchange
+    # binary search over exchanges counts ~log2(n) prompts instead of one per dropped exchange
     # (this runs on the event loop for every message).
-    low, high = 0, len(turns) // 2  # drop `low`..`high` exchanges; `high` leaves the message alone
+    exchanges = len(turns) // 2  # dropping all of them leaves the message alone
+    low, high = 0, exchanges
     while low < high:
         middle = (low + high) // 2
         if fits(2 * middle):
@@ -103,9 +148,17 @@ def fit_turns(
         else:
             low = middle + 1
     if low:
-        low = min(-(-low // trim_step) * trim_step, len(turns) // 2)
+        low = min(-(-low // trim_step) * trim_step, exchanges)
+    if segments_add_up:
+        return with_memory(turns[2 * low :])
+    # One real count of the chosen prompt: where a tokenizer merged across a segment's edge,
+    # the sum was short, and more exchanges go until it fits.
+    while low < exchanges:
+        if count_tokens(render_prompt(with_memory(turns[2 * low :]), persona)) <= budget:
+            return with_memory(turns[2 * low :])
+        low = min(low + trim_step, exchanges)
     kept = turns[2 * low :]
-    if len(kept) > 1 or fits(len(turns) - 1):
+    if count_tokens(render_prompt(with_memory(kept), persona)) <= budget:
         return with_memory(kept)
     # Only the current message is left and it is still too long: keep its beginning.
     message = kept[-1]

@@ -4,10 +4,10 @@ long dialogue — is the answer in it?
 A 355M dialogue model's replies cannot tell whether memory works (it may not use what it is
 given); the prompt can. For each input dialogue the tool stores its turns as one user's
 history through the bot's own path (:meth:`bot.dialogue.DialogueService.store_user_message`
-and ``store_reply``: facts extracted and messages indexed exactly as for a Telegram user), then
-stores the ``probe`` as the user's next message and builds the prompt for it exactly as the bot
-would (:meth:`~bot.dialogue.DialogueService.prompt_for`), with the real model's tokenizer and
-context.
+and ``store_reply``: facts extracted and messages indexed exactly as for a Telegram user), its
+turns dated minutes apart, then stores the ``probe`` as the user's next message and builds the
+prompt for it exactly as the bot would (:meth:`~bot.dialogue.DialogueService.prompt_for`),
+with the real model's tokenizer and context.
 
 Input, one dialogue a line: ``{"id": str, "turns": [user, bot, user, ...], "probe": str}``
 (other fields are ignored). Output, one line each: ``{"id", "prompt" (the exact prompt text),
@@ -24,6 +24,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -83,6 +84,7 @@ async def evaluate(args: argparse.Namespace) -> int:
                     user = UserRef(USER_BASE + number + args.user_offset, f"eval {item['id']}")
                     await dialogue.set_memory(user, args.memory == "on")
                     await _store(dialogue, user, item["turns"])
+                    await _space_timestamps(db, user.telegram_id)
                     started = time.perf_counter()
                     stored = await dialogue.store_user_message(user, item["probe"])
                     store_ms = 1000 * (time.perf_counter() - started)
@@ -120,6 +122,32 @@ async def _store(dialogue: Any, user: Any, turns: list[str]) -> None:
         await dialogue.store_reply(user, turns[at + 1], stored.message_id, author=stored.author)
     if len(turns) % 2:  # a last user turn with no reply: stored, unanswered
         await dialogue.store_user_message(user, turns[-1])
+
+
+TURN_SPACING = timedelta(minutes=2)  # a long dialogue's turns, as if typed over days
+
+
+async def _space_timestamps(db: Any, telegram_id: int) -> None:
+    """Date the user's stored turns ``TURN_SPACING`` apart, the last one now: the history
+    looks as one written over days would (stored in one go, every turn would share a second)."""
+    from sqlalchemy import bindparam, select, update
+
+    from bot.db.models import Message, User
+
+    async with db.begin() as connection:
+        owner = select(User.id).where(User.telegram_id == telegram_id).scalar_subquery()
+        ids = (
+            (await connection.execute(select(Message.id).where(Message.user_id == owner)))
+            .scalars()
+            .all()
+        )
+        if not ids:
+            return
+        now, last = datetime.now(UTC), max(ids)
+        await connection.execute(
+            update(Message).where(Message.id == bindparam("message_id")),
+            [{"message_id": i, "created_at": now - (last - i) * TURN_SPACING} for i in ids],
+        )
 
 
 def main(argv: list[str] | None = None) -> int:

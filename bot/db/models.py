@@ -15,8 +15,13 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    text,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+# The rows of /reset and /forget (``repository.MARKER_ROLES``), spelled out with literals: SQLite
+# uses a partial index only for a query whose WHERE holds its condition term for term.
+MARKER_ROWS = "role IN ('reset', 'forget')"
 
 
 def utcnow() -> datetime:
@@ -69,6 +74,14 @@ class Message(Base):
     __tablename__ = "messages"
     __table_args__ = (
         Index("ix_messages_user_id_id", "user_id", "id"),
+        # the user's last /reset or /forget, where each prompt starts (migration 0009)
+        Index(
+            "ix_messages_markers",
+            "user_id",
+            "id",
+            sqlite_where=text(MARKER_ROWS),
+            postgresql_where=text(MARKER_ROWS),
+        ),
         # what the owed-replies sweep (every few seconds on each replica) and pruning look up
         Index("ix_messages_created_at", "created_at"),
         UniqueConstraint("user_id", "telegram_message_id", name="uq_messages_user_telegram_id"),

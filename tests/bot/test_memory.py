@@ -5,7 +5,7 @@ import itertools
 import pytest
 
 from bot.db.repository import Turn
-from bot.memory import alternate, build_prompt_turns
+from bot.memory import alternate, build_prompt_turns, segments_add_up
 from dataset_tools.dialogue_format import render_prompt
 
 
@@ -103,3 +103,19 @@ def test_the_message_itself_comes_before_the_facts():
     assert build_prompt_turns(history, count_words, budget, None, pinned=pinned) == [
         "раз два три четыре"
     ]
+
+
+def test_a_tokenizer_whose_segments_do_not_add_up_is_counted_for_real():
+    """The search sums the segments' counts; a tokenizer that counts the whole text above that
+    sum is checked on the real text, and the prompt still fits (before the check, a prompt
+    could leave the fit over the budget)."""
+
+    def count_super(text: str) -> int:  # the whole text costs more than its parts
+        return len(text.split()) ** 2
+
+    assert segments_add_up(count_words) and not segments_add_up(count_super)
+    history = _history(*(f"слово{i} ещё одно" for i in range(9)))
+    for budget in (100, 300, 900):
+        kept = build_prompt_turns(history, count_super, budget, None)
+        assert count_super(render_prompt(kept)) <= budget
+        assert kept[-1] == "слово8 ещё одно"
