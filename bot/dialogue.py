@@ -179,6 +179,10 @@ class _TurnQueues:
 
 
 TOKEN_COUNTS_KEPT = 20_000  # texts whose token count is remembered (a few MB)
+# How long a user's message count (recall weighs words by it) is reused before it is counted
+# again: a few more messages barely move a word's weight, and counting scans the user's rows.
+INDEXED_COUNT_TTL_S = 300.0
+INDEXED_COUNT_REUSED_FROM = 1_000
 
 
 class DialogueService:
@@ -192,6 +196,8 @@ class DialogueService:
         self._token_counts: dict[str, int] = {}
         self._counted_by: ReplyBackend | None = None
         self._segments_add_up = False  # see bot.memory.segments_add_up; set with _counted_by
+        # each user's indexed message count for recall's word weights, and when it was read
+        self._indexed_counts: dict[int, tuple[float, int]] = {}
 
     def take_turn(self, user: UserRef) -> Turn:
         """Call before any await in a handler: it fixes this message's place in line."""
@@ -548,7 +554,15 @@ class DialogueService:
         if budget <= 0 or message.place is None:
             return []
         words = content_lemmas(message.text)
-        hits = await repository.term_hits(session, author, words, before_id=message.place)
+        if not words:
+            return []
+        hits = await repository.term_hits(
+            session,
+            author,
+            words,
+            before_id=message.place,
+            indexed=await self._indexed(session, author),
+        )
         best = ranked(words, hits)
         found = await repository.exchanges(session, author, [m for m, _ in best])
         shown = "\n".join(window)
@@ -569,6 +583,21 @@ class DialogueService:
             asked, answered = found[message_id]
             turns += [asked, answered or ""]
         return turns
+
+    async def _indexed(self, session: AsyncSession, author: StoredUser) -> int:
+        """The user's indexed message count (``repository.indexed_messages``), reused for
+        INDEXED_COUNT_TTL_S once it is large: then counting is the slow part, and a few more
+        messages barely move a word's weight; a short history is counted every time (there
+        each message does move it, and counting is cheap)."""
+        known = self._indexed_counts.get(author.id)
+        if known is not None and time.monotonic() - known[0] <= INDEXED_COUNT_TTL_S:
+            return known[1]
+        count = await repository.indexed_messages(session, author)
+        if count >= INDEXED_COUNT_REUSED_FROM:
+            if len(self._indexed_counts) >= TOKEN_COUNTS_KEPT:  # bounded like token counts
+                self._indexed_counts.clear()
+            self._indexed_counts[author.id] = (time.monotonic(), count)
+        return count
 
     async def store_reply(
         self,

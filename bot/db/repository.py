@@ -248,18 +248,6 @@ async def recent_turns(
     )
     if up_to_id is not None:
         last_marker = last_marker.where(Message.id < up_to_id)
-    answered = aliased(Message)
-    topic = func.coalesce(Message.telegram_thread_id, answered.telegram_thread_id)
-    query = (
-        select(Message.role, Message.text, place)
-        .outerjoin(answered, answered.id == Message.reply_to_id)
-        .where(
-            Message.user_id == user.id,
-            Message.role.in_(DIALOGUE_ROLES),
-            place > func.coalesce(last_marker.scalar_subquery(), 0),
-            topic.is_not_distinct_from(thread_id),
-        )
-    )
     # A lower bound on the ids worth sorting, found on the (user_id, id) index: the
     # ``limit``-th newest user message of this conversation. Those ``limit`` messages sort
     # by their own ids, so no row of the answer has a place (nor an id) below it. Without
@@ -272,14 +260,35 @@ async def recent_turns(
     )
     if up_to_id is not None:
         oldest_needed = oldest_needed.where(Message.id <= up_to_id)
+    oldest_needed = oldest_needed.order_by(Message.id.desc()).offset(limit - 1).limit(1)
+    # Both bounds first, as values: given them, PostgreSQL plans a scan of a few rows on the
+    # user's index; given subqueries, it planned for a third of the table, in parallel workers
+    # whose start cost more than the scan (10 ms).
+    marker, oldest = (
+        await session.execute(
+            select(last_marker.scalar_subquery(), oldest_needed.scalar_subquery())
+        )
+    ).one()
+    answered = aliased(Message)
+    topic = func.coalesce(Message.telegram_thread_id, answered.telegram_thread_id)
+    query = (
+        select(Message.role, Message.text, place)
+        .outerjoin(answered, answered.id == Message.reply_to_id)
+        .where(
+            Message.user_id == user.id,
+            Message.role.in_(DIALOGUE_ROLES),
+            Message.id >= (oldest or 0),
+            place > (marker or 0),
+            topic.is_not_distinct_from(thread_id),
+        )
+    )
+    if up_to_id is not None:
         query = query.where(
             or_(
                 and_(Message.role == USER_ROLE, Message.id <= up_to_id),
                 and_(Message.role == BOT_ROLE, place < up_to_id),
             )
         )
-    oldest_needed = oldest_needed.order_by(Message.id.desc()).offset(limit - 1).limit(1)
-    query = query.where(Message.id >= func.coalesce(oldest_needed.scalar_subquery(), 0))
     rows = await session.execute(query.order_by(place.desc(), Message.id.desc()).limit(limit))
     return [Turn(role, text, at) for role, text, at in reversed(rows.all())]
 
@@ -476,6 +485,13 @@ async def forget_message_memory(session: AsyncSession, user: UserKey, message_id
     )
 
 
+async def indexed_messages(session: AsyncSession, user: UserKey) -> int:
+    """How many of the user's messages recall searches: their own (every other one stored is
+    a reply), at least 1."""
+    messages = await session.scalar(select(func.count()).where(Message.user_id == user.id))
+    return max((messages or 0) // 2, 1)
+
+
 @dataclass(frozen=True)
 class TermHits:
     """What the index knows of some words, for one user: how many of the user's indexed
@@ -492,28 +508,29 @@ async def term_hits(
     user: UserKey,
     terms: Collection[str],
     before_id: int,
+    indexed: int | None = None,
     max_share: float = 0.05,
 ) -> TermHits:
     """The user's messages older than ``before_id`` holding any of ``terms``. A word held by
     more than ``max_share`` of the user's messages (and more than 5) is counted but its
-    messages are not kept: it tells nothing apart. One query on indexes scoped to the user:
-    the index rows of these words, and how many messages the user has (index only)."""
+    messages are not kept: it tells nothing apart. One query, on the index scoped to the
+    user; ``indexed``, the user's message count (:func:`indexed_messages`) if the caller knows
+    it: counting is a scan of the user's rows (3 ms at 10,000 on PostgreSQL) and only weighs
+    words, so an estimate minutes old serves as well."""
     if not terms:
         return TermHits({}, 0, {})
-    # The user's message count rides along as a column (one round trip to the database, not
-    # two): a database computes an uncorrelated subquery once.
-    messages = select(func.count()).where(Message.user_id == user.id).scalar_subquery()
+    if indexed is None:
+        indexed = await indexed_messages(session, user)
     rows = (
         await session.execute(
-            select(MessageTerm.message_id, MessageTerm.term, messages).where(
+            select(MessageTerm.message_id, MessageTerm.term).where(
                 MessageTerm.user_id == user.id, MessageTerm.term.in_(sorted(terms))
             )
         )
     ).all()
-    indexed = (rows[0][2] if rows else 0) // 2  # the user's own: every other one is a reply
     max_df = max(5, int(indexed * max_share))
     by_term: dict[str, list[int]] = {}
-    for message_id, term, _ in rows:
+    for message_id, term in rows:
         by_term.setdefault(term, []).append(message_id)
     hits: dict[int, set[str]] = {}
     for term, message_ids in by_term.items():
@@ -522,7 +539,7 @@ async def term_hits(
                 if message_id < before_id:
                     hits.setdefault(message_id, set()).add(term)
     df = {term: len(message_ids) for term, message_ids in by_term.items()}
-    return TermHits(df, max(indexed, 1), hits)
+    return TermHits(df, indexed, hits)
 
 
 async def exchanges(
