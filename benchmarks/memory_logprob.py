@@ -29,6 +29,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--with-memory", type=Path, required=True, help="prompts, --memory on")
     parser.add_argument("--without-memory", type=Path, required=True, help="prompts, --memory off")
     parser.add_argument("--model", type=Path, required=True)
+    parser.add_argument("--json", type=Path, help="also write a result for benchmarks/results/")
     args = parser.parse_args(argv)
 
     import torch
@@ -66,6 +67,21 @@ def main(argv: list[str] | None = None) -> int:
         f"{without:.3f} without ({with_memory - without:+.3f}); higher with memory for "
         f"{better} of {len(pairs)}"
     )
+    if args.json:
+        from benchmarks.machine import describe_machine
+
+        document = {
+            "benchmark": "memory_logprob",
+            "machine": describe_machine(),
+            "settings": {"model": args.model.resolve().name, "set": args.set.name},
+            "figures": {
+                "answers": len(pairs),
+                "logprob_with_memory": round(with_memory, 4),
+                "logprob_without_memory": round(without, 4),
+                "higher_with_memory": better,
+            },
+        }
+        args.json.write_text(json.dumps(document, indent=2) + "\n", encoding="utf-8")
     return 0
 
 

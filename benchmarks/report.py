@@ -191,6 +191,22 @@ def memory_latency_table(run: dict[str, Any]) -> list[str]:
     return _table(["per message", "p50, ms", "p95, ms"], rows)
 
 
+def memory_logprob_table(run: dict[str, Any]) -> list[str]:
+    """How likely a trained model finds the right reply after the prompt with memory and
+    after the one without."""
+    f = run["figures"]
+    rows = [
+        ["with memory", _num(f["logprob_with_memory"], 3)],
+        ["without memory", _num(f["logprob_without_memory"], 3)],
+    ]
+    lines = _table(["prompt", "mean log-probability per token of the right reply"], rows)
+    lines += [
+        "",
+        f"Higher with memory for {f['higher_with_memory']} of {f['answers']} answers.",
+    ]
+    return lines
+
+
 def _run_heading(run: dict[str, Any]) -> str:
     m = run["machine"]
     when = m["date"][:10]
@@ -200,6 +216,9 @@ def _run_heading(run: dict[str, Any]) -> str:
     elif run["benchmark"] == "memory":
         s = run["settings"]
         what = f"Memory: {s['dialogues']} dialogues, memory {s['memory']}, {s['database']}"
+    elif run["benchmark"] == "memory_logprob":
+        s, f = run["settings"], run["figures"]
+        what = f"Memory and the model: {f['answers']} answers, model `{s['model']}`"
     elif run["benchmark"] == "memory_latency":
         s, f = run["settings"], run["figures"]
         what = (
@@ -217,6 +236,7 @@ TABLES = {
     "serving": serving_table,
     "memory": memory_table,
     "memory_latency": memory_latency_table,
+    "memory_logprob": memory_logprob_table,
     "training": training_table,
 }
 

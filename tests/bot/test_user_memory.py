@@ -182,3 +182,75 @@ async def test_an_edit_replaces_what_the_message_taught_memory(short_window):
     with prompts_seen(dialogue.backend) as prompts:
         await _chat(dp, bot, 7, ["Где работает сестра Оля?"], 7)
     assert "банке" not in prompts[-1] and "Привет!" not in prompts[-1]
+
+
+async def test_forget_leaves_nothing_to_recall(short_window):
+    """/forget deletes the index with the messages: a later question about what was said
+    recalls nothing, and no index row of the user is left."""
+    dp, bot, _, db = short_window
+    said = "Моя сестра Оля работает в банке"
+    await _chat(dp, bot, 7, [said, "Как погода?", "А что нового?", "/forget"], 1)
+    await _chat(dp, bot, 7, ["Как погода?", "А что нового?", "Расскажи анекдот"], 5)
+    with prompts_seen(dp["dialogue"].backend) as prompts:
+        await _chat(dp, bot, 7, ["Где работает сестра Оля?"], 8)
+    assert said not in prompts[-1]
+    async with db.connect() as connection:
+        from sqlalchemy import text
+
+        rows = await connection.execute(
+            text(
+                "SELECT count(*) FROM message_terms t JOIN messages m ON m.id = t.message_id "
+                "WHERE m.text = :said"
+            ),
+            {"said": said},
+        )
+        assert rows.scalar() == 0
+
+
+async def test_memory_survives_a_restart(tmp_path, tiny_model_dir):
+    """Facts and the index are in the database: a bot started again on it lists the facts,
+    pins them, and recalls an old exchange."""
+    url = f"sqlite+aiosqlite:///{tmp_path / 'bot.db'}"
+    said = "Моя сестра Оля работает в банке"
+    dp, bot, _, db = await in_process_bot(url, tiny_model_dir, history_messages=4)
+    try:
+        await _chat(dp, bot, 7, ["Меня зовут Аня", said, "Как погода?", "А что нового?"], 1)
+    finally:
+        dp["dialogue"].backend.close()
+        await db.dispose()
+    dp, bot, _, db = await in_process_bot(url, tiny_model_dir, history_messages=4)
+    try:
+        assert [(k, v) for _, k, v in (await dp["dialogue"].memory(_ref(7)))[1]] == [
+            ("name", "Аня")
+        ]
+        with prompts_seen(dp["dialogue"].backend) as prompts:
+            await _chat(dp, bot, 7, ["Где работает сестра Оля?"], 5)
+        assert "Тебя зовут Аня." in prompts[-1] and said in prompts[-1]
+    finally:
+        dp["dialogue"].backend.close()
+        await db.dispose()
+
+
+async def test_the_prompt_with_memory_stays_within_the_context(tmp_path, tiny_model_dir):
+    """Facts, recalled exchanges and long messages together: every prompt the model gets
+    fits its window less the reply (a recalled exchange gives way before the window does)."""
+    from dataset_tools.dialogue_format import render_prompt
+
+    dp, bot, _, db = await in_process_bot(
+        f"sqlite+aiosqlite:///{tmp_path / 'bot.db'}", tiny_model_dir, memory_tokens=10_000
+    )
+    backend = dp["dialogue"].backend
+    long = " ".join(["сестра работает в банке и любит длинные истории про кошек"] * 6)
+    try:
+        with prompts_seen(backend) as prompts:
+            await _chat(dp, bot, 7, ["Меня зовут Аня, мне 30 лет, я из Казани"], 1)
+            await _chat(dp, bot, 7, [f"{long} {n}" for n in range(8)], 2)
+            await _chat(dp, bot, 7, ["Где работает сестра? Что она любит?"], 10)
+        assert len(prompts) == 10
+        for prompt in prompts:
+            rendered = render_prompt(prompt.split("\n"), backend.persona)
+            assert backend.count_tokens(rendered) <= backend.prompt_budget
+        assert prompts[-1].startswith("Что ты обо мне помнишь?")
+    finally:
+        backend.close()
+        await db.dispose()
