@@ -483,13 +483,23 @@ class DialogueService:
             )
             facts = await repository.user_facts(session, author) if author.memory_enabled else []
             exchange = list(facts_exchange([Fact(f.kind, f.value) for f in facts]) or ())
+            current = history[-1] if history and history[-1].role == repository.USER_ROLE else None
+            kept: list[str] = []  # what was recalled for the current message before, if anything
+            if author.memory_enabled:
+                history, kept = await self._with_recalled(session, author, history)
             window = self._fit(history, exchange)
-            recalled: list[str] = []
-            if author.memory_enabled and history and history[-1].role == repository.USER_ROLE:
-                recalled = await self._recall(session, author, history[-1], window)
+            recalled, recalled_ids = kept, list(current.recalled) if current else []
+            if author.memory_enabled and current is not None and not current.recalled:
+                recalled_ids, recalled = await self._recall(session, author, current, window)
         turns = self._fit(history, exchange, recalled) if recalled else window
+        placed = bool(recalled) and turns[-1 - len(recalled) : -1] == recalled
+        if placed and current is not None and current.place and not current.recalled:
+            # Kept with the message: the next prompts hold it there again (migration 0010).
+            await self._write(
+                lambda session: repository.set_recalled(session, current.place, recalled_ids)
+            )
         memory = (exchange if turns[: len(exchange)] == exchange else []) + (
-            recalled if recalled and turns[-1 - len(recalled) : -1] == recalled else []
+            recalled if placed else []
         )
         params = SamplingParams(
             temperature=author.temperature or self.settings.temperature,
@@ -540,22 +550,54 @@ class DialogueService:
             segments_add_up=self._segments_add_up,
         )
 
+    async def _with_recalled(
+        self, session: AsyncSession, author: StoredUser, history: list[repository.Turn]
+    ) -> tuple[list[repository.Turn], list[str]]:
+        """``history`` with the exchanges recalled for each earlier message put back right
+        before it, as its prompt had them (so this prompt extends that one, and the engine's
+        cached keys/values of it stay good); and those recalled for the last message, if it
+        is the user's and they were chosen before (a retry, another replica: the same again)."""
+        wanted = {i for turn in history for i in turn.recalled}
+        if not wanted:
+            return history, []
+        found = await repository.exchanges(session, author, wanted)
+
+        def exchanges_of(turn: repository.Turn) -> list[repository.Turn]:
+            turns = []
+            for message_id in turn.recalled:
+                asked, answered = found.get(message_id, ("", None))
+                if asked and answered:  # still stored (not pruned, not forgotten)
+                    turns += [
+                        repository.Turn(repository.USER_ROLE, asked),
+                        repository.Turn(repository.BOT_ROLE, answered),
+                    ]
+            return turns
+
+        last = history[-1] if history[-1].role == repository.USER_ROLE else None
+        with_them: list[repository.Turn] = []
+        for turn in history:
+            if turn.role == repository.USER_ROLE and turn is not last:
+                with_them += exchanges_of(turn)
+            with_them.append(turn)
+        kept = [t.text for t in exchanges_of(last)] if last is not None else []
+        return with_them, kept
+
     async def _recall(
         self,
         session: AsyncSession,
         author: StoredUser,
         message: repository.Turn,
         window: list[str],
-    ) -> list[str]:
+    ) -> tuple[list[int], list[str]]:
         """The user's old exchanges ``message`` is about that ``window`` (the prompt's turns
-        without them) does not hold, as alternating turns within MEMORY_TOKENS, in the order
-        they were said."""
+        without them) does not hold, as their messages' ids and as alternating turns within
+        MEMORY_TOKENS, in the order they were said."""
         budget = self.settings.memory_tokens
         if budget <= 0 or message.place is None:
-            return []
+            return [], []
         words = content_lemmas(message.text)
         if not words:
-            return []
+            return [], []
         hits = await repository.term_hits(
             session,
             author,
@@ -582,7 +624,7 @@ class DialogueService:
         for message_id in sorted(chosen):
             asked, answered = found[message_id]
             turns += [asked, answered or ""]
-        return turns
+        return sorted(chosen), turns
 
     async def _indexed(self, session: AsyncSession, author: StoredUser) -> int:
         """The user's indexed message count (``repository.indexed_messages``), reused for

@@ -69,6 +69,9 @@ class Message(Base):
     * ``settled_at``: on a user message, when the bot gave up answering it: the user got a
       notice instead (the model busy or too slow), or the chat refuses the bot (blocked, left
       the group). Neither a restart nor a replica's sweep answers it again.
+    * ``recalled_ids``: on a user message, the older user messages whose exchanges were
+      recalled for it (``bot.recall``; comma-separated ids, "" for none): every later prompt
+      holds them right before it again, so the prompt only grows at its end (migration 0010).
     """
 
     __tablename__ = "messages"
@@ -98,6 +101,7 @@ class Message(Base):
     reply_to_id: Mapped[int | None] = mapped_column(ForeignKey("messages.id", ondelete="SET NULL"))
     reply_draft_id: Mapped[int | None] = mapped_column(BigInteger)
     settled_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    recalled_ids: Mapped[str | None] = mapped_column(String(64))
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
 

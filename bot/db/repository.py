@@ -39,6 +39,7 @@ class Turn:
     role: str
     text: str
     place: int | None = None  # the id of the user message it is, or answers
+    recalled: tuple[int, ...] = ()  # a user message's recalled exchanges (Message.recalled_ids)
 
 
 async def get_or_create_user(session: AsyncSession, telegram_id: int, name: str | None) -> User:
@@ -272,7 +273,7 @@ async def recent_turns(
     answered = aliased(Message)
     topic = func.coalesce(Message.telegram_thread_id, answered.telegram_thread_id)
     query = (
-        select(Message.role, Message.text, place)
+        select(Message.role, Message.text, place, Message.recalled_ids)
         .outerjoin(answered, answered.id == Message.reply_to_id)
         .where(
             Message.user_id == user.id,
@@ -290,7 +291,23 @@ async def recent_turns(
             )
         )
     rows = await session.execute(query.order_by(place.desc(), Message.id.desc()).limit(limit))
-    return [Turn(role, text, at) for role, text, at in reversed(rows.all())]
+    return [
+        Turn(role, text, at, _ids(recalled)) for role, text, at, recalled in reversed(rows.all())
+    ]
+
+
+def _ids(joined: str | None) -> tuple[int, ...]:
+    return tuple(int(i) for i in joined.split(",") if i) if joined else ()
+
+
+async def set_recalled(session: AsyncSession, message_id: int, recalled: Sequence[int]) -> None:
+    """Keep which older messages' exchanges were recalled for user message ``message_id``
+    (every later prompt holds them before it again)."""
+    await session.execute(
+        update(Message)
+        .where(Message.id == message_id)
+        .values(recalled_ids=",".join(str(i) for i in recalled))
+    )
 
 
 async def topics(session: AsyncSession, telegram_id: int) -> list[int]:

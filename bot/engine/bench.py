@@ -145,13 +145,17 @@ FACTS_EXCHANGE = [
 ]
 
 
-def with_memory(turns: list[str], recalled: list[str], placement: str | None) -> list[str]:
+def with_memory(
+    turns: list[str], recalled: list[str], placement: str | None, kept: list[str] | None = None
+) -> list[str]:
     """The prompt's turns with memory placed as the bot places it (``end``: the facts after the
-    persona, the recalled exchange right before the new message, so the window's cached
-    keys/values stay good) or at the start (``start``: facts and recalled exchange first, as
-    vector-memory front ends insert them: the prompt's start changes every turn)."""
+    persona, the exchange recalled for each message right before it, kept there in the later
+    prompts (``kept``: the turns so far with theirs), so that a prompt only grows at its end
+    and the dialogue's cached keys/values stay good) or at the start (``start``: facts and
+    this turn's recalled exchange first, as vector-memory front ends insert them: the prompt's
+    start changes every turn)."""
     if placement == "end":
-        return FACTS_EXCHANGE + turns[:-1] + recalled + turns[-1:]
+        return FACTS_EXCHANGE + (kept if kept is not None else turns[:-1]) + recalled + turns[-1:]
     if placement == "start":
         return FACTS_EXCHANGE + recalled + turns
     return turns
@@ -170,16 +174,19 @@ async def converse(
 
     async def user(index: int) -> None:
         turns: list[str] = []
+        kept: list[str] = []  # the turns with each message's recalled exchange before it
         for turn, message in enumerate(messages[index]):
             turns.append(message)
             stats = RequestStats()
             started = time.perf_counter()
             other = messages[(index + turn + 1) % len(messages)][turn]
-            prompt = with_memory(turns, [other, "Да, ты мне это рассказывал."], memory)
+            recalled = [other, "Да, ты мне это рассказывал."]
+            prompt = with_memory(turns, recalled, memory, kept)
             text = await backend.generate(prompt, params, key=index, stats=stats)
             first = (stats.first_token_at or started) - started
             tally.record(turn, time.perf_counter() - started, first, stats.new_tokens)
             turns.append(text or "…")
+            kept += [*recalled, message, text or "…"]
 
     started = time.perf_counter()
     await asyncio.gather(*(user(i) for i in range(len(messages))))

@@ -73,3 +73,8 @@ def test_memory_placements_keep_or_move_the_prompts_start():
     assert with_memory(turns, recalled, "end") == [*FACTS_EXCHANGE, "a", "b", "old", "reply", "c"]
     assert with_memory(turns, recalled, "start") == [*FACTS_EXCHANGE, "old", "reply", "a", "b", "c"]
     assert with_memory(turns, recalled, None) == turns
+    # the next turn: the exchange recalled for "c" stays before it, the prompt only grew
+    kept = ["a", "b", "old", "reply", "c", "d"]
+    later = with_memory([*turns, "d", "e"], ["older", "reply2"], "end", kept)
+    assert later[: len(FACTS_EXCHANGE) + 5] == with_memory(turns, recalled, "end")
+    assert later[-3:] == ["older", "reply2", "e"]

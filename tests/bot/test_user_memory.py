@@ -61,8 +61,9 @@ async def test_a_name_told_long_ago_is_still_in_the_prompt(short_window):
 
 async def test_an_old_exchange_the_message_is_about_comes_back_before_it(short_window):
     """Out of the window, but the new message asks about it: the exchange is recalled, right
-    before the message (after the window, whose cached keys/values stay good); a message
-    about nothing said before recalls nothing."""
+    before the message (after the window, whose cached keys/values stay good), and stays
+    there in the next prompts (which then extend this one); a message about nothing said
+    before recalls nothing new."""
     dp, bot, _, _ = short_window
     said = "Моя сестра Оля работает в банке"
     with prompts_seen(dp["dialogue"].backend) as prompts:
@@ -71,7 +72,8 @@ async def test_an_old_exchange_the_message_is_about_comes_back_before_it(short_w
     recalled, unrelated = prompts[-2].split("\n"), prompts[-1].split("\n")
     assert recalled[-3] == said and recalled[-1] == "Где работает сестра?"
     assert recalled.index(said) > recalled.index("Расскажи анекдот")
-    assert said not in unrelated
+    assert unrelated.index(said) == unrelated.index("Где работает сестра?") - 2  # held there
+    assert unrelated[-3] == "Где работает сестра?"  # and nothing new before the new message
     other = await dp["dialogue"].memory(_ref(8))  # another user's memory holds none of it
     assert other == (True, [])
     with prompts_seen(dp["dialogue"].backend) as prompts:
