@@ -21,7 +21,8 @@ times before they sleep, ``GOMP_SPINCOUNT=N``), ``engine:attention=off`` (PyTorc
 instead of the compiled CPU kernel, ``CPU_ATTENTION_KERNEL=off``), ``engine:memory=end`` and
 ``engine:memory=start`` (every prompt carries the user's facts and a recalled old exchange,
 placed as the bot places them, or at the prompt's start: what each placement costs the prefix
-cache); e.g. ``--designs naive,engine,engine:int8``.
+cache; ``engine:memory=facts``: the facts alone, a dialogue in which nothing is recalled);
+e.g. ``--designs naive,engine,engine:int8``.
 ``--join-tokens N`` then measures, per engine design, the streaming replies' token gaps while an
 N-token prompt joins them.
 
@@ -153,11 +154,13 @@ def with_memory(
     prompts (``kept``: the turns so far with theirs), so that a prompt only grows at its end
     and the dialogue's cached keys/values stay good) or at the start (``start``: facts and
     this turn's recalled exchange first, as vector-memory front ends insert them: the prompt's
-    start changes every turn)."""
+    start changes every turn); ``facts``: the facts alone (nothing recalled)."""
     if placement == "end":
         return FACTS_EXCHANGE + (kept if kept is not None else turns[:-1]) + recalled + turns[-1:]
     if placement == "start":
         return FACTS_EXCHANGE + recalled + turns
+    if placement == "facts":  # the facts alone: a dialogue in which nothing is recalled
+        return FACTS_EXCHANGE + turns
     return turns
 
 
@@ -327,13 +330,13 @@ def split_design(spec: str) -> tuple[str, dict[str, str]]:
             options["spin"] = variant[5:]
         elif variant in ("attention=auto", "attention=on", "attention=off"):
             options["attention"] = variant[10:]
-        elif variant in ("memory=end", "memory=start"):
+        elif variant in ("memory=end", "memory=start", "memory=facts"):
             options["memory"] = variant[7:]
         else:
             raise ValueError(
                 f"unknown variant {variant!r} in {spec!r}: use int8, a dtype "
                 f"({', '.join(DTYPE_CHOICES)}), threads=N, chunk=N, omp=active|passive, spin=N, "
-                "attention=auto|on|off or memory=end|start"
+                "attention=auto|on|off or memory=end|start|facts"
             )
     return name, options
 
@@ -555,9 +558,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument(
         "--memory",
-        choices=["end", "start"],
+        choices=["end", "start", "facts"],
         help="add the user's facts and a recalled exchange to every prompt, placed as the bot "
-        "does (end) or at the prompt's start (start); designs engine:memory=end|start",
+        "does (end) or at the prompt's start (start), or the facts alone (facts); designs "
+        "engine:memory=end|start|facts",
     )
     parser.add_argument(
         "--join-tokens",
