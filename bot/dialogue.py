@@ -198,6 +198,8 @@ class DialogueService:
         self._segments_add_up = False  # see bot.memory.segments_add_up; set with _counted_by
         # each user's indexed message count for recall's word weights, and when it was read
         self._indexed_counts: dict[int, tuple[float, int]] = {}
+        # message id -> the exchanges recalled for it, until its reply is stored with them
+        self._recalled_for: dict[int, list[int]] = {}
 
     def take_turn(self, user: UserRef) -> Turn:
         """Call before any await in a handler: it fixes this message's place in line."""
@@ -494,10 +496,13 @@ class DialogueService:
         turns = self._fit(history, exchange, recalled) if recalled else window
         placed = bool(recalled) and turns[-1 - len(recalled) : -1] == recalled
         if placed and current is not None and current.place and not current.recalled:
-            # Kept with the message: the next prompts hold it there again (migration 0010).
-            await self._write(
-                lambda session: repository.set_recalled(session, current.place, recalled_ids)
-            )
+            # Kept with the message once its reply is stored, in the reply's own commit (a
+            # commit of its own here cost every recalling message a few ms before its reply):
+            # the next prompts hold it there again (migration 0010). A reply cut by a crash is
+            # answered with what its new prompt recalls.
+            if len(self._recalled_for) >= TOKEN_COUNTS_KEPT:  # replies never stored
+                self._recalled_for.clear()
+            self._recalled_for[current.place] = recalled_ids
         memory = (exchange if turns[: len(exchange)] == exchange else []) + (
             recalled if placed else []
         )
@@ -655,6 +660,8 @@ class DialogueService:
         answered the message (the database keeps one reply per message, migration 0007).
         """
 
+        recalled = self._recalled_for.pop(reply_to_id, None) if reply_to_id else None
+
         async def store(session: AsyncSession) -> None:
             row = author or await repository.get_or_create_user(
                 session, user.telegram_id, user.name
@@ -662,6 +669,8 @@ class DialogueService:
             await repository.add_message(
                 session, row, repository.BOT_ROLE, reply, reply_to_id=reply_to_id
             )
+            if recalled and reply_to_id:  # in the same commit as the reply (prompt_for says why)
+                await repository.set_recalled(session, reply_to_id, recalled)
 
         try:  # retried: a commit that reached the server before the error is refused, not doubled
             await self._write(store)

@@ -8,8 +8,9 @@ Recalled exchanges go right before the message they were recalled for. Placed th
 prompt only, they broke the dialogue's cached keys/values at the next turn (the cache ended
 inside an exchange the next prompt no longer had): with a recalled exchange every turn, 8 users
 served a third fewer tokens a second (``make bench``, ``engine:memory=end``). Kept with their
-message, every later prompt holds them where they were, the prompt grows only at its end, and
-a restart or another replica builds the same prompt again. Comma-separated message ids.
+message (stored with its reply), every later prompt holds them where they were, the prompt
+grows only at its end, and a restart or another replica builds the same later prompts.
+Comma-separated message ids.
 """
 
 from collections.abc import Sequence
