@@ -486,16 +486,16 @@ class DialogueService:
             facts = await repository.user_facts(session, author) if author.memory_enabled else []
             exchange = list(facts_exchange([Fact(f.kind, f.value) for f in facts]) or ())
             current = history[-1] if history and history[-1].role == repository.USER_ROLE else None
-            kept: list[str] = []  # what was recalled for the current message before, if anything
             if author.memory_enabled:
-                history, kept = await self._with_recalled(session, author, history)
+                history = await self._with_recalled(session, author, history)
             window = self._fit(history, exchange)
-            recalled, recalled_ids = kept, list(current.recalled) if current else []
-            if author.memory_enabled and current is not None and not current.recalled:
+            recalled_ids: list[int] = []
+            recalled: list[str] = []
+            if author.memory_enabled and current is not None:
                 recalled_ids, recalled = await self._recall(session, author, current, window)
         turns = self._fit(history, exchange, recalled) if recalled else window
         placed = bool(recalled) and turns[-1 - len(recalled) : -1] == recalled
-        if placed and current is not None and current.place and not current.recalled:
+        if placed and current is not None and current.place:
             # Kept with the message once its reply is stored, in the reply's own commit (a
             # commit of its own here cost every recalling message a few ms before its reply):
             # the next prompts hold it there again (migration 0010). A reply cut by a crash is
@@ -557,35 +557,26 @@ class DialogueService:
 
     async def _with_recalled(
         self, session: AsyncSession, author: StoredUser, history: list[repository.Turn]
-    ) -> tuple[list[repository.Turn], list[str]]:
+    ) -> list[repository.Turn]:
         """``history`` with the exchanges recalled for each earlier message put back right
         before it, as its prompt had them (so this prompt extends that one, and the engine's
-        cached keys/values of it stay good); and those recalled for the last message, if it
-        is the user's and they were chosen before (a retry, another replica: the same again)."""
+        cached keys/values of it stay good). A message's own are kept with its reply, so the
+        message being answered has none yet."""
         wanted = {i for turn in history for i in turn.recalled}
         if not wanted:
-            return history, []
+            return history
         found = await repository.exchanges(session, author, wanted)
-
-        def exchanges_of(turn: repository.Turn) -> list[repository.Turn]:
-            turns = []
+        with_them: list[repository.Turn] = []
+        for turn in history:
             for message_id in turn.recalled:
                 asked, answered = found.get(message_id, ("", None))
                 if asked and answered:  # still stored (not pruned, not forgotten)
-                    turns += [
+                    with_them += [
                         repository.Turn(repository.USER_ROLE, asked),
                         repository.Turn(repository.BOT_ROLE, answered),
                     ]
-            return turns
-
-        last = history[-1] if history[-1].role == repository.USER_ROLE else None
-        with_them: list[repository.Turn] = []
-        for turn in history:
-            if turn.role == repository.USER_ROLE and turn is not last:
-                with_them += exchanges_of(turn)
             with_them.append(turn)
-        kept = [t.text for t in exchanges_of(last)] if last is not None else []
-        return with_them, kept
+        return with_them
 
     async def _recall(
         self,
