@@ -21,7 +21,7 @@ from aiogram.exceptions import (
     TelegramNetworkError,
     TelegramUnauthorizedError,
 )
-from aiogram.types import BotCommand, ErrorEvent, User
+from aiogram.types import BotCommand, ErrorEvent, MenuButtonWebApp, User, WebAppInfo
 from aiogram.webhook.aiohttp_server import SimpleRequestHandler, setup_application
 from aiohttp import web
 from sqlalchemy.engine import make_url
@@ -48,6 +48,7 @@ from bot.middlewares.rate_limit import (
 )
 from bot.middlewares.retry import RetryMiddleware
 from bot.replicas import ReplicaCoordinator
+from bot.webapp.api import WebAppApi
 from models.errors import error_line
 
 logger = logging.getLogger(__name__)
@@ -126,25 +127,36 @@ def build_dispatcher(
     metrics.watch_queue(lambda: dialogue.backend.queue_depth)
     if isinstance(dialogue.backend, GenerationEngine):
         engine = dialogue.backend
-        metrics.watch_engine(lambda: engine.worker_threads, lambda: engine.openmp_stalls)
+        metrics.watch_engine(
+            lambda: engine.worker_threads,
+            lambda: engine.openmp_stalls,
+            lambda: engine.active_rows,
+        )
     # Answering under the users' leases begins when the dispatcher starts, with the sweep (as
     # the owed replies' drain always has): a dispatcher fed updates without being started (the
     # handler tests) answers in line, with only the shared rate limit on Redis.
     conversations = Conversations(
         dialogue, metrics, settings, None, online_since or datetime.now(UTC)
     )
-    dp = Dispatcher(
-        dialogue=dialogue, settings=settings, metrics=metrics, conversations=conversations
-    )
-    dp.update.outer_middleware(CountUpdatesMiddleware(metrics))
-    dp.message.outer_middleware(AccessMiddleware(settings.allowed_ids, settings.blocked_ids))
+    counter: WindowCounter | None = None
     if settings.rate_limit_messages:
         window = settings.rate_limit_window_s
-        counter: WindowCounter = (
+        counter = (
             RedisWindowCounter(replicas.redis, window)
             if replicas is not None
             else LocalWindowCounter(window)
         )
+    # the page (bot.webapp) shares the conversations and the rate limit's count
+    dp = Dispatcher(
+        dialogue=dialogue,
+        settings=settings,
+        metrics=metrics,
+        conversations=conversations,
+        rate_counter=counter,
+    )
+    dp.update.outer_middleware(CountUpdatesMiddleware(metrics))
+    dp.message.outer_middleware(AccessMiddleware(settings.allowed_ids, settings.blocked_ids))
+    if counter is not None:
         dp.message.middleware(
             MessageRateLimit(
                 settings.rate_limit_messages, window, counter, metrics, settings.admin_ids
@@ -183,6 +195,14 @@ def build_dispatcher(
             await bot.set_my_commands(commands)
         except TelegramAPIError as error:  # the menu is a convenience: never a reason to stop
             logger.warning("could not register the command menu: %s", error)
+        if settings.webapp_url:
+            button = MenuButtonWebApp(
+                text=texts.WEBAPP_BUTTON, web_app=WebAppInfo(url=settings.webapp_url)
+            )
+            try:
+                await bot.set_chat_menu_button(menu_button=button)
+            except TelegramAPIError as error:
+                logger.warning("could not set the Mini App's menu button: %s", error)
         if settings.retention_days > 0:
             background.append(asyncio.create_task(prune_forever()))
         if replicas is not None:
@@ -224,11 +244,13 @@ def build_web_app(health: Health, metrics: BotMetrics) -> web.Application:
     return app
 
 
-async def _serve(app: web.Application, settings: Settings) -> web.AppRunner:
+async def _serve(
+    app: web.Application, settings: Settings, port: int | None = None
+) -> web.AppRunner:
     runner = web.AppRunner(app, handle_signals=False)
     await runner.setup()
     await web.TCPSite(
-        runner, settings.listen_host, settings.health_port or settings.listen_port
+        runner, settings.listen_host, port or settings.health_port or settings.listen_port
     ).start()
     return runner
 
@@ -276,7 +298,10 @@ async def run_bot(settings: Settings) -> None:
     webhook = bool(settings.webhook_url)
     runner = None
     secret = settings.require_webhook_secret()
-    if not webhook and settings.health_port:
+    # Polling mode serves the page on WEBAPP_PORT once the model is loaded; when that is also
+    # HEALTH_PORT, the one server starts then (answering 503 while loading needs it earlier).
+    page_port = settings.webapp_port if not webhook else 0
+    if not webhook and settings.health_port and settings.health_port != page_port:
         runner = await _serve(app, settings)  # answers 503 while the model loads
     replicas = None
     if settings.redis_url is not None:
@@ -289,6 +314,13 @@ async def run_bot(settings: Settings) -> None:
     db_engine, dialogue = await open_services(settings)
     health.db, health.model_ready = db_engine, True
     dp = build_dispatcher(dialogue, settings, db_engine, metrics, replicas, online_since)
+    page = WebAppApi(bot, dp["conversations"], settings, dp["rate_counter"])
+    page_runner = None
+    if page_port:
+        page_app = app if settings.health_port == page_port else build_web_app(health, metrics)
+        page.register(page_app)
+        page_runner = await _serve(page_app, settings, page_port)
+        logger.info("the Mini App's page on http://%s:%d/app/", settings.listen_host, page_port)
     if not webhook:
         # A webhook left registered by an earlier run in webhook mode makes Telegram refuse
         # every getUpdates (409): the bot would poll in vain and never answer.
@@ -311,8 +343,9 @@ async def run_bot(settings: Settings) -> None:
                 close_bot_session=True,
             )
         finally:
-            if runner is not None:
-                await runner.cleanup()
+            for server in (runner, page_runner):
+                if server is not None:
+                    await server.cleanup()
         return
     # With replicas the update is stored before it is acknowledged (bot.replicas): Telegram
     # sends the chat's next update only then, so stored order is sent order across replicas.
@@ -320,6 +353,7 @@ async def run_bot(settings: Settings) -> None:
         dispatcher=dp, bot=bot, secret_token=secret, handle_in_background=replicas is None
     ).register(app, path=settings.webhook_path)
     setup_application(app, dp, bot=bot)
+    page.register(app)
     runner = await _serve(app, settings)
     await bot.set_webhook(
         url=settings.webhook_url or "",

@@ -167,6 +167,20 @@ class Settings(BaseSettings):
     listen_host: str = "127.0.0.1"
     listen_port: int = Field(8080, ge=1, le=65535)
     health_port: int = Field(0, ge=0, le=65535, description="polling mode; 0: no server")
+    # The Mini App (bot.webapp): the page's public URL, its port in polling mode, its limits.
+    webapp_url: str | None = Field(None, description="https://.../app/: the menu button opens it")
+    webapp_port: int = Field(0, ge=0, le=65535, description="polling mode; 0: no page")
+    webapp_auth_max_age_s: float = Field(86400, gt=0, description="launch data accepted this long")
+    webapp_max_body_bytes: int = Field(16384, ge=1024)
+
+    @field_validator("webapp_url")
+    @classmethod
+    def _https_page(cls, value: str | None) -> str | None:
+        # Telegram opens Mini Apps over https only; a plain http URL fails at setChatMenuButton,
+        # long after the model has loaded.
+        if value and not value.startswith("https://"):
+            raise ValueError("Telegram opens Mini Apps over https only: https://host/app/")
+        return value or None
 
     @field_validator("allowed_user_ids", "blocked_user_ids", "admin_user_ids")
     @classmethod

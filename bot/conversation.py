@@ -30,6 +30,8 @@ import asyncio
 import functools
 import logging
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from aiogram import Bot
@@ -66,6 +68,16 @@ def held_too_long(sent: datetime, online_since: datetime, max_age_s: float) -> b
     if sent >= online_since.replace(microsecond=0):
         return False
     return (datetime.now(sent.tzinfo) - sent).total_seconds() > max_age_s
+
+
+@dataclass(frozen=True)
+class PageReply:
+    """What the Mini App gets for a message: the reply (or the notice given instead: busy,
+    too slow) and whether it was stored as the message's reply."""
+
+    message_id: int
+    text: str
+    stored: bool
 
 
 def done_text(role: str, thread_id: int | None) -> str:
@@ -166,6 +178,85 @@ class Conversations:
                 self.answer_soon(bot, user, from_id=stored)
         finally:
             turn.finish()
+
+    # -- the Mini App's page (bot.webapp) -------------------------------------------------------
+
+    async def receive_from_page(
+        self, bot: Bot, user: UserRef, text: str, on_text: Callable[[str], None]
+    ) -> PageReply:
+        """A message typed in the Mini App: stored in the user's line exactly as a Telegram
+        message (the same turn order; with replicas, under the same lease), answered on the
+        page (``on_text`` gets the reply as it grows), stored with its reply. It carries no
+        Telegram message id, so no restart or sweep ever answers it in the Telegram chat."""
+        turn = self.dialogue.take_turn(user)  # first, before any await
+        try:
+            await turn.wait_to_store()
+            stored = await self.dialogue.store_user_message(user, text)
+            turn.mark_stored()
+            assert stored is not None  # only a Telegram id can be delivered twice
+            return await self._answer_on_page(bot, turn, user, stored.message_id, on_text)
+        finally:
+            turn.finish()
+
+    async def regenerate_on_page(
+        self, bot: Bot, user: UserRef, on_text: Callable[[str], None]
+    ) -> PageReply | None:
+        """The page's Regenerate: the newest message, typed on the page, is answered anew (its
+        old reply deleted first); ``None`` when the newest exchange was had in Telegram."""
+        turn = self.dialogue.take_turn(user)
+        try:
+            await turn.wait_to_answer()  # after whatever the user sent before
+            message_id = await self.dialogue.reopen_last_page_message(user)
+            if message_id is None:
+                return None
+            return await self._answer_on_page(bot, turn, user, message_id, on_text)
+        finally:
+            turn.finish()
+
+    async def _answer_on_page(
+        self, bot: Bot, turn: Turn, user: UserRef, message_id: int, on_text: Callable[[str], None]
+    ) -> PageReply:
+        await turn.wait_to_answer()
+        if self.replicas is None:
+            return await self._page_reply(user, message_id, on_text)
+        async with self.replicas.lease(user.telegram_id, wait=True) as held:
+            if held is None:  # another replica kept the user's lease past REPLICA_WAIT
+                return PageReply(message_id, texts.BUSY, stored=False)
+            # What the user sent in Telegram before this is answered there first, in order.
+            await self._answer_all(bot, user, None)
+            return await self._page_reply(user, message_id, on_text)
+
+    async def _page_reply(
+        self, user: UserRef, message_id: int, on_text: Callable[[str], None]
+    ) -> PageReply:
+        """Generate and store the reply to ``message_id`` for the page. Stopped (the request's
+        task cancelled: the page's Stop, or the page closed), it keeps what the user saw."""
+        shown = ""
+
+        def show(text: str) -> None:
+            nonlocal shown
+            shown = text
+            on_text(text)
+
+        self.metrics.page_generations.inc()
+        try:
+            reply = await self.dialogue.make_reply(user, message_id, on_text=show)
+        except (EngineBusy, EngineTimeout) as refusal:
+            self.metrics.busy.inc()
+            notice = texts.BUSY if isinstance(refusal, EngineBusy) else texts.TIMEOUT
+            return PageReply(message_id, notice, stored=False)
+        except asyncio.CancelledError:
+            if shown:
+                check_lease()
+                await asyncio.shield(self.dialogue.store_reply(user, shown, message_id))
+            raise
+        finally:
+            self.metrics.page_generations.dec()
+        check_lease()
+        stored = await self.dialogue.store_reply(user, reply, message_id)
+        if stored:
+            self.metrics.replies.inc()
+        return PageReply(message_id, reply, stored=stored)
 
     # -- the start-up pass and the sweep ---------------------------------------------------------
 

@@ -737,6 +737,26 @@ class DialogueService:
             tokens_per_s=self.backend.tokens / uptime,
         )
 
+    async def conversation(
+        self, user: UserRef, before_id: int | None, limit: int
+    ) -> list[repository.ShownMessage]:
+        """The Mini App's view of the conversation: ``limit`` messages older than
+        ``before_id``, newest first."""
+        async with self.sessions() as session:
+            return await repository.conversation_page(session, user.telegram_id, before_id, limit)
+
+    async def reopen_last_page_message(self, user: UserRef) -> int | None:
+        """Regenerate: the newest message, when the user typed it in the Mini App, is owed its
+        reply again (the reply it had is deleted); its id, or ``None`` when the newest exchange
+        was had in Telegram (that reply is on the user's screen there and stays)."""
+        async with self.sessions.begin() as session:
+            message_id, reply_id = await repository.last_page_exchange(session, user.telegram_id)
+            if not message_id:
+                return None
+            if reply_id is not None:
+                await repository.delete_reply(session, reply_id)
+        return message_id
+
     async def memory(self, user: UserRef) -> tuple[bool, list[tuple[int, str, str]]]:
         """What ``/memory`` shows: whether memory is on, and each fact as (id, kind, value)."""
         async with self.sessions() as session:

@@ -35,6 +35,11 @@ class BotMetrics:
         self.queue_depth = Gauge(
             "bot_queue_depth", "requests waiting for the model", registry=self.registry
         )
+        self.page_generations = Gauge(
+            "bot_webapp_generations",
+            "replies being generated for the Mini App's page now",
+            registry=self.registry,
+        )
 
     def count(self, name: str) -> int:
         """A counter's value since the start (``name`` without Prometheus' ``_total``)."""
@@ -43,9 +48,20 @@ class BotMetrics:
     def watch_queue(self, depth: Callable[[], int]) -> None:
         self.queue_depth.set_function(depth)
 
-    def watch_engine(self, threads: Callable[[], int], stalls: Callable[[], int]) -> None:
-        """Show the local engine's thread count and OpenMP stalls (none with a remote model
-        server)."""
+    def watch_engine(
+        self,
+        threads: Callable[[], int],
+        stalls: Callable[[], int],
+        rows: Callable[[], int] | None = None,
+    ) -> None:
+        """Show the local engine's thread count, OpenMP stalls and the rows it is decoding
+        now (none with a remote model server)."""
+        if rows is not None:
+            Gauge(
+                "bot_engine_active_rows",
+                "replies the engine is generating now (a stopped one leaves at its next step)",
+                registry=self.registry,
+            ).set_function(rows)
         Gauge(
             "bot_engine_threads",
             "threads the engine decodes with (fewer while the cores are shared)",

@@ -81,3 +81,15 @@ COMMANDS = {
     "temp": "Температура ответов",
     "memory": "Что я помню о вас",
 }
+
+# The Mini App (bot.webapp): what the page shows for each refusal of the API.
+WEBAPP_BUTTON = "Чат и память"
+WEBAPP_REOPEN = (
+    "Ссылка устарела или неверна. Откройте страницу заново из Telegram (кнопка меню бота)."
+)
+WEBAPP_NOT_ALLOWED = "Этот бот вам не отвечает."
+WEBAPP_TOO_LONG = "Слишком большой запрос."
+WEBAPP_EMPTY = "Напишите что-нибудь: пустое сообщение не отправить."
+WEBAPP_NO_REGEN = (
+    "Заново можно получить только ответ на сообщение, написанное здесь, на странице, и последнее."
+)

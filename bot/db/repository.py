@@ -572,3 +572,64 @@ async def exchanges(
         .where(Message.user_id == user.id, Message.id.in_(sorted(message_ids)))
     )
     return {message_id: (text_, answer) for message_id, text_, answer in rows.all()}
+
+
+@dataclass(frozen=True)
+class ShownMessage:
+    """A message of the user's conversation as the Mini App lists it."""
+
+    id: int
+    role: str
+    text: str
+    created_at: datetime
+
+
+async def conversation_page(
+    session: AsyncSession, telegram_id: int, before_id: int | None, limit: int
+) -> list[ShownMessage]:
+    """The newest ``limit`` messages of ``telegram_id``'s conversation older than
+    ``before_id``, newest first: what Telegram and the page both continue (the chat's main
+    thread, user messages and replies; markers not carried out yet are not shown)."""
+    query = (
+        select(Message.id, Message.role, Message.text, Message.created_at)
+        .join(User, User.id == Message.user_id)
+        .where(
+            User.telegram_id == telegram_id,
+            Message.role.in_(DIALOGUE_ROLES),
+            Message.telegram_thread_id.is_(None),
+        )
+        .order_by(Message.id.desc())
+        .limit(limit)
+    )
+    if before_id is not None:
+        query = query.where(Message.id < before_id)
+    return [ShownMessage(*row) for row in (await session.execute(query)).all()]
+
+
+async def last_page_exchange(session: AsyncSession, telegram_id: int) -> tuple[int, int | None]:
+    """The newest message of ``telegram_id``'s conversation when it is a user message typed in
+    the Mini App (no Telegram message id), answered or not: (its id, its reply's id or None).
+    ``(0, None)`` when the newest exchange is not one the page may regenerate (a Telegram
+    message's reply is on the user's screen in Telegram and stays what it is)."""
+    newest = (
+        select(Message.id, Message.role, Message.telegram_message_id, Message.reply_to_id)
+        .join(User, User.id == Message.user_id)
+        .where(User.telegram_id == telegram_id, Message.telegram_thread_id.is_(None))
+        .order_by(Message.id.desc())
+        .limit(2)
+    )
+    rows = (await session.execute(newest)).all()
+    if rows and rows[0].role == BOT_ROLE and len(rows) == 2 and rows[0].reply_to_id == rows[1].id:
+        asked, reply_id = rows[1], rows[0].id
+    elif rows and rows[0].role == USER_ROLE:
+        asked, reply_id = rows[0], None
+    else:
+        return 0, None
+    if asked.role != USER_ROLE or asked.telegram_message_id is not None:
+        return 0, None
+    return asked.id, reply_id
+
+
+async def delete_reply(session: AsyncSession, reply_id: int) -> None:
+    """Delete one stored reply (the page's Regenerate): its message is owed a reply again."""
+    await session.execute(delete(Message).where(Message.id == reply_id))

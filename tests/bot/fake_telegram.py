@@ -340,6 +340,12 @@ class FakeTelegram:
             params["commands"] = json.loads(commands)
         return True
 
+    async def _api_setChatMenuButton(self, params: dict[str, Any]) -> Any:
+        button = params.get("menu_button")
+        if isinstance(button, str):
+            params["menu_button"] = json.loads(button)
+        return True
+
     async def _api_deleteWebhook(self, params: dict[str, Any]) -> Any:
         self.registered_webhook = None
         return True
