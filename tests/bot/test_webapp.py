@@ -39,22 +39,34 @@ def browser():
 
 @pytest.fixture
 async def page_bot(fake, bot_env, long_model_dir, tmp_path):
-    """Start the bot with its page on a free port; yields (the page's URL, the process)."""
+    """Start the bot with its page; yields (the page's URL, the process). Polling mode serves
+    the page on WEBAPP_PORT; ``webhook=True``: beside the webhook on LISTEN_PORT, Telegram
+    delivering updates there."""
     started: list[BotProcess] = []
 
-    async def start(**extra: str) -> tuple[str, BotProcess]:
+    async def start(webhook: bool = False, **extra: str) -> tuple[str, BotProcess]:
         port = free_port()
         env = {
             **bot_env,
             "MODEL_PATH": str(long_model_dir),
-            "WEBAPP_PORT": str(port),
             "WEBAPP_URL": "https://bot.example.test/app/",
             "BLOCKED_USER_IDS": str(MALLORY),
             **extra,
         }
+        if webhook:
+            env |= {
+                "WEBHOOK_URL": "https://bot.example.test/webhook",
+                "WEBHOOK_SECRET": "page-test-secret",
+                "LISTEN_PORT": str(port),
+            }
+        else:
+            env["WEBAPP_PORT"] = str(port)
         bot = BotProcess(env, tmp_path / "bot.log")
         started.append(bot)
-        await bot.start(fake)
+        await bot.start(fake, wait=not webhook)
+        if webhook:
+            await fake.wait_for(lambda: fake.count("setWebhook") == 1, timeout=90)
+            fake.deliver_to(f"http://127.0.0.1:{port}/webhook", "page-test-secret")
         return f"http://127.0.0.1:{port}/app/", bot
 
     yield start
@@ -263,10 +275,23 @@ async def test_stop_cancels_the_generation_on_the_server(fake, page_bot, browser
     assert browser.visible("regenerate")
     assert browser.bubbles()[-1] == ("bot", bot_replies(db, ALICE)[0])
 
+    # Regenerate: the page's last reply is replaced, in the database too (one reply, new text)
+    cut = bot_replies(db, ALICE)[0]
+    await asyncio.to_thread(browser.js, "document.getElementById('regenerate').click()")
+    regenerated = await asyncio.to_thread(browser.watch_reply)
+    await eventually(
+        lambda: len(bot_replies(db, ALICE)) == 1 and bot_replies(db, ALICE)[0] != cut,
+        "the regenerated reply stored in place of the first",
+    )
+    assert [role for _, role, _ in messages_of(db, ALICE)] == ["user", "bot"]
+    assert bot_replies(db, ALICE)[0] == regenerated[-1]
+
 
 async def test_launch_data_decides_who_is_asking_on_every_route(fake, page_bot, browser, tmp_path):
     db = tmp_path / "bot.db"
-    url, _ = await page_bot(REPLY_TOKENS="16", RATE_LIMIT_MESSAGES="3", RATE_LIMIT_WINDOW_S="600")
+    url, _ = await page_bot(
+        webhook=True, REPLY_TOKENS="16", RATE_LIMIT_MESSAGES="3", RATE_LIMIT_WINDOW_S="600"
+    )
     api = url + "api/"
     fake.send_text(ALICE, "Меня зовут Алиса")
     await eventually(lambda: len(bot_replies(db, ALICE)) == 1, "Alice's reply")
