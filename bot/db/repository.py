@@ -9,6 +9,8 @@ from typing import Protocol
 
 from sqlalchemy import Select, and_, delete, exists, func, insert, or_, select, update
 from sqlalchemy import text as sql_text
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import aliased
 
@@ -43,13 +45,26 @@ class Turn:
 
 
 async def get_or_create_user(session: AsyncSession, telegram_id: int, name: str | None) -> User:
-    """The user row for this Telegram id, created on first contact (name kept up to date)."""
-    user = await session.scalar(select(User).where(User.telegram_id == telegram_id))
+    """The user row for this Telegram id, created on first contact (name kept up to date).
+
+    Created with ``INSERT ... ON CONFLICT DO NOTHING`` and read back: a user's first message
+    may create the row at the same moment as their first Mini App request or another replica,
+    and a plain insert then failed on the unique id (the Telegram update was lost with it).
+    PostgreSQL makes the second insert wait for the first to commit, then do nothing."""
+    query = select(User).where(User.telegram_id == telegram_id)
+    user = await session.scalar(query)
     if user is None:
-        user = User(telegram_id=telegram_id, name=name)
-        session.add(user)
-        await session.flush()
-    elif name and user.name != name:
+        make_insert = (
+            pg_insert if session.get_bind().dialect.name == "postgresql" else sqlite_insert
+        )
+        await session.execute(
+            make_insert(User)
+            .values(telegram_id=telegram_id, name=name)
+            .on_conflict_do_nothing(index_elements=[User.telegram_id])
+        )
+        user = await session.scalar(query)
+        assert user is not None
+    if name and user.name != name:
         user.name = name
     return user
 

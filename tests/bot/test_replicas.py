@@ -5,6 +5,7 @@ exactly the history before it; and the same when one replica is killed with ``ki
 from __future__ import annotations
 
 import asyncio
+import json
 import re
 import signal
 import time
@@ -375,3 +376,53 @@ async def test_messages_stored_while_redis_hangs_are_answered_once_it_is_back(
     ], deployment.logs()[-3000:]
     stored = [replies[0] for *_, replies in rows]
     await eventually(lambda: fake.sent_to(user) == stored, "the user sees each reply once")
+
+
+async def test_a_page_message_among_telegram_messages_is_answered_once_in_its_place(deployment):
+    """The Mini App's message goes to a replica directly while the user's Telegram messages
+    go through the proxy: each message is answered once, in the order stored (the page's
+    under the same lease), and the page's reply goes to the page, not to the Telegram chat."""
+    from bot.webapp.auth import sign_init_data
+    from tests.bot.harness import TOKEN
+
+    await deployment.start(2)
+    user = USERS[0]
+    for k in range(3):
+        deployment.fake.send_text(user, text_of(user, k))
+    headers = {"Authorization": f"tma {sign_init_data(TOKEN, user, 'Анна')}"}
+    async with (
+        aiohttp.ClientSession() as http,
+        http.post(
+            f"http://127.0.0.1:{deployment.ports[1]}/app/api/messages",
+            json={"text": "Сообщение со страницы"},
+            headers=headers,
+        ) as response,
+    ):
+        assert response.status == 200
+        last = (await response.text()).splitlines()[-1]
+    for k in range(3, 5):
+        deployment.fake.send_text(user, text_of(user, k))
+
+    async def answered() -> list[tuple[int, str, int, list[str]]]:
+        return [row for row in await conversation(deployment.database) if row[0] == user]
+
+    deadline = time.monotonic() + 120
+    while len([r for r in await answered() if r[3]]) < 6:
+        assert time.monotonic() < deadline, (await answered(), deployment.logs()[-3000:])
+        await asyncio.sleep(0.2)
+    rows = await answered()
+    assert [len(replies) for *_, replies in rows] == [1] * 6
+    page = next(r for r in rows if r[1] == "Сообщение со страницы")
+    assert json.loads(last) == {"done": True, "text": page[3][0], "stored": True}
+    connection = await asyncpg.connect(deployment.database)
+    try:
+        reply_ids = [
+            await connection.fetchval("SELECT id FROM messages WHERE reply_to_id = $1", r[2])
+            for r in rows
+        ]
+    finally:
+        await connection.close()
+    assert reply_ids == sorted(reply_ids)  # answered in the order stored
+    telegram = [r[3][0] for r in rows if r is not page]
+    await eventually(lambda: len(deployment.fake.sent_to(user)) >= 5, "the Telegram replies")
+    assert deployment.fake.sent_to(user) == telegram  # the page's reply is not among them

@@ -636,3 +636,24 @@ async def test_a_newer_fact_supersedes_and_forgetting_is_scoped_to_its_user(sess
         borya = await repository.get_or_create_user(session, 8, "Боря")
         assert [f.value for f in await repository.user_facts(session, borya)] == ["Казань"]
     assert count == 1
+
+
+async def test_a_new_user_created_by_two_requests_at_once_is_one_row(sessions):
+    """A user's first Telegram message and their first page request (or two replicas) create
+    the user at the same moment: both get the one row. The second used to fail on the unique
+    id, and its Telegram update was lost (seen with the Mini App beside replicas)."""
+    started = asyncio.Event()
+
+    async def create() -> int:
+        async with sessions.begin() as session:
+            await started.wait()
+            return (await repository.get_or_create_user(session, 777, "Новая")).id
+
+    tasks = [asyncio.create_task(create()) for _ in range(4)]
+    await asyncio.sleep(0)
+    started.set()
+    ids = await asyncio.gather(*tasks)
+    assert len(set(ids)) == 1
+    async with sessions() as session:
+        count = await session.scalar(text("SELECT count(*) FROM users WHERE telegram_id = 777"))
+    assert count == 1
