@@ -169,6 +169,7 @@ class ReplyStream:
                 await self._show(self._latest)
             except TelegramBadRequest as error:  # finish() sends the final text once more
                 logger.debug("stream update refused: %s", error.message)
+                return  # the next update starts the pump again; never the same text in a loop
             except Exception as error:
                 # Telegram down past the retries, or (replicas) the lease ran out: finish()
                 # tries the final text and raises if that fails too. Ending here, rather than
@@ -179,23 +180,28 @@ class ReplyStream:
                 self._sending = False
 
     async def _show(self, text: str) -> None:
+        """Put ``text`` on the user's screen. It counts as shown only once Telegram took it:
+        recorded before, an edit that failed (a 502 past the retries) made :meth:`finish`
+        skip the final edit, and a reply the user saw cut was stored as delivered."""
         self._last_send = self.clock()
-        self._shown = text
         if self.sent is not None:
             self.pace.note(self.chat_id)
             try:
                 await self.bot.edit_message_text(
                     text=text, chat_id=self.chat_id, message_id=self.sent
                 )
+                self._shown = text
                 return
             except TelegramBadRequest as error:
                 if "not modified" in error.message:  # the same text again: nothing to lose
                     logger.debug("stream edit skipped: %s", error.message)
+                    self._shown = text
                     return
                 # The message is gone (deleted by the user, or a draft too old to edit): the
                 # reply goes into a new one, so the user never misses it.
                 logger.info("cannot edit the reply's message (%s): sending anew", error.message)
         self.sent = (await self._send(text, await self._quote_now())).message_id
+        self._shown = text
         if self._on_sent is not None:
             try:
                 await self._on_sent(self.sent)

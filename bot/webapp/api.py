@@ -156,11 +156,14 @@ class WebAppApi:
 
     async def _json_body(self, request: web.Request) -> dict[str, Any]:
         """The request's JSON object, read up to the cap (a body sent without a length, too)."""
-        raw = await request.content.read(self.settings.webapp_max_body_bytes + 1)
-        if len(raw) > self.settings.webapp_max_body_bytes:
-            raise web.HTTPRequestEntityTooLarge(
-                max_size=self.settings.webapp_max_body_bytes, actual_size=len(raw)
-            )
+        cap, raw = self.settings.webapp_max_body_bytes, b""
+        while len(raw) <= cap:  # read() gives what has arrived: a body comes in chunks
+            chunk = await request.content.read(cap + 1 - len(raw))
+            if not chunk:
+                break
+            raw += chunk
+        if len(raw) > cap:
+            raise web.HTTPRequestEntityTooLarge(max_size=cap, actual_size=len(raw))
         try:
             body = json.loads(raw or b"{}")
         except ValueError:

@@ -13,7 +13,7 @@ from typing import Any
 
 from aiogram import Bot
 from aiogram.client.session.base import BaseSession
-from aiogram.exceptions import TelegramBadRequest, TelegramForbiddenError
+from aiogram.exceptions import TelegramBadRequest, TelegramForbiddenError, TelegramServerError
 from aiogram.methods import EditMessageText, GetChatMember, GetMe, SendMessage, TelegramMethod
 from aiogram.types import Chat, ChatMemberMember, ChatMemberOwner, Message, User
 
@@ -28,6 +28,7 @@ class RecordingSession(BaseSession):
         self.gone: set[int] = set()  # message ids whose edits Telegram refuses (deleted)
         self.blocked: set[int] = set()  # chats that refuse the bot (blocked, left the group)
         self.group_admins: set[tuple[int, int]] = set()  # (group, user) for getChatMember
+        self.failing_edits = 0  # the next this many edits fail as Telegram's 502 would
 
     async def make_request(
         self, bot: Bot, method: TelegramMethod[Any], timeout: int | None = None
@@ -39,6 +40,9 @@ class RecordingSession(BaseSession):
             raise TelegramForbiddenError(method, "Forbidden: bot was blocked by the user")
         if isinstance(method, EditMessageText) and method.message_id in self.gone:
             raise TelegramBadRequest(method, "Bad Request: message to edit not found")
+        if isinstance(method, EditMessageText) and self.failing_edits > 0:
+            self.failing_edits -= 1
+            raise TelegramServerError(method, "Bad Gateway")
         if isinstance(method, GetMe):
             return BOT_USER
         if isinstance(method, GetChatMember):

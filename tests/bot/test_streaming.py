@@ -289,3 +289,23 @@ async def test_a_reply_cancelled_while_its_pending_update_is_dropped_sends_nothi
     with pytest.raises(asyncio.CancelledError):
         await finishing
     assert session.requests == []
+
+
+async def test_an_edit_that_failed_with_the_whole_text_is_made_again_by_finish(recording_bot):
+    """Telegram answered 502 to the edit that carried the whole reply: the final edit must
+    still go. The text used to be recorded as shown before the call succeeded, finish() then
+    skipped it, and the reply was stored as delivered while the user saw only its first
+    words."""
+    bot, session = recording_bot
+    stream = ReplyStream(bot, CHAT, interval_s=0.0)
+    stream.update("Первые")
+    await asyncio.sleep(0.05)
+    assert what_the_user_sees(session, CHAT) == ["Первые"]
+    session.failing_edits = 1
+    whole = "Первые слова всего ответа."
+    stream.update(whole)
+    await asyncio.sleep(0.05)
+    assert session.failing_edits == 0  # that edit was tried, and failed
+    await stream.finish(whole)
+    edits = [m for m in session.requests if isinstance(m, EditMessageText)]
+    assert [m.text for m in edits] == [whole, whole]  # the failed one, then the one that went
