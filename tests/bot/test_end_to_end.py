@@ -37,7 +37,9 @@ def backend_env(request, bot_env):
 
 async def test_the_bot_as_users_see_it(fake, backend_env, tmp_path):
     db, log = tmp_path / "bot.db", tmp_path / "bot.log"
-    bot = BotProcess(backend_env, log)
+    # the model in the bot's process: `python -m bot` itself, exactly as an operator starts it
+    # (every other bot test forks its process from tests.bot.forkserver)
+    bot = BotProcess(backend_env, log, fork="LLM_BASE_URL" in backend_env)
     try:
         await bot.start(fake)
         assert fake.count("setMyCommands") == 1
