@@ -357,6 +357,20 @@ async def test_launch_data_decides_who_is_asking_on_every_route(fake, page_bot, 
             headers={**bob, "Content-Type": "application/json"},
         ) as r:
             assert r.status == 413
+
+        async def chunks(*parts: bytes):  # type: ignore[no-untyped-def]
+            for part in parts:  # a body without a length, in pieces
+                yield part
+                await asyncio.sleep(0.05)
+
+        async with http.put(
+            api + "settings", data=chunks(b'{"tempera', b'ture": 1', b".5}"), headers=bob
+        ) as r:
+            assert r.status == 200, await r.text()
+        async with http.put(
+            api + "settings", data=chunks(b'{"memory": "', b"y" * 20_000, b'"}'), headers=bob
+        ) as r:
+            assert r.status == 413
         async with http.put(api + "settings", json={"temperature": 9}, headers=bob) as r:
             assert r.status == 400 and "0.1" in (await r.json())["text"]
         assert rows(db, "SELECT temperature FROM users WHERE telegram_id = ?", BOB) == [(1.5,)]
