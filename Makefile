@@ -17,7 +17,7 @@ TRAIN_SHAPE ?= small
 ARGS ?=
 NPROC ?= 1
 # pytest-xdist workers for `make test`: most tests wait on bot processes and servers, so two
-# workers on 2 cores took the suite from 11.0 to 8.4 minutes (one run each, this machine).
+# workers on 2 cores overlap those waits (docs/development.md).
 TEST_WORKERS ?= 2
 COMPOSE ?= docker compose
 
