@@ -745,6 +745,12 @@ class DialogueService:
         async with self.sessions() as session:
             return await repository.conversation_page(session, user.telegram_id, before_id, limit)
 
+    async def page_regenerable(self, user: UserRef) -> bool:
+        """Whether the page's Regenerate has something to answer anew (see below)."""
+        async with self.sessions() as session:
+            message_id, _ = await repository.last_page_exchange(session, user.telegram_id)
+        return bool(message_id)
+
     async def reopen_last_page_message(self, user: UserRef) -> int | None:
         """Regenerate: the newest message, when the user typed it in the Mini App, is owed its
         reply again (the reply it had is deleted); its id, or ``None`` when the newest exchange

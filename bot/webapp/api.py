@@ -195,9 +195,12 @@ class WebAppApi:
             before = int(before_raw) if before_raw else None
         except ValueError:
             return _error(400, "bad_request", "before: a message id")
-        shown = await self.dialogue.conversation(self._user(request), before, PAGE_SIZE + 1)
+        user = self._user(request)
+        shown = await self.dialogue.conversation(user, before, PAGE_SIZE + 1)
         return web.json_response(
             {
+                # on the newest page: whether Regenerate has a reply of the page's to redo
+                "regenerable": before is None and await self.dialogue.page_regenerable(user),
                 "messages": [
                     {
                         "id": m.id,

@@ -193,6 +193,7 @@ async def test_the_page_as_a_user_sees_it(fake, page_bot, browser, tmp_path):
         == 0
     )
     assert browser.alert_text() is None
+    assert not browser.visible("regenerate")  # the newest reply is not one asked on the page
 
     # memory: Alice's facts, one forgotten with its button; the temperature set
     await asyncio.to_thread(browser.js, "document.getElementById('tab-memory').click()")

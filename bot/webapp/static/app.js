@@ -100,8 +100,7 @@ async function loadMessages(before) {
   $("more").hidden = !data.more;
   $("empty").hidden = list.children.length > 0;
   if (!before) {
-    const newest = data.messages[0];
-    canRegenerate = Boolean(newest);
+    canRegenerate = data.regenerable;
     scrollToEnd();
   }
   updateButtons();
@@ -155,6 +154,7 @@ async function streamReply(path, body, target) {
     }
     canRegenerate = true;
   } finally {
+    if (!target.textContent) target.remove(); // stopped before the first words
     target.classList.remove("streaming");
     busy = null;
     updateButtons();
