@@ -30,9 +30,10 @@ import asyncio
 import functools
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import TypeVar
 
 from aiogram import Bot
 from aiogram.exceptions import TelegramForbiddenError
@@ -49,6 +50,8 @@ from bot.replicas import LeaseLost, ReplicaCoordinator, check_lease
 from bot.streaming import ReplyStream, TypingIndicator
 
 logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 SHUTDOWN_GRACE_S = 10.0
 
@@ -194,37 +197,56 @@ class Conversations:
             stored = await self.dialogue.store_user_message(user, text)
             turn.mark_stored()
             assert stored is not None  # only a Telegram id can be delivered twice
-            return await self._answer_on_page(bot, turn, user, stored.message_id, on_text)
+            if self.replicas is None:
+                await turn.wait_to_answer()
+                return await self._page_reply(user, stored.message_id, on_text)
         finally:
+            # With replicas the turn ends once stored, as a Telegram message's does: the answer
+            # comes under the lease, in a turn of its own after what is owed in Telegram (held
+            # on, this turn made those answers wait for it while it waited for them).
             turn.finish()
+        return await self._under_lease(
+            bot, user, lambda: self._page_reply(user, stored.message_id, on_text)
+        )
 
     async def regenerate_on_page(
         self, bot: Bot, user: UserRef, on_text: Callable[[str], None]
     ) -> PageReply | None:
         """The page's Regenerate: the newest message, typed on the page, is answered anew (its
         old reply deleted first); ``None`` when the newest exchange was had in Telegram."""
-        turn = self.dialogue.take_turn(user)
-        try:
-            await turn.wait_to_answer()  # after whatever the user sent before
+
+        async def regenerate() -> PageReply | None:
             message_id = await self.dialogue.reopen_last_page_message(user)
             if message_id is None:
                 return None
-            return await self._answer_on_page(bot, turn, user, message_id, on_text)
+            return await self._page_reply(user, message_id, on_text)
+
+        if self.replicas is not None:
+            return await self._under_lease(bot, user, regenerate)
+        turn = self.dialogue.take_turn(user)
+        try:
+            await turn.wait_to_answer()  # after whatever the user sent before
+            return await regenerate()
         finally:
             turn.finish()
 
-    async def _answer_on_page(
-        self, bot: Bot, turn: Turn, user: UserRef, message_id: int, on_text: Callable[[str], None]
-    ) -> PageReply:
-        await turn.wait_to_answer()
-        if self.replicas is None:
-            return await self._page_reply(user, message_id, on_text)
+    async def _under_lease(
+        self, bot: Bot, user: UserRef, answer: Callable[[], Awaitable[T]]
+    ) -> T | PageReply:
+        """Replicas: ``answer`` under the user's lease, after what the user sent in Telegram
+        before it is answered there, in this replica's line for the user."""
+        assert self.replicas is not None
         async with self.replicas.lease(user.telegram_id, wait=True) as held:
             if held is None:  # another replica kept the user's lease past REPLICA_WAIT
-                return PageReply(message_id, texts.BUSY, stored=False)
-            # What the user sent in Telegram before this is answered there first, in order.
+                return PageReply(0, texts.BUSY, stored=False)
             await self._answer_all(bot, user, None)
-            return await self._page_reply(user, message_id, on_text)
+            turn = self.dialogue.take_turn(user)
+            turn.mark_stored()
+            try:
+                await turn.wait_to_answer()
+                return await answer()
+            finally:
+                turn.finish()
 
     async def _page_reply(
         self, user: UserRef, message_id: int, on_text: Callable[[str], None]

@@ -486,3 +486,45 @@ async def test_a_message_reads_its_user_row_once(wired):
     user_reads = [s for s in statements if s.startswith("SELECT") and " FROM users" in s]
     assert len(user_reads) == 1, user_reads
     assert any(s.startswith("INSERT INTO messages") for s in statements)
+
+
+async def test_with_replicas_a_page_message_waits_for_the_owed_telegram_reply_not_forever(
+    tmp_path, tiny_model_dir, redis_url
+):
+    """A message typed on the page, with a Telegram message of the user's still owed when the
+    page's request takes the lease: the owed one is answered first, then the page's. The page's
+    turn used to be held while it answered what was owed, whose turns waited for it: the
+    request hung for good (seen as a 300 s client timeout beside busy processes)."""
+    import asyncio
+
+    from bot.dialogue import UserRef
+    from bot.replicas import ReplicaCoordinator
+
+    dp, bot, session, db = await in_process_bot(
+        f"sqlite+aiosqlite:///{tmp_path / 'bot.db'}", tiny_model_dir
+    )
+    replicas = await ReplicaCoordinator.connect(redis_url, lease_s=5, wait_s=30)
+    conversations = dp["conversations"]
+    conversations.replicas = replicas
+    user = UserRef(7, "Тест")
+    try:
+        await dp["dialogue"].store_user_message(user, "Из телеграма", telegram_message_id=5)
+        reply = await asyncio.wait_for(
+            conversations.receive_from_page(bot, user, "Со страницы", lambda text: None), 60
+        )
+        assert reply.stored
+        assert len(session.texts_to(7)) == 1  # the owed Telegram message got its reply there
+        async with db.connect() as connection:
+            rows = (
+                await connection.execute(
+                    text(
+                        "SELECT m.text, r.id FROM messages m JOIN messages r "
+                        "ON r.reply_to_id = m.id ORDER BY r.id"
+                    )
+                )
+            ).all()
+        assert [row[0] for row in rows] == ["Из телеграма", "Со страницы"]
+    finally:
+        await replicas.aclose()
+        dp["dialogue"].backend.close()
+        await db.dispose()
