@@ -188,9 +188,11 @@ class Conversations:
         self, bot: Bot, user: UserRef, text: str, on_text: Callable[[str], None]
     ) -> PageReply:
         """A message typed in the Mini App: stored in the user's line exactly as a Telegram
-        message (the same turn order; with replicas, under the same lease), answered on the
-        page (``on_text`` gets the reply as it grows), stored with its reply. It carries no
-        Telegram message id, so no restart or sweep ever answers it in the Telegram chat."""
+        message (the same turn order; with replicas, under the same lease, in its place among
+        the owed messages), answered on the page (``on_text`` gets the reply as it grows),
+        stored with its reply. It carries no Telegram message id, so no restart or sweep ever
+        answers it in the Telegram chat; one the page gave up on is settled, so nothing waits
+        for it."""
         turn = self.dialogue.take_turn(user)  # first, before any await
         try:
             await turn.wait_to_store()
@@ -202,12 +204,20 @@ class Conversations:
                 return await self._page_reply(user, stored.message_id, on_text)
         finally:
             # With replicas the turn ends once stored, as a Telegram message's does: the answer
-            # comes under the lease, in a turn of its own after what is owed in Telegram (held
+            # comes under the lease, in a turn of its own after what is owed before it (held
             # on, this turn made those answers wait for it while it waited for them).
             turn.finish()
-        return await self._under_lease(
-            bot, user, lambda: self._page_reply(user, stored.message_id, on_text)
-        )
+        message_id = stored.message_id
+        try:
+            reply = await self._under_lease(
+                bot, user, lambda: self._page_reply(user, message_id, on_text), before_id=message_id
+            )
+            if not reply.stored:
+                await self.dialogue.settle(message_id)
+            return reply
+        finally:
+            # The Telegram messages stored after this one waited for it (a drain stops at it).
+            self.answer_soon(bot, user, from_id=message_id)
 
     async def regenerate_on_page(
         self, bot: Bot, user: UserRef, on_text: Callable[[str], None]
@@ -231,15 +241,20 @@ class Conversations:
             turn.finish()
 
     async def _under_lease(
-        self, bot: Bot, user: UserRef, answer: Callable[[], Awaitable[T]]
+        self,
+        bot: Bot,
+        user: UserRef,
+        answer: Callable[[], Awaitable[T]],
+        before_id: int | None = None,
     ) -> T | PageReply:
-        """Replicas: ``answer`` under the user's lease, after what the user sent in Telegram
-        before it is answered there, in this replica's line for the user."""
+        """Replicas: ``answer`` under the user's lease, after what is owed in Telegram before
+        it (before message ``before_id``; everything owed when ``None``) is answered there, in
+        this replica's line for the user."""
         assert self.replicas is not None
         async with self.replicas.lease(user.telegram_id, wait=True) as held:
             if held is None:  # another replica kept the user's lease past REPLICA_WAIT
-                return PageReply(0, texts.BUSY, stored=False)
-            await self._answer_all(bot, user, None)
+                return PageReply(before_id or 0, texts.BUSY, stored=False)
+            await self._answer_all(bot, user, None, before_id=before_id)
             turn = self.dialogue.take_turn(user)
             turn.mark_stored()
             try:
@@ -271,6 +286,8 @@ class Conversations:
             if shown:
                 check_lease()
                 await asyncio.shield(self.dialogue.store_reply(user, shown, message_id))
+            else:  # stopped before a word: owed nothing, and nothing waits for it
+                await asyncio.shield(self.dialogue.settle(message_id))
             raise
         finally:
             self.metrics.page_generations.dec()
@@ -374,13 +391,22 @@ class Conversations:
         finally:
             self._swept.discard(user.telegram_id)
 
-    async def _answer_all(self, bot: Bot, user: UserRef, from_id: int | None) -> None:
+    async def _answer_all(
+        self, bot: Bot, user: UserRef, from_id: int | None, before_id: int | None = None
+    ) -> None:
         """Under the lease: each owed message, oldest first, each seeing the history before it,
-        and each /reset or /forget in its place among them.
+        and each /reset or /forget in its place among them, up to the first message typed on
+        the Mini App's page still waiting for its answer: only that page's request answers it
+        (it waits for this lease), then what follows it. ``before_id``: that request's own
+        message; what is owed before it is answered (other pages' messages passed over: each
+        is answered by its own request).
 
         What counts as too late to answer is fixed when the lease is taken, so a message does
-        not age out while it waits behind the user's earlier ones.
+        not age out while it waits behind the user's earlier ones. A page message blocks the
+        line only while its request may still be waiting for the lease (one whose replica died
+        is passed over after that).
         """
+        assert self.replicas is not None
         tried: set[int] = set()
         since = datetime.now(UTC)
         while True:
@@ -389,9 +415,20 @@ class Conversations:
                 telegram_id=user.telegram_id,
                 since=since,
                 from_id=from_id,
+                pages_younger_than_s=self.replicas.wait_s + self.replicas.lease_s,
             )
-            message = next((m for m in owed if m.message_id not in tried), None)
-            if message is None:
+            message = next(
+                (
+                    m
+                    for m in owed
+                    if m.message_id not in tried
+                    and not (before_id is not None and m.is_from_page and m.message_id < before_id)
+                ),
+                None,
+            )
+            if message is None or (before_id is not None and message.message_id >= before_id):
+                return
+            if message.is_from_page:  # its page's request answers it, and starts the rest
                 return
             tried.add(message.message_id)
             turn = self.dialogue.take_turn(user)  # in line with this replica's own answers

@@ -113,6 +113,11 @@ class OwedMessage:
     def is_command(self) -> bool:
         return self.role in repository.MARKER_ROLES
 
+    @property
+    def is_from_page(self) -> bool:
+        """Typed on the Mini App's page: only that page's request answers it."""
+        return self.telegram_message_id is None
+
 
 class Turn:
     """A user's place in line: messages are stored, then answered, in the order they arrived.
@@ -414,13 +419,18 @@ class DialogueService:
         *,
         since: datetime | None = None,
         from_id: int | None = None,
+        pages_younger_than_s: float | None = None,
     ) -> list[OwedMessage]:
         """Each Telegram message younger than ``max_age_s`` (counted from ``since``, default
         now), or with an id of at least ``from_id``, and older than ``min_age_s``, with no
         delivered reply (the bot died mid-reply, or Telegram refused the reply), and each
         /reset or /forget not carried out yet, oldest first; only ``telegram_id``'s when it
-        is given."""
+        is given. ``pages_younger_than_s``: with them, the messages typed on the page that
+        long ago or less still waiting for their answer (:attr:`OwedMessage.is_from_page`)."""
         now = datetime.now(UTC)
+        pages_since = (
+            None if pages_younger_than_s is None else now - timedelta(seconds=pages_younger_than_s)
+        )
         async with self.sessions() as session:
             pending = await repository.unanswered_messages(
                 session,
@@ -428,6 +438,7 @@ class DialogueService:
                 until=now - timedelta(seconds=min_age_s) if min_age_s > 0 else None,
                 telegram_id=telegram_id,
                 from_id=from_id,
+                pages_since=pages_since,
             )
         return [
             OwedMessage(

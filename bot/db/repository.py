@@ -130,7 +130,7 @@ class PendingMessage:
     thread_id: int | None  # the forum topic it was written in, where its reply goes
     role: str
     draft_id: int | None  # the bot's message an earlier attempt was streaming its reply into
-    telegram_message_id: int  # the message in its chat, which a reply may quote
+    telegram_message_id: int | None  # in its chat, which a reply may quote; None: the page's
     user_id: int  # the author's row: what answering it needs of the user comes with it
     temperature: float | None
     memory_enabled: bool
@@ -142,16 +142,26 @@ async def unanswered_messages(
     until: datetime | None = None,
     telegram_id: int | None = None,
     from_id: int | None = None,
+    pages_since: datetime | None = None,
 ) -> list[PendingMessage]:
     """Telegram messages stored from ``since`` (to ``until``), or with an id of at least
     ``from_id``, that no stored reply answers and that were not settled (:func:`settle`), and
     the markers not carried out yet whatever their age (a /reset is never dropped for being
-    late), oldest first; only the user ``telegram_id``'s when given."""
+    late), oldest first; only the user ``telegram_id``'s when given. ``pages_since``: the
+    messages typed on the Mini App's page from then on that are waiting for their answer
+    too (``telegram_message_id`` None: only the page's request answers them, and a Telegram
+    message stored after one waits for it)."""
     reply = aliased(Message)
     answered = exists().where(reply.reply_to_id == Message.id)
     recent = Message.created_at >= since
     if from_id is not None:
         recent = or_(recent, Message.id >= from_id)
+    owed_here = and_(Message.telegram_message_id.is_not(None), recent)
+    if pages_since is not None:
+        owed_here = or_(
+            owed_here,
+            and_(Message.telegram_message_id.is_(None), Message.created_at >= pages_since),
+        )
     query = (
         select(
             Message.id,
@@ -167,10 +177,9 @@ async def unanswered_messages(
         )
         .join(User, User.id == Message.user_id)
         .where(
-            Message.telegram_message_id.is_not(None),
             or_(
-                and_(Message.role == USER_ROLE, recent, ~answered, Message.settled_at.is_(None)),
-                Message.role.in_(MARKER_ROLES),
+                and_(Message.role == USER_ROLE, owed_here, ~answered, Message.settled_at.is_(None)),
+                and_(Message.role.in_(MARKER_ROLES), Message.telegram_message_id.is_not(None)),
             ),
         )
         .order_by(Message.id)

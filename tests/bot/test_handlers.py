@@ -528,3 +528,62 @@ async def test_with_replicas_a_page_message_waits_for_the_owed_telegram_reply_no
         await replicas.aclose()
         dp["dialogue"].backend.close()
         await db.dispose()
+
+
+async def test_with_replicas_telegram_messages_after_a_waiting_page_message_wait_for_it(
+    tmp_path, tiny_model_dir, redis_url
+):
+    """A message typed on the page whose request is still waiting for the lease holds its
+    place: a drain answers the Telegram message stored before it and leaves the one stored
+    after it (a drain used to answer both, and the page's reply came after a later message's);
+    once the page's request could no longer be waiting (its replica died), it is passed over."""
+    import asyncio
+    from datetime import UTC, datetime, timedelta
+
+    from sqlalchemy import update
+
+    from bot.db.models import Message
+    from bot.dialogue import UserRef
+    from bot.replicas import ReplicaCoordinator
+
+    dp, bot, session, db = await in_process_bot(
+        f"sqlite+aiosqlite:///{tmp_path / 'bot.db'}", tiny_model_dir
+    )
+    replicas = await ReplicaCoordinator.connect(redis_url, lease_s=5, wait_s=30)
+    conversations, dialogue = dp["conversations"], dp["dialogue"]
+    conversations.replicas = replicas
+    user = UserRef(7, "Тест")
+
+    async def drain() -> None:
+        conversations.answer_soon(bot, user)
+        await asyncio.wait_for(asyncio.gather(*conversations._tasks), 60)
+
+    async def answered() -> list[str]:
+        async with db.connect() as connection:
+            rows = await connection.execute(
+                text(
+                    "SELECT m.text FROM messages m JOIN messages r ON r.reply_to_id = m.id "
+                    "ORDER BY r.id"
+                )
+            )
+            return [row[0] for row in rows.all()]
+
+    try:
+        await dialogue.store_user_message(user, "Раньше страницы", telegram_message_id=5)
+        page = await dialogue.store_user_message(user, "Со страницы")
+        await dialogue.store_user_message(user, "После страницы", telegram_message_id=6)
+        await drain()
+        assert await answered() == ["Раньше страницы"]
+        assert len(session.texts_to(7)) == 1
+        async with db.begin() as connection:  # the page's request is past waiting for good
+            await connection.execute(
+                update(Message)
+                .where(Message.id == page.message_id)
+                .values(created_at=datetime.now(UTC) - timedelta(seconds=36))
+            )
+        await drain()
+        assert await answered() == ["Раньше страницы", "После страницы"]
+    finally:
+        await replicas.aclose()
+        dialogue.backend.close()
+        await db.dispose()
