@@ -312,6 +312,8 @@ async def run_bot(settings: Settings) -> None:
         )
         health.redis = replicas.redis
     db_engine, dialogue = await open_services(settings)
+    if replicas is not None:
+        replicas.fence = dialogue  # each lease's fencing token, kept where Redis's loss is not
     health.db, health.model_ready = db_engine, True
     dp = build_dispatcher(dialogue, settings, db_engine, metrics, replicas, online_since)
     page = WebAppApi(bot, dp["conversations"], settings, dp["rate_counter"])

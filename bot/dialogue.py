@@ -35,6 +35,7 @@ from bot.facts import Fact, extract_facts, facts_exchange
 from bot.memory import build_prompt_turns, segments_add_up
 from bot.morphology import content_lemmas
 from bot.recall import MAX_RECALLED, ranked
+from bot.replicas import current_lease
 from dataset_tools.dialogue_format import sanitize_utterance
 
 logger = logging.getLogger(__name__)
@@ -90,6 +91,17 @@ class StoredUser:
     @classmethod
     def of(cls, row: User) -> StoredUser:
         return cls(row.id, row.temperature, row.memory_enabled)
+
+
+async def fenced(session: AsyncSession) -> None:
+    """With replicas, in a transaction that stores something of a reply: raise ``LeaseLost``
+    unless the lease the work runs under still has the user's newest fencing token (the row
+    stays locked to the commit, so no newer grant slips in between; ``bot.replicas``)."""
+    held = current_lease()
+    if held is None or held.token is None:
+        return
+    if not await repository.holds_lease_token(session, held.user_id, held.token):
+        raise held.lost_to_a_newer_token()
 
 
 @dataclass(frozen=True)
@@ -386,6 +398,7 @@ class DialogueService:
         it (/reset: in that topic). Call it when the messages before it are answered (with
         replicas, under the user's lease)."""
         async with self.sessions.begin() as session:
+            await fenced(session)
             row = await repository.get_or_create_user(session, user.telegram_id, user.name)
             everything = role == repository.FORGET_ROLE
             topics = await repository.topics(session, user.telegram_id) if everything else []
@@ -665,6 +678,7 @@ class DialogueService:
         recalled = self._recalled_for.pop(reply_to_id, None) if reply_to_id else None
 
         async def store(session: AsyncSession) -> None:
+            await fenced(session)
             row = author or await repository.get_or_create_user(
                 session, user.telegram_id, user.name
             )
@@ -695,13 +709,25 @@ class DialogueService:
         """Give up answering message ``message_id``: the user got a notice instead, or the
         chat refuses the bot. No restart or sweep answers it again."""
         async with self.sessions.begin() as session:
+            await fenced(session)
             await repository.settle(session, message_id, datetime.now(UTC))
 
     async def remember_draft(self, message_id: int, telegram_message_id: int) -> None:
         """The Telegram message the reply to ``message_id`` is being streamed into, kept with
         the message so that whoever answers it after a crash writes into it."""
         async with self.sessions.begin() as session:
+            await fenced(session)
             await repository.set_reply_draft(session, message_id, telegram_message_id)
+
+    # -- fencing tokens of replicas' leases (bot.replicas.LeaseFence) --------------------------
+
+    async def grant_lease_token(self, user_id: int) -> int:
+        return await self._write(lambda session: repository.grant_lease_token(session, user_id))
+
+    async def holds_lease_token(self, user_id: int, token: int) -> bool:
+        return await self._write(
+            lambda session: repository.holds_lease_token(session, user_id, token)
+        )
 
     async def reset(self, user: UserRef, thread_id: int | None = None) -> int:
         """Forget the conversation (``/reset``); in a forum group, that of topic ``thread_id``."""

@@ -22,6 +22,14 @@ The rule that keeps one user's conversation in order whichever replica gets whic
   Bot API call made under a lease and the storing of a reply first check the lease's deadline,
   kept on this replica's own monotonic clock (:func:`check_lease`), so the check needs no
   round trip and holds even when the stalled replica wakes up with a request ready to go.
+- **Fencing tokens**: the deadline cannot tell a replica that Redis forgot its lock (a
+  restart, a failover, an eviction) and gave it to another. Each grant of a lease therefore
+  takes the user's next *fencing token* from the database (:class:`LeaseFence`, kept in
+  ``users.lease_token``, which survives Redis), and only the newest token's holder acts: each
+  Bot API call of a reply asks first (:func:`check_fence`), and a reply, its draft, a settled
+  mark and a /reset are stored in a transaction that finds the token still current. A replica
+  that lost its lease stops before its next call and leaves the message to the new holder,
+  which writes the reply into the message the first one had started.
 - **A replica that dies** stops renewing its leases: they expire after ``REPLICA_LEASE_S``, and
   every replica's sweep (:meth:`bot.conversation.Conversations.sweep_forever`) picks owed
   messages whose lease is free. The reply the dead replica was streaming is not sent again as a
@@ -47,6 +55,7 @@ import time
 from collections.abc import AsyncIterator
 from contextvars import ContextVar
 from dataclasses import dataclass
+from typing import Protocol
 
 from redis.asyncio import Redis
 from redis.asyncio.lock import Lock
@@ -67,18 +76,40 @@ class LeaseLost(Exception):
     than REPLICA_LEASE_S): another replica may be answering them now."""
 
 
+class LeaseFence(Protocol):
+    """Where fencing tokens are granted and checked: somewhere that outlives Redis's data (the
+    bot's database, ``bot.dialogue.DialogueService``)."""
+
+    async def grant_lease_token(self, user_id: int) -> int:
+        """A token greater than every one granted for ``user_id`` before."""
+        ...
+
+    async def holds_lease_token(self, user_id: int, token: int) -> bool:
+        """Whether ``token`` is still the newest granted for ``user_id``."""
+        ...
+
+
 @dataclass
 class HeldLease:
     """A user's lease as this replica holds it: until ``deadline`` (``time.monotonic()``), Redis
-    gives it to nobody else."""
+    gives it to nobody else, as long as Redis keeps its data; ``token``: the fencing token
+    granted with it (``None`` without a :class:`LeaseFence`), which tells even then."""
 
     user_id: int
     deadline: float
+    token: int | None = None
+    fence: LeaseFence | None = None
 
     def check(self) -> None:
         overdue = time.monotonic() - self.deadline
         if overdue >= 0:
             raise LeaseLost(f"the lease on user {self.user_id} ran out {overdue:.1f} s ago")
+
+    def lost_to_a_newer_token(self) -> LeaseLost:
+        return LeaseLost(
+            f"another replica holds the lease on user {self.user_id} now (this one's fencing "
+            f"token {self.token} is not the newest)"
+        )
 
 
 _held: ContextVar[HeldLease | None] = ContextVar("held_lease", default=None)
@@ -93,16 +124,42 @@ def check_lease() -> None:
         held.check()
 
 
+def current_lease() -> HeldLease | None:
+    """The lease the work in progress runs under (``None``: one process, or no lease)."""
+    return _held.get()
+
+
+async def check_fence() -> None:
+    """:func:`check_lease`, then whether the lease's fencing token is still the newest (one
+    round trip to the database): before each Bot API call of a reply."""
+    held = _held.get()
+    if held is None:
+        return
+    held.check()
+    fence, token = held.fence, held.token
+    if (
+        fence is not None
+        and token is not None
+        and not await fence.holds_lease_token(held.user_id, token)
+    ):
+        raise held.lost_to_a_newer_token()
+
+
 class ReplicaCoordinator:
     """Users' leases, shared by all replicas through Redis."""
 
-    def __init__(self, redis: Redis, lease_s: float, wait_s: float) -> None:
+    def __init__(
+        self, redis: Redis, lease_s: float, wait_s: float, fence: LeaseFence | None = None
+    ) -> None:
         self.redis = redis
         self.lease_s = lease_s  # how long a dead replica's lease outlives it
         self.wait_s = wait_s  # longest wait for a user's lease before leaving it to the sweep
+        self.fence = fence  # grants each lease its fencing token (set once the database is open)
 
     @classmethod
-    async def connect(cls, url: str, lease_s: float, wait_s: float) -> ReplicaCoordinator:
+    async def connect(
+        cls, url: str, lease_s: float, wait_s: float, fence: LeaseFence | None = None
+    ) -> ReplicaCoordinator:
         """Connect and check the server answers: a wrong REDIS_URL fails at start, in one line."""
         redis = Redis.from_url(url, socket_connect_timeout=2, socket_timeout=5)
         try:
@@ -110,7 +167,7 @@ class ReplicaCoordinator:
         except (RedisError, OSError) as error:
             await redis.aclose()
             raise ConfigError(f"REDIS_URL: cannot reach Redis ({error})") from None
-        return cls(redis, lease_s, wait_s)
+        return cls(redis, lease_s, wait_s, fence)
 
     async def aclose(self) -> None:
         await self.redis.aclose()
@@ -135,7 +192,14 @@ class ReplicaCoordinator:
         if not await lock.acquire():
             yield None
             return
-        held = HeldLease(user_id, self._deadline(time.monotonic()))
+        held = HeldLease(user_id, self._deadline(time.monotonic()), fence=self.fence)
+        if self.fence is not None:
+            try:
+                held.token = await self.fence.grant_lease_token(user_id)
+            except BaseException:
+                with contextlib.suppress(LockError, RedisError):
+                    await lock.release()
+                raise
         token = _held.set(held)
         done = asyncio.Event()
         renewal = asyncio.create_task(self._renew(lock, held, done))

@@ -44,6 +44,8 @@ class User(Base):
     # /memory off: the facts are kept (and shown by /memory) but left out of the prompt
     memory_enabled: Mapped[bool] = mapped_column(Boolean, default=True, server_default="1")
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    # With replicas: grown by each grant of the user's lease (bot.replicas, migration 0011)
+    lease_token: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
 
 
 class Message(Base):

@@ -69,6 +69,37 @@ async def get_or_create_user(session: AsyncSession, telegram_id: int, name: str 
     return user
 
 
+async def grant_lease_token(session: AsyncSession, telegram_id: int) -> int:
+    """The next fencing token of ``telegram_id``'s lease (``bot.replicas``): one more than any
+    granted before, whatever Redis remembers."""
+    grant = (
+        update(User)
+        .where(User.telegram_id == telegram_id)
+        .values(lease_token=User.lease_token + 1)
+        .returning(User.lease_token)
+    )
+    token = await session.scalar(grant)
+    if token is None:  # nothing stored for this chat yet
+        await get_or_create_user(session, telegram_id, None)
+        token = await session.scalar(grant)
+    assert token is not None
+    return token
+
+
+async def holds_lease_token(session: AsyncSession, telegram_id: int, token: int) -> bool:
+    """Whether ``token`` is still ``telegram_id``'s newest fencing token. Asked with a write,
+    so the user's row stays locked to the end of the transaction: a grant made meanwhile waits
+    for what this transaction stores (PostgreSQL's row lock, SQLite's write lock)."""
+    held = (
+        update(User)
+        .where(User.telegram_id == telegram_id, User.lease_token == token)
+        .values(lease_token=token)
+        .returning(User.id)
+        .execution_options(synchronize_session=False)
+    )
+    return await session.scalar(held) is not None
+
+
 async def set_temperature(session: AsyncSession, user: User, value: float | None) -> None:
     user.temperature = value
     await session.flush()

@@ -2,9 +2,10 @@
 
 A replica that stalls longer than ``REPLICA_LEASE_S`` (a frozen VM, a stopped process) wakes up
 mid-reply, perhaps with a request about to be sent again by :class:`RetryMiddleware`, while a
-survivor has already answered the user. Registered inside the retry middleware, this check runs
-before every attempt, so the stalled replica's next message or edit never reaches the user.
-Calls made outside a lease (one process, no replicas) pass untouched.
+survivor has already answered the user; or Redis forgot its lock and another replica took the
+user's lease. Registered inside the retry middleware, this check (the lease's deadline, then its
+fencing token) runs before every attempt, so the replica's next message or edit never reaches
+the user. Calls made outside a lease (one process, no replicas) pass untouched.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from aiogram.client.session.middlewares.base import BaseRequestMiddleware, NextR
 from aiogram.methods import SendChatAction, TelegramMethod
 from aiogram.methods.base import Response
 
-from bot.replicas import check_lease
+from bot.replicas import check_fence
 
 
 class LeaseFenceMiddleware(BaseRequestMiddleware):
@@ -29,5 +30,5 @@ class LeaseFenceMiddleware(BaseRequestMiddleware):
         method: TelegramMethod[Any],
     ) -> Response[Any]:
         if not isinstance(method, SendChatAction):  # "typing…" changes nothing the user keeps
-            check_lease()
+            await check_fence()
         return await make_request(bot, method)

@@ -1,0 +1,64 @@
+"""Fencing tokens (bot.replicas): a replica whose lease Redis forgot acts no more for the user.
+
+Real Redis, real database (SQLite and PostgreSQL), the real dispatcher and model; only the Bot
+API's HTTP is recorded.
+"""
+
+import pytest
+
+from bot.dialogue import UserRef
+from bot.middlewares.lease_fence import LeaseFenceMiddleware
+from bot.replicas import LeaseLost, ReplicaCoordinator
+from tests.bot.recording_session import in_process_bot
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def database_url(request, tmp_path) -> str:
+    if request.param == "sqlite":
+        return f"sqlite+aiosqlite:///{tmp_path / 'bot.db'}"
+    return request.getfixturevalue("postgres_url")
+
+
+async def test_a_replica_whose_lease_redis_forgot_neither_sends_nor_stores(
+    database_url, tiny_model_dir, redis_url
+):
+    """Redis loses its data (a restart) while a replica streams a reply, and another replica
+    is granted the user's lease: the first, its own deadline still far off, stops before its
+    next Bot API call and stores neither the reply nor its draft. Without fencing tokens it
+    went on (the deadline on its own clock was all it checked), and the user got the reply
+    twice."""
+    dp, bot, session, db = await in_process_bot(database_url, tiny_model_dir)
+    session.middleware(LeaseFenceMiddleware())
+    dialogue = dp["dialogue"]
+    first, second = [
+        await ReplicaCoordinator.connect(redis_url, lease_s=30, wait_s=5, fence=dialogue)
+        for _ in range(2)
+    ]
+    user = UserRef(7001, "Аня")
+    try:
+        message_id = await dialogue.remember_user_message(user, "Привет!", 101)
+        async with first.lease(user.telegram_id) as held:
+            assert held is not None
+            await bot.send_message(user.telegram_id, "Первые слова")  # the holder may
+            await first.redis.flushall()  # Redis restarted empty: the lock is forgotten
+            async with second.lease(user.telegram_id, wait=False) as taken:
+                assert taken is not None and taken.token > held.token
+            with pytest.raises(LeaseLost, match="fencing token"):
+                await bot.send_message(user.telegram_id, "Первые слова и ещё")
+            with pytest.raises(LeaseLost):
+                await dialogue.remember_draft(message_id, 555)
+            with pytest.raises(LeaseLost):
+                await dialogue.store_reply(user, "Ответ", message_id)
+        assert session.texts_to(user.telegram_id) == ["Первые слова"]
+        [owed] = await dialogue.unanswered(600)  # still owed, to the new holder
+        assert owed.message_id == message_id and owed.draft_id is None
+        async with second.lease(user.telegram_id, wait=False) as newest:  # the newest acts
+            assert newest is not None
+            await bot.send_message(user.telegram_id, "Ответ")
+            assert await dialogue.store_reply(user, "Ответ", message_id)
+        assert await dialogue.unanswered(600) == []
+    finally:
+        await first.aclose()
+        await second.aclose()
+        dialogue.backend.close()
+        await db.dispose()
