@@ -19,6 +19,7 @@ from aiogram.exceptions import (
     ClientDecodeError,
     TelegramAPIError,
     TelegramNetworkError,
+    TelegramServerError,
     TelegramUnauthorizedError,
 )
 from aiogram.types import BotCommand, ErrorEvent, MenuButtonWebApp, User, WebAppInfo
@@ -166,13 +167,18 @@ def build_dispatcher(
     background: list[asyncio.Task[None]] = []
 
     async def on_error(event: ErrorEvent) -> bool:
-        """Log the failure (the token is redacted by the logging filter), apologise, go on."""
+        """Log the failure (the token is redacted by the logging filter), apologise, go on.
+
+        No apology when it was Telegram that failed past every retry: the message stays owed
+        and its reply comes later (the next start, another replica's sweep), and an apology
+        sent once Telegram is back would stand beside that reply."""
         metrics.errors.inc()
         logger.error(
             "error while handling update %s", event.update.update_id, exc_info=event.exception
         )
         message = event.update.message
-        if message is not None:
+        telegram_failed = isinstance(event.exception, TelegramNetworkError | TelegramServerError)
+        if message is not None and not telegram_failed:
             try:
                 await message.answer(texts.ERROR)
             except TelegramAPIError:

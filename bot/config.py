@@ -116,6 +116,10 @@ class Settings(BaseSettings):
     )
     stream_replies: bool = True
     stream_edit_interval_s: float = Field(1.0, ge=0, description="per chat; Telegram allows ~1/s")
+    stream_drafts: bool = Field(True, description="private chats: stream as sendMessageDraft")
+    telegram_outage_s: float = Field(
+        120.0, ge=0, description="how long a reply's final text is tried while Telegram fails"
+    )
     system_prompt: str = DEFAULT_PERSONA
     history_messages: int = Field(60, ge=2, description="messages read from the DB per prompt")
     memory_tokens: int = Field(

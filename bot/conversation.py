@@ -47,7 +47,7 @@ from bot.dialogue import DialogueService, OwedMessage, Turn, UserRef
 from bot.engine import EngineBusy, EngineTimeout
 from bot.metrics import BotMetrics
 from bot.replicas import LeaseLost, ReplicaCoordinator, check_lease
-from bot.streaming import ReplyStream, TypingIndicator
+from bot.streaming import Drafts, ReplyStream, TypingIndicator
 
 logger = logging.getLogger(__name__)
 
@@ -113,6 +113,7 @@ class Conversations:
         self.online_since = online_since or datetime.now(UTC)
         self._tasks: set[asyncio.Task[None]] = set()  # answers running in the background
         self._swept: set[int] = set()  # users this replica's sweep is answering now
+        self.drafts = Drafts(settings.stream_drafts)  # off for good at the first refusal
 
     # -- entry points of the Telegram adapters --------------------------------------------------
 
@@ -503,6 +504,9 @@ class Conversations:
             on_sent=functools.partial(dialogue.remember_draft, message_id),
             quote_message_id=message.telegram_message_id,
             quote_when=quote_needed,
+            drafts=self.drafts,
+            draft_id=message_id,
+            outage_s=self.settings.telegram_outage_s,
         )
         on_text = stream.update if self.settings.stream_replies else None
         try:

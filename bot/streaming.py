@@ -11,6 +11,18 @@ final, cleaned reply in place (the same text the database keeps), splitting it w
 than one Telegram message; it raises when Telegram does not take it, so the caller never stores
 a reply the user did not get.
 
+In a private chat the progress goes as a *draft* instead (``sendMessageDraft``, :class:`Drafts`):
+an ephemeral preview under the user's input that vanishes unless a message follows, and the reply
+is sent once, whole, with ``sendMessage``. A bot killed (or a replica stalled) mid-reply then
+leaves nothing on the user's screen, and whoever answers the message next sends it once. Where
+drafts are not offered (groups; a Bot API server that does not know the method, or refuses it
+for this bot) the reply streams by edits, as above.
+
+Telegram failing for a while (5xx, timeouts past the retries of ``bot.middlewares.retry``):
+:meth:`ReplyStream.finish` keeps trying to deliver the final text for ``outage_s``, so the user
+is left with the whole reply once Telegram is back, never with its first words as the last
+word, and the reply is stored only then.
+
 A group has a second limit: about 20 messages a minute per group, edits included (Telegram's
 FAQ, and its maintainers on edits), so one reply streamed at one edit a second used most of a
 group's minute, and the next replies met "Too Many Requests" with waits of tens of seconds.
@@ -29,7 +41,13 @@ from collections import deque
 from collections.abc import Awaitable, Callable
 
 from aiogram import Bot
-from aiogram.exceptions import TelegramBadRequest
+from aiogram.exceptions import (
+    TelegramBadRequest,
+    TelegramNetworkError,
+    TelegramNotFound,
+    TelegramServerError,
+)
+from aiogram.methods import SendMessageDraft
 from aiogram.types import Message, ReplyParameters
 from aiogram.utils.chat_action import ChatActionSender
 
@@ -96,6 +114,31 @@ class GroupPace:
 #: The process's count of what went to each group (every ReplyStream shares it).
 GROUP_PACE = GroupPace()
 
+#: While Telegram fails, how long to wait between tries of a reply's final text.
+OUTAGE_RETRY_INTERVAL_S = 2.0
+
+
+class Drafts:
+    """Whether this process streams replies in private chats as drafts (``sendMessageDraft``).
+
+    On unless the operator turned it off (``STREAM_DRAFTS=false``), and off for the rest of the
+    process the first time the Bot API answers that it does not know the method (an older local
+    Bot API server) or will not take it from this bot: one refusal is enough, so no reply pays
+    for a second one. Counted: ``sent`` drafts, and replies that fell back to edits.
+    """
+
+    def __init__(self, enabled: bool = True) -> None:
+        self.enabled = enabled
+        self.sent = 0
+
+    def refused(self, error: Exception) -> None:
+        if self.enabled:
+            logger.warning(
+                "the Bot API refused sendMessageDraft (%s): replies stream by edits from now on",
+                getattr(error, "message", type(error).__name__),
+            )
+        self.enabled = False
+
 
 class ReplyStream:
     """One reply being streamed into one Telegram message (then more, if it is long).
@@ -109,6 +152,9 @@ class ReplyStream:
     decides whether to quote at the moment that message is sent, not before the reply is
     generated: whether a bare reply could be taken for an answer to something else depends on
     what the user wrote meanwhile. ``pace``: the groups' minute budget (:data:`GROUP_PACE`).
+    ``drafts`` and ``draft_id`` (non-zero, the same for every try at this reply): stream the
+    progress as a draft where :class:`Drafts` allows (a private chat, nothing to resume).
+    ``outage_s``: how long :meth:`finish` keeps trying the final text while Telegram fails.
     """
 
     def __init__(
@@ -123,6 +169,9 @@ class ReplyStream:
         quote_message_id: int | None = None,
         quote_when: Callable[[], Awaitable[bool]] | None = None,
         pace: GroupPace | None = None,
+        drafts: Drafts | None = None,
+        draft_id: int = 0,
+        outage_s: float = 0.0,
     ) -> None:
         self.bot = bot
         self.chat_id = chat_id  # the reply goes to this chat (and forum topic, if any)
@@ -138,6 +187,11 @@ class ReplyStream:
         )
         self._quote_when = quote_when
         self.pace = pace if pace is not None else GROUP_PACE
+        drafting = drafts is not None and chat_id > 0 and draft_id and resume_message_id is None
+        self._drafts = drafts if drafting else None
+        self._draft_id = draft_id
+        self.outage_s = outage_s
+        self._more_sent = 0  # pieces after the first that reached the user (a long final text)
         self._latest = ""
         self._shown = ""
         self._last_send = clock()  # the user's message counts as the chat's last exchange
@@ -179,11 +233,28 @@ class ReplyStream:
             finally:
                 self._sending = False
 
-    async def _show(self, text: str) -> None:
-        """Put ``text`` on the user's screen. It counts as shown only once Telegram took it:
-        recorded before, an edit that failed (a 502 past the retries) made :meth:`finish`
-        skip the final edit, and a reply the user saw cut was stored as delivered."""
+    async def _show(self, text: str, final: bool = False) -> None:
+        """Put ``text`` on the user's screen (as a draft while it is not ``final``, where
+        drafts are used). It counts as shown only once Telegram took it: recorded before, an
+        edit that failed (a 502 past the retries) made :meth:`finish` skip the final edit, and
+        a reply the user saw cut was stored as delivered."""
         self._last_send = self.clock()
+        drafts = self._drafts
+        if drafts is not None and drafts.enabled and self.sent is None and not final:
+            try:
+                await self.bot(
+                    SendMessageDraft(
+                        chat_id=self.chat_id,
+                        draft_id=self._draft_id,
+                        text=text,
+                        message_thread_id=self.thread_id,
+                    )
+                )
+                drafts.sent += 1
+                self._shown = text
+                return
+            except (TelegramNotFound, TelegramBadRequest) as error:
+                drafts.refused(error)  # and this reply streams by edits, from this text on
         if self.sent is not None:
             self.pace.note(self.chat_id)
             try:
@@ -238,18 +309,35 @@ class ReplyStream:
                 # the update ends, and the reply would go on being sent.
                 await asyncio.wait([self._pump])
         pieces = split_message(final) or [final]
+        gives_up_at = time.monotonic() + self.outage_s
+        while True:
+            try:
+                await self._deliver(pieces)
+                return
+            except (TelegramNetworkError, TelegramServerError) as error:
+                if time.monotonic() >= gives_up_at:
+                    raise
+                logger.warning(
+                    "chat %s: Telegram did not take the reply's final text (%s): trying again",
+                    self.chat_id,
+                    type(error).__name__,
+                )
+                await asyncio.sleep(OUTAGE_RETRY_INTERVAL_S)
+
+    async def _deliver(self, pieces: list[str]) -> None:
+        """The final text, from where an earlier try stopped: the first piece in the reply's
+        message (sent now when there is none yet: a draft, or nothing shown), the rest as
+        more messages."""
         if self.sent is None:
-            await self._show(pieces[0])
-            for piece in pieces[1:]:
-                await self._send(piece)
-            return
-        if pieces[0] != self._shown:
+            await self._show(pieces[0], final=True)
+        elif pieces[0] != self._shown:
             wait = self._last_send + self.interval_s - self.clock()
             if wait > 0:
                 await asyncio.sleep(wait)
-            await self._show(pieces[0])
-        for piece in pieces[1:]:
+            await self._show(pieces[0], final=True)
+        for piece in pieces[1 + self._more_sent :]:
             await self._send(piece)
+            self._more_sent += 1
 
     async def _send(self, text: str, quote: ReplyParameters | None = None) -> Message:
         self.pace.note(self.chat_id)

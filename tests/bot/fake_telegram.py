@@ -54,6 +54,10 @@ class FakeTelegram:
         self.registered_webhook: str | None = None
         self._chat_workers: dict[int, asyncio.Task[None]] = {}
         self.webhook_attempts = 0  # POSTs to the webhook, failed ones included
+        # sendMessageDraft: like a Bot API server older than 9.3 unless a test offers it. An
+        # offered draft is shown (chat id -> text) until a message is sent to its chat.
+        self.drafts_offered = False
+        self.drafts_shown: dict[int, str] = {}
 
     def fail_next(self, method: str, *statuses: int) -> None:
         """Answer the next calls of ``method`` with these errors (429 asks to retry after 1 s)."""
@@ -273,7 +277,10 @@ class FakeTelegram:
                 status=409,
             )
         handler = getattr(self, f"_api_{method}", None)
+        if method == "sendMessageDraft" and not self.drafts_offered:
+            handler = None
         if handler is None:
+            self.calls[-1].ok = False
             return web.json_response(
                 {"ok": False, "error_code": 404, "description": f"Not Found: {method}"}, status=404
             )
@@ -300,6 +307,7 @@ class FakeTelegram:
 
     async def _api_sendMessage(self, params: dict[str, Any]) -> Any:
         chat_id = int(params["chat_id"])
+        self.drafts_shown.pop(chat_id, None)  # a message ends the chat's draft
         params["message_id"] = next(self._message_ids)
         self.shown[params["message_id"]] = params["text"]
         return {
@@ -309,6 +317,17 @@ class FakeTelegram:
             "from": BOT_USER,
             "text": params["text"],
         }
+
+    async def _api_sendMessageDraft(self, params: dict[str, Any]) -> Any:
+        self.drafts_shown[int(params["chat_id"])] = params["text"]
+        return True
+
+    def drafts_to(self, chat_id: int) -> list[str]:
+        return [
+            c.params["text"]
+            for c in self.calls
+            if c.method == "sendMessageDraft" and c.ok and int(c.params["chat_id"]) == chat_id
+        ]
 
     async def _api_editMessageText(self, params: dict[str, Any]) -> Any:
         chat_id, message_id = int(params["chat_id"]), int(params["message_id"])

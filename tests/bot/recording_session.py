@@ -13,8 +13,20 @@ from typing import Any
 
 from aiogram import Bot
 from aiogram.client.session.base import BaseSession
-from aiogram.exceptions import TelegramBadRequest, TelegramForbiddenError, TelegramServerError
-from aiogram.methods import EditMessageText, GetChatMember, GetMe, SendMessage, TelegramMethod
+from aiogram.exceptions import (
+    TelegramBadRequest,
+    TelegramForbiddenError,
+    TelegramNotFound,
+    TelegramServerError,
+)
+from aiogram.methods import (
+    EditMessageText,
+    GetChatMember,
+    GetMe,
+    SendMessage,
+    SendMessageDraft,
+    TelegramMethod,
+)
 from aiogram.types import Chat, ChatMemberMember, ChatMemberOwner, Message, User
 
 BOT_USER = User(id=42, is_bot=True, first_name="Тестбот", username="test_bot")
@@ -29,6 +41,8 @@ class RecordingSession(BaseSession):
         self.blocked: set[int] = set()  # chats that refuse the bot (blocked, left the group)
         self.group_admins: set[tuple[int, int]] = set()  # (group, user) for getChatMember
         self.failing_edits = 0  # the next this many edits fail as Telegram's 502 would
+        self.failing_sends = 0  # the next this many sendMessage calls fail likewise
+        self.drafts_offered = False  # sendMessageDraft: unknown, as to a Bot API before 9.3
 
     async def make_request(
         self, bot: Bot, method: TelegramMethod[Any], timeout: int | None = None
@@ -43,6 +57,11 @@ class RecordingSession(BaseSession):
         if isinstance(method, EditMessageText) and self.failing_edits > 0:
             self.failing_edits -= 1
             raise TelegramServerError(method, "Bad Gateway")
+        if isinstance(method, SendMessage) and self.failing_sends > 0:
+            self.failing_sends -= 1
+            raise TelegramServerError(method, "Bad Gateway")
+        if isinstance(method, SendMessageDraft) and not self.drafts_offered:
+            raise TelegramNotFound(method, "Not Found")
         if isinstance(method, GetMe):
             return BOT_USER
         if isinstance(method, GetChatMember):

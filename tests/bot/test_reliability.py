@@ -339,26 +339,70 @@ async def test_a_message_older_than_the_limit_is_not_answered_after_a_restart(
     assert fake.sent_to(ALICE) == bot_replies(db, ALICE)
 
 
-async def test_a_reply_telegram_refused_is_sent_at_the_next_start_in_its_topic(
+async def test_a_reply_telegram_refused_past_the_outage_allowance_is_sent_at_the_next_start(
     fake, running, tmp_path
 ):
-    """In a forum group's topic: the reply owed after the restart goes to that topic too (it
-    went to the group's general topic when only the first handler knew the topic)."""
+    """In a forum group's topic, Telegram refusing the reply longer than TELEGRAM_OUTAGE_S:
+    the message stays owed, with no apology (sent once Telegram was back, it stood beside the
+    reply), and the restarted bot sends the reply to that topic (it went to the group's
+    general topic when only the first handler knew the topic)."""
     db = tmp_path / "bot.db"
-    bot = await running(STREAM_REPLIES="false")
+    bot = await running(STREAM_REPLIES="false", TELEGRAM_OUTAGE_S="0")
     fake.fail_next("sendMessage", *[500] * 5)  # longer than the bot's 5 attempts
     topic = {"message_thread_id": 7, "is_topic_message": True}
     fake.send_text(ALICE, "@test_bot Привет!", chat_id=GROUP, **topic)
     await fake.wait_for(lambda: not fake.faults["sendMessage"], timeout=60)
-    await fake.wait_replies(GROUP, 1)  # the apology for the error, once Telegram is back
+    log = tmp_path / "bot.log"
+    await eventually(
+        lambda: "error while handling update" in log.read_text(errors="replace"), "the failure"
+    )
     await bot.stop()
     assert bot_replies(db, GROUP) == []  # the refused reply is not taken for a delivered one
+    assert fake.sent_to(GROUP) == []  # and no apology
     await running()
     await eventually(lambda: len(bot_replies(db, GROUP)) == 1, "the reply after the restart")
-    assert fake.sent_to(GROUP)[-1] == bot_replies(db, GROUP)[0]
+    assert fake.sent_to(GROUP) == bot_replies(db, GROUP)
     sent = [c for c in fake.calls if c.method == "sendMessage" and c.ok]
-    assert len(sent) == 2  # the apology, then the reply
-    assert [int(c.params.get("message_thread_id", 0)) for c in sent] == [7, 7]
+    assert [int(c.params.get("message_thread_id", 0)) for c in sent] == [7]
+
+
+async def test_a_reply_telegram_refuses_for_a_while_arrives_whole_once_it_is_back(
+    fake, running, tmp_path
+):
+    """Telegram answers 502 to the reply for longer than one call's retries (seven tries,
+    some ten seconds): the bot keeps trying its final text, and the user gets the reply once,
+    with no apology beside it. It used to give up after the retries and apologise."""
+    db = tmp_path / "bot.db"
+    await running(STREAM_REPLIES="false")
+    fake.fail_next("sendMessage", *[502] * 7)
+    fake.send_text(ALICE, "Привет!")
+    await eventually(lambda: len(bot_replies(db, ALICE)) == 1, "the reply", timeout=90)
+    assert not fake.faults["sendMessage"]
+    assert fake.sent_to(ALICE) == bot_replies(db, ALICE)  # the reply, once, and nothing else
+
+
+async def test_a_reply_streamed_as_a_draft_and_cut_by_kill_9_leaves_one_message(
+    fake, running, tmp_path
+):
+    """Drafts offered: the bot is killed while the reply shows as a draft (or, the tiny model
+    ending a reply at once, while its only message is on the wire). The restarted bot sends
+    the reply once: nothing of the first attempt stays on the user's screen (with edits, its
+    first words stayed as a message of their own whenever the kill came before their id was
+    kept)."""
+    db = tmp_path / "bot.db"
+    fake.drafts_offered = True
+    bot = await running(REPLY_TOKENS="512", STREAM_EDIT_INTERVAL_S="0")
+    fake.hold("sendMessage")
+    fake.send_text(ALICE, "Привет!")
+    await fake.wait_for(lambda: fake.drafts_to(ALICE) or fake.count("sendMessage"), timeout=60)
+    bot.process.send_signal(signal.SIGKILL)
+    await bot.process.wait()
+    fake.release("sendMessage")
+    assert fake.sent_to(ALICE) == [] and bot_replies(db, ALICE) == []
+    await running()
+    await eventually(lambda: len(bot_replies(db, ALICE)) == 1, "the reply after the restart")
+    await eventually(lambda: fake.sent_to(ALICE) == bot_replies(db, ALICE), "the reply, once")
+    assert fake.count("editMessageText") == 0
 
 
 async def test_an_update_polled_again_is_answered_once(fake, running, tmp_path):

@@ -309,3 +309,101 @@ async def test_an_edit_that_failed_with_the_whole_text_is_made_again_by_finish(r
     await stream.finish(whole)
     edits = [m for m in session.requests if isinstance(m, EditMessageText)]
     assert [m.text for m in edits] == [whole, whole]  # the failed one, then the one that went
+
+
+async def test_a_private_reply_streams_as_a_draft_and_is_sent_once_whole(recording_bot):
+    """With drafts the progress is an ephemeral preview and the reply one message, sent whole
+    when it is done: nothing a crash could leave on the user's screen. Its id is announced
+    then, so a crash before the reply is stored makes no second message."""
+    from aiogram.methods import SendMessageDraft
+
+    from bot.streaming import Drafts
+
+    bot, session = recording_bot
+    session.drafts_offered = True
+    announced: list[int] = []
+
+    async def on_sent(message_id: int) -> None:
+        announced.append(message_id)
+
+    drafts = Drafts()
+    stream = ReplyStream(bot, CHAT, 0.0, on_sent=on_sent, drafts=drafts, draft_id=31)
+    stream.update("Начало")
+    await asyncio.sleep(0.02)
+    stream.update("Начало ответа")
+    await asyncio.sleep(0.02)
+    await stream.finish("Начало ответа.")
+    assert [type(m) for m in session.requests] == [SendMessageDraft, SendMessageDraft, SendMessage]
+    assert [m.draft_id for m in session.requests[:2]] == [31, 31]  # one draft, animated
+    assert [m.text for m in session.requests[:2]] == ["Начало", "Начало ответа"]
+    assert session.texts_to(CHAT) == ["Начало ответа."] and announced == [3]
+    assert drafts.enabled and drafts.sent == 2
+
+
+async def test_a_bot_api_without_drafts_is_asked_once_then_replies_stream_by_edits(recording_bot):
+    from aiogram.methods import SendMessageDraft
+
+    from bot.streaming import Drafts
+
+    bot, session = recording_bot  # a Bot API server that answers 404 to sendMessageDraft
+    drafts = Drafts()
+    for reply in ("Первый ответ.", "Второй ответ."):
+        stream = ReplyStream(bot, CHAT, 0.0, drafts=drafts, draft_id=5)
+        stream.update(reply[:6])
+        await asyncio.sleep(0.02)
+        await stream.finish(reply)
+    kinds = [type(m) for m in session.requests]
+    assert kinds == [SendMessageDraft, SendMessage, EditMessageText, SendMessage, EditMessageText]
+    assert what_the_user_sees(session, CHAT) == ["Первый ответ.", "Второй ответ."]
+    assert not drafts.enabled
+
+
+async def test_groups_and_resumed_replies_never_use_drafts(recording_bot):
+    from bot.streaming import Drafts
+
+    bot, session = recording_bot
+    session.drafts_offered = True
+    for stream in (
+        ReplyStream(bot, -100, 0.0, drafts=Drafts(), draft_id=5),
+        ReplyStream(bot, CHAT, 0.0, drafts=Drafts(), draft_id=6, resume_message_id=77),
+    ):
+        stream.update("Ответ")
+        await asyncio.sleep(0.02)
+        await stream.finish("Ответ.")
+    assert {type(m) for m in session.requests} == {SendMessage, EditMessageText}
+
+
+async def test_a_final_text_telegram_refuses_for_a_while_is_delivered_once_it_is_back(
+    recording_bot, monkeypatch
+):
+    """Telegram answers 502 to the final message past every retry: finish() keeps trying for
+    ``outage_s`` and the user gets the whole reply, once, with the long reply's second message
+    sent once too. It used to raise at once: the reply was left for the next start and the
+    user got an apology meanwhile."""
+    from bot import streaming
+
+    monkeypatch.setattr(streaming, "OUTAGE_RETRY_INTERVAL_S", 0.01)
+    bot, session = recording_bot
+    stream = ReplyStream(bot, CHAT, 0.0, outage_s=5.0)
+    session.failing_sends = 3
+    whole = "слово " * 1200
+    await stream.finish(whole)
+    assert session.failing_sends == 0
+    sends = [m.text for m in session.requests if isinstance(m, SendMessage)]
+    assert len(sends) == 3 + 2  # three refused, then each of the two messages once
+    assert " ".join(sends[3:]).split() == ["слово"] * 1200
+
+
+async def test_a_final_text_is_given_up_after_the_outage_allowance(recording_bot, monkeypatch):
+    from aiogram.exceptions import TelegramServerError
+
+    from bot import streaming
+
+    monkeypatch.setattr(streaming, "OUTAGE_RETRY_INTERVAL_S", 0.01)
+    bot, session = recording_bot
+    session.failing_sends = 10**6
+    stream = ReplyStream(bot, CHAT, 0.0, outage_s=0.2)
+    started = time.monotonic()
+    with pytest.raises(TelegramServerError):
+        await stream.finish("Ответ.")
+    assert 0.2 <= time.monotonic() - started < 5
