@@ -32,7 +32,12 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from bot import texts
 from bot.config import DEFAULT_DATABASE_TIMEOUT_S, ConfigError, Settings
 from bot.conversation import Conversations
-from bot.db.engine import create_engine, create_sessionmaker, upgrade_to_head
+from bot.db.engine import (
+    create_engine,
+    create_sessionmaker,
+    database_unreachable,
+    upgrade_to_head,
+)
 from bot.diagnostics import install_task_dump
 from bot.dialogue import DialogueService
 from bot.engine.factory import open_backend
@@ -171,8 +176,19 @@ def build_dispatcher(
 
         No apology when it was Telegram that failed past every retry: the message stays owed
         and its reply comes later (the next start, another replica's sweep), and an apology
-        sent once Telegram is back would stand beside that reply."""
+        sent once Telegram is back would stand beside that reply.
+
+        The database unreachable past the retries: raised again, so that the webhook answers
+        5xx and Telegram delivers the update again (answered 200, the message was lost)."""
         metrics.errors.inc()
+        if database_unreachable(event.exception):
+            logger.warning(
+                "update %s not handled, the database is unreachable (%s): Telegram will "
+                "deliver it again",
+                event.update.update_id,
+                type(event.exception).__name__,
+            )
+            raise event.exception
         logger.error(
             "error while handling update %s", event.update.update_id, exc_info=event.exception
         )

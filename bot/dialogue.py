@@ -28,7 +28,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from bot import texts
 from bot.config import Settings
 from bot.db import repository
-from bot.db.engine import UNREACHABLE, Sessions
+from bot.db.engine import Sessions, database_unreachable
 from bot.db.models import User
 from bot.engine import ReplyBackend, SamplingParams
 from bot.facts import Fact, extract_facts, facts_exchange
@@ -383,8 +383,8 @@ class DialogueService:
             try:
                 async with self.sessions.begin() as session:
                     return await work(session)
-            except UNREACHABLE:
-                if attempt == DB_ATTEMPTS:
+            except Exception as error:
+                if not database_unreachable(error) or attempt == DB_ATTEMPTS:
                     raise
                 logger.warning("database unavailable, retry %d", attempt)
                 await asyncio.sleep(0.5 * 2**attempt)

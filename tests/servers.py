@@ -114,19 +114,28 @@ class PostgresServer:
             for path in (sockets, self.log):
                 shutil.chown(path, self._user)
         self._run([initdb, "-D", str(data), "-U", "postgres", "--auth=trust", "-E", "UTF8"])
+        self._command = self._as_user(
+            [
+                *(postgres, "-D", str(data), "-p", str(self.port), "-h", "127.0.0.1"),
+                *("-k", str(sockets), "-c", "fsync=off", "-c", "synchronous_commit=off"),
+                *("-c", "full_page_writes=off", "-c", "max_connections=200"),
+            ]
+        )
+        self.start()
+        self._names = iter(range(1, 10_000))
+
+    def start(self) -> None:
+        """Start the server (again, after :meth:`go_down`: a restart keeps its data)."""
         self.process = subprocess.Popen(
-            self._as_user(
-                [
-                    *(postgres, "-D", str(data), "-p", str(self.port), "-h", "127.0.0.1"),
-                    *("-k", str(sockets), "-c", "fsync=off", "-c", "synchronous_commit=off"),
-                    *("-c", "full_page_writes=off", "-c", "max_connections=200"),
-                ]
-            ),
-            stdout=self.log.open("ab"),
-            stderr=subprocess.STDOUT,
+            self._command, stdout=self.log.open("ab"), stderr=subprocess.STDOUT
         )
         _wait_for_port(self.port, self.process, self.log)
-        self._names = iter(range(1, 10_000))
+
+    def go_down(self) -> None:
+        """Shut the server down (fast shutdown: connections terminated, as a restart does)."""
+        pg_ctl = _postgres_bin("pg_ctl") or "pg_ctl"
+        self._run([pg_ctl, "-D", str(self.workdir / "data"), "stop", "-m", "fast", "-w"])
+        self.process.wait(30)
 
     def _as_user(self, command: list[str]) -> list[str]:
         return ["runuser", "-u", self._user, "--", *command] if self._user else command

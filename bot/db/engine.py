@@ -26,7 +26,7 @@ from pathlib import Path
 
 from sqlalchemy import event
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.ext.asyncio import (
     AsyncEngine,
     AsyncSession,
@@ -43,6 +43,21 @@ ROOT = Path(__file__).resolve().parents[2]
 #: PostgreSQL closing the connection), or asyncpg's own OSError (connection refused) and
 #: TimeoutError (``command_timeout``), which SQLAlchemy passes on untranslated.
 UNREACHABLE = (OperationalError, OSError)
+#: SQLSTATE classes of a server going away or not ready: connection exceptions (08...), and an
+#: operator's intervention (57P01 shut down, 57P02 crashed, 57P03 still starting up).
+_GONE_SQLSTATES = ("08", "57P")
+
+
+def database_unreachable(error: BaseException) -> bool:
+    """Whether ``error`` says the database could not be reached or went away (a restart, a
+    failover) rather than that the statement was wrong: worth trying again, and never a
+    reason to acknowledge a Telegram update that was not stored."""
+    if isinstance(error, UNREACHABLE):
+        return True
+    if isinstance(error, DBAPIError):
+        sqlstate = getattr(error.orig, "sqlstate", None) or ""
+        return error.connection_invalidated or sqlstate.startswith(_GONE_SQLSTATES)
+    return False
 
 
 def _sqlite_file(url: str) -> Path | None:

@@ -427,3 +427,47 @@ async def test_a_page_message_among_telegram_messages_is_answered_once_in_its_pl
     telegram = [r[3][0] for r in rows if r is not page]
     await eventually(lambda: len(deployment.fake.sent_to(user)) >= 5, "the Telegram replies")
     assert deployment.fake.sent_to(user) == telegram  # the page's reply is not among them
+
+
+async def test_postgresql_restarting_loses_no_message_and_answers_each_once(
+    deployment, postgres_server
+):
+    """PostgreSQL goes down (a restart: connections terminated) while a user writes: the
+    webhook answers 5xx while the message cannot be stored, so Telegram delivers it again, and
+    once the database is back every message is answered once, in order, with no apology. The
+    error used to be handled (an apology sent) and the webhook answered 200: Telegram
+    never sent the update again and the message was lost."""
+    from bot import texts
+
+    await deployment.start(2)
+    fake, user = deployment.fake, USERS[0]
+    fake.send_text(user, text_of(user, 0))
+    await eventually(lambda: len(fake.sent_to(user)) == 1, "the first reply", timeout=120)
+    attempts = fake.webhook_attempts
+    postgres_server.go_down()
+    try:
+        for k in (1, 2):
+            fake.send_text(user, text_of(user, k))
+        # the first of them refused at least once (delivered in order, one at a time)
+        await eventually(lambda: fake.webhook_attempts >= attempts + 2, "a refused delivery")
+    finally:
+        postgres_server.start()
+
+    async def answered() -> list[tuple[str, int]]:
+        rows = await conversation(deployment.database)
+        return [
+            (text, len(replies)) for telegram_id, text, _, replies in rows if telegram_id == user
+        ]
+
+    deadline = time.monotonic() + 120
+    while [n for _, n in await answered()] != [1, 1, 1]:
+        assert time.monotonic() < deadline, (await answered(), deployment.logs()[-3000:])
+        await asyncio.sleep(0.2)
+    assert await answered() == [(text_of(user, k), 1) for k in range(3)]
+    stored = [
+        replies[0]
+        for telegram_id, _, _, replies in await conversation(deployment.database)
+        if telegram_id == user
+    ]
+    await eventually(lambda: fake.sent_to(user) == stored, "each reply shown once")
+    assert texts.ERROR not in fake.sent_to(user)
