@@ -178,10 +178,12 @@ def build_dispatcher(
         and its reply comes later (the next start, another replica's sweep), and an apology
         sent once Telegram is back would stand beside that reply.
 
-        The database unreachable past the retries: raised again, so that the webhook answers
-        5xx and Telegram delivers the update again (answered 200, the message was lost)."""
+        With replicas (the webhook answers once the update is handled), the database
+        unreachable past the retries: raised again, so that the webhook answers 5xx and
+        Telegram delivers the update again (answered 200, the message was lost). A single
+        process acknowledged the update before handling it: the apology is all it can do."""
         metrics.errors.inc()
-        if database_unreachable(event.exception):
+        if replicas is not None and database_unreachable(event.exception):
             logger.warning(
                 "update %s not handled, the database is unreachable (%s): Telegram will "
                 "deliver it again",

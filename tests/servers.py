@@ -130,6 +130,14 @@ class PostgresServer:
             self._command, stdout=self.log.open("ab"), stderr=subprocess.STDOUT
         )
         _wait_for_port(self.port, self.process, self.log)
+        deadline = time.monotonic() + 30
+        ready = _postgres_bin("pg_isready") or "pg_isready"
+        while subprocess.run(  # the port opens a moment before connections are accepted
+            [ready, "-q", "-h", "127.0.0.1", "-p", str(self.port)], check=False
+        ).returncode:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"PostgreSQL did not get ready: see {self.log}")
+            time.sleep(0.1)
 
     def go_down(self) -> None:
         """Shut the server down (fast shutdown: connections terminated, as a restart does)."""
