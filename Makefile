@@ -21,7 +21,7 @@ NPROC ?= 1
 TEST_WORKERS ?= 2
 COMPOSE ?= docker compose
 
-.PHONY: install test test-stress lint dataset sample finetune evaluate bench bench-train bench-memory bench-report run serve chat migrate demo loadtest up down test-compose clean
+.PHONY: install test test-stress test-chaos lint dataset sample finetune evaluate bench bench-train bench-memory bench-report run serve chat migrate demo loadtest up down test-compose clean
 
 install: $(STAMP)
 
@@ -38,6 +38,13 @@ test: install
 # only passes on a quiet machine fails here. Not part of `make test`; extra pytest options in ARGS.
 test-stress: install
 	$(PY) -m tests.load.stress -- $(ARGS)
+
+# Faults mid-conversation (a replica stalled past its lease or killed, Redis or PostgreSQL
+# restarting, Telegram failing for 20 s, the single process killed), each RUNS times, then one
+# summary line. Real servers and processes; about a minute a run. Extra pytest options in ARGS.
+RUNS ?= 5
+test-chaos: install
+	$(PY) -m tests.load.chaos --runs $(RUNS) -- $(ARGS)
 
 lint: install
 	$(PY) -m ruff check .

@@ -43,6 +43,10 @@ logger = logging.getLogger(__name__)
 TELEGRAM_LIMIT = 4096
 T = TypeVar("T")
 DB_ATTEMPTS = 4
+#: How long a delivered reply keeps trying to be stored while the database is unreachable (a
+#: restart, a failover): given up, the message is answered again and the user sees a second
+#: reply (or, where the first one's message id was kept, the reply rewritten).
+REPLY_STORE_PATIENCE_S = 120.0
 
 
 def split_message(text: str, limit: int = TELEGRAM_LIMIT) -> list[str]:
@@ -374,21 +378,28 @@ class DialogueService:
             await repository.remember_facts(session, row, facts, message_id)
         await repository.index_terms(session, row, message_id, content_lemmas(text))
 
-    async def _write(self, work: Callable[[AsyncSession], Awaitable[T]]) -> T:
+    async def _write(
+        self, work: Callable[[AsyncSession], Awaitable[T]], patience_s: float = 0.0
+    ) -> T:
         """``work`` in one committed transaction, tried again while the database is locked,
         unreachable or silent (each try waits at most DATABASE_TIMEOUT_S: SQLite's busy
         timeout, PostgreSQL's command timeout, then a fresh connection): what a user sent, and
-        the reply they were sent, are not lost to a database that comes back within seconds."""
-        for attempt in range(1, DB_ATTEMPTS + 1):
+        the reply they were sent, are not lost to a database that comes back within seconds.
+        ``patience_s``: go on trying (every 5 s at most) until that long has passed."""
+        gives_up_at = time.monotonic() + patience_s
+        attempt = 0
+        while True:
+            attempt += 1
             try:
                 async with self.sessions.begin() as session:
                     return await work(session)
             except Exception as error:
-                if not database_unreachable(error) or attempt == DB_ATTEMPTS:
+                if not database_unreachable(error) or (
+                    attempt >= DB_ATTEMPTS and time.monotonic() >= gives_up_at
+                ):
                     raise
                 logger.warning("database unavailable, retry %d", attempt)
-                await asyncio.sleep(0.5 * 2**attempt)
-        raise AssertionError("unreachable")
+                await asyncio.sleep(min(0.5 * 2**attempt, 5.0))
 
     async def carry_out(
         self, user: UserRef, marker_id: int, role: str, thread_id: int | None = None
@@ -689,7 +700,8 @@ class DialogueService:
                 await repository.set_recalled(session, reply_to_id, recalled)
 
         try:  # retried: a commit that reached the server before the error is refused, not doubled
-            await self._write(store)
+            # The user has this reply: waiting out a database restart beats answering again.
+            await self._write(store, patience_s=REPLY_STORE_PATIENCE_S)
         except IntegrityError:
             if reply_to_id is None or not await self._has_reply(reply_to_id):
                 raise

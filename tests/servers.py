@@ -55,6 +55,22 @@ def _stop(process: subprocess.Popen) -> None:
 
 #: the running ``redis_server`` processes by URL, for a test that makes Redis hang (SIGSTOP)
 REDIS_PROCESSES: dict[str, subprocess.Popen[bytes]] = {}
+REDIS_COMMANDS: dict[str, list[str]] = {}
+
+
+def restart_redis(url: str, down_s: float = 1.0) -> None:
+    """Kill the ``redis_server`` at ``url`` (``kill -9``: every key lost, no persistence) and
+    start it again on the same port after ``down_s``."""
+    old = REDIS_PROCESSES[url]
+    old.kill()
+    old.wait()
+    time.sleep(down_s)
+    process = subprocess.Popen(
+        REDIS_COMMANDS[url], stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT
+    )
+    REDIS_PROCESSES[url] = process
+    port = int(url.rsplit(":", 1)[1].split("/")[0])
+    _wait_for_port(port, process, Path(REDIS_COMMANDS[url][-1]))
 
 
 @contextlib.contextmanager
@@ -66,22 +82,21 @@ def redis_server() -> Iterator[str]:
     port = free_port()
     workdir = Path(tempfile.mkdtemp(prefix="redis-"))
     log = workdir / "redis.log"
-    process = subprocess.Popen(
-        [
-            *(binary, "--port", str(port), "--bind", "127.0.0.1", "--save", ""),
-            *("--appendonly", "no", "--dir", str(workdir), "--logfile", str(log)),
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.STDOUT,
-    )
+    command = [
+        *(binary, "--port", str(port), "--bind", "127.0.0.1", "--save", ""),
+        *("--appendonly", "no", "--dir", str(workdir), "--logfile", str(log)),
+    ]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    url = f"redis://127.0.0.1:{port}/0"
     try:
         log.touch()
         _wait_for_port(port, process, log)
-        url = f"redis://127.0.0.1:{port}/0"
         REDIS_PROCESSES[url] = process
+        REDIS_COMMANDS[url] = command
         yield url
     finally:
-        REDIS_PROCESSES.pop(f"redis://127.0.0.1:{port}/0", None)
+        process = REDIS_PROCESSES.pop(url, process)  # the one running now (restart_redis)
+        REDIS_COMMANDS.pop(url, None)
         if process.poll() is None:
             process.send_signal(signal.SIGCONT)  # a test may have left it stopped
         _stop(process)

@@ -41,6 +41,7 @@ class FakeTelegram:
         self.base_url = ""
         self.faults: dict[str, list[int]] = {}  # method -> HTTP statuses to answer next
         self.held: dict[str, asyncio.Event] = {}  # method -> released when set
+        self.failing_until: dict[str, tuple[float, int]] = {}  # method -> (until, status)
         self.delivered: dict[int, dict[str, Any]] = {}  # update id -> the update, once sent
         self._closing = False
         self._forced: list[dict[str, Any]] = []
@@ -62,6 +63,13 @@ class FakeTelegram:
     def fail_next(self, method: str, *statuses: int) -> None:
         """Answer the next calls of ``method`` with these errors (429 asks to retry after 1 s)."""
         self.faults.setdefault(method, []).extend(statuses)
+
+    def fail_for(self, seconds: float, *methods: str, status: int = 502) -> None:
+        """Answer every call of ``methods`` with ``status`` for the next ``seconds`` (Telegram
+        down for a while, whatever the bot's retries)."""
+        until = time.monotonic() + seconds
+        for method in methods:
+            self.failing_until[method] = (until, status)
 
     def hold(self, method: str) -> None:
         """Leave calls of ``method`` unanswered (Telegram hanging) until :meth:`release`; a held
@@ -256,6 +264,9 @@ class FakeTelegram:
             return web.json_response(
                 {"ok": False, "error_code": 502, "description": "held"}, status=502
             )
+        until, failing = self.failing_until.get(method, (0.0, 0))
+        if time.monotonic() < until:
+            self.faults.setdefault(method, []).insert(0, failing)
         if self.faults.get(method):
             status = self.faults[method].pop(0)
             self.calls[-1].ok = False

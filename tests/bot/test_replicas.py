@@ -14,82 +14,23 @@ import aiohttp
 import asyncpg
 import pytest
 
+from tests.bot.deployment import (
+    Deployment,
+    conversation,
+    replica_env,
+    text_of,
+    visible_messages,
+)
 from tests.bot.fake_telegram import FakeTelegram
 from tests.bot.harness import BotProcess, eventually
-from tests.bot.round_robin import RoundRobinProxy
-from tests.servers import free_port
 
 USERS = [2001, 2002, 2003, 2004, 2005]
 MESSAGES = 10
-SECRET = "replica-Secret"
-
-
-def text_of(user: int, k: int) -> str:
-    return f"Пользователь {user} пишет сообщение {k:02d}"
-
-
-async def _healthy(port: int) -> bool:
-    try:
-        async with (
-            aiohttp.ClientSession() as http,
-            http.get(f"http://127.0.0.1:{port}/healthz") as response,
-        ):
-            return response.status == 200
-    except aiohttp.ClientError:
-        return False
-
-
-class Deployment:
-    """Replicas + proxy + the fake Telegram pushing updates through the proxy."""
-
-    def __init__(self, fake: FakeTelegram, env: dict[str, str], tmp_path) -> None:  # type: ignore[no-untyped-def]
-        self.fake, self.env, self.tmp_path = fake, env, tmp_path
-        self.replicas: list[BotProcess] = []
-        self.ports: list[int] = []
-        self.proxy: RoundRobinProxy | None = None
-
-    async def start(self, count: int) -> None:
-        for index in range(count):
-            port = free_port()
-            env = {**self.env, "LISTEN_PORT": str(port)}
-            replica = BotProcess(env, self.tmp_path / f"replica-{index}.log")
-            await replica.start(self.fake, wait=False)
-            self.replicas.append(replica)
-            self.ports.append(port)
-        self.proxy = RoundRobinProxy([f"http://127.0.0.1:{port}" for port in self.ports])
-        await self.proxy.start()
-        for port in self.ports:
-            healthy = False
-            for _ in range(1800):  # model loading on a busy machine: up to 3 minutes
-                if await _healthy(port):
-                    healthy = True
-                    break
-                await asyncio.sleep(0.1)
-            assert healthy, self.logs()[-3000:]
-        self.fake.deliver_to(self.proxy.url + "/webhook", SECRET)
-
-    def logs(self) -> str:
-        return "".join(r.log.read_text(errors="replace") for r in self.replicas if r.log.exists())
-
-    async def stop(self) -> None:
-        for replica in self.replicas:
-            if replica.process is not None and replica.process.returncode is None:
-                await replica.stop()
 
 
 @pytest.fixture
 async def deployment(fake, bot_env, tmp_path, redis_url, postgres_url):
-    env = {
-        **bot_env,
-        "DATABASE_URL": postgres_url,
-        "REDIS_URL": redis_url,
-        "WEBHOOK_URL": "https://bot.example/webhook",  # what setWebhook is told; never called
-        "WEBHOOK_SECRET": SECRET,
-        "REPLY_TOKENS": "12",
-        "STREAM_EDIT_INTERVAL_S": "0",
-        "REPLICA_LEASE_S": "2",
-        "REPLICA_SWEEP_INTERVAL_S": "0.5",
-    }
+    env = replica_env(bot_env, postgres_url, redis_url)
     deployment = Deployment(fake, env, tmp_path)
     deployment.database = postgres_url.replace("+asyncpg", "")  # type: ignore[attr-defined]
     try:
@@ -100,21 +41,6 @@ async def deployment(fake, bot_env, tmp_path, redis_url, postgres_url):
             replica.kill()
         if deployment.proxy is not None:
             await deployment.proxy.stop()
-
-
-async def conversation(database: str) -> list[tuple[int, str, int, list[str]]]:
-    """(user, message text, message id, the stored replies to it) in stored order."""
-    connection = await asyncpg.connect(database)
-    try:
-        rows = await connection.fetch(
-            "SELECT u.telegram_id, m.id, m.text, "
-            "ARRAY(SELECT r.text FROM messages r WHERE r.reply_to_id = m.id ORDER BY r.id) "
-            "AS replies FROM messages m JOIN users u ON u.id = m.user_id "
-            "WHERE m.role = 'user' ORDER BY m.id"
-        )
-    finally:
-        await connection.close()
-    return [(r["telegram_id"], r["text"], r["id"], list(r["replies"])) for r in rows]
 
 
 async def replies_stored(database: str) -> int:
@@ -165,15 +91,6 @@ async def task_dumps(deployment: Deployment) -> str:
         dump = replica.log.read_text(errors="replace").rsplit(marker, 1)[1]
         dumps.append(f"\n--- {replica.log.name}: {marker}{dump[:12000]}")
     return "".join(dumps)
-
-
-def visible_messages(fake: FakeTelegram, chat_id: int) -> list[tuple[int, float, str]]:
-    """(message id, when it was sent, its text now) of the bot's messages in the chat."""
-    return [
-        (c.params["message_id"], c.at, fake.shown[c.params["message_id"]])
-        for c in fake.calls
-        if c.method == "sendMessage" and c.ok and int(c.params["chat_id"]) == chat_id
-    ]
 
 
 def orphans(fake: FakeTelegram, chat_id: int, stored: list[str], killed_at: float | None) -> list:
@@ -442,7 +359,10 @@ async def test_postgresql_restarting_loses_no_message_and_answers_each_once(
     await deployment.start(2)
     fake, user = deployment.fake, USERS[0]
     fake.send_text(user, text_of(user, 0))
-    await eventually(lambda: len(fake.sent_to(user)) == 1, "the first reply", timeout=120)
+    deadline = time.monotonic() + 120
+    while await replies_stored(deployment.database) < 1:  # stored: nothing of it is in flight
+        assert time.monotonic() < deadline, deployment.logs()[-3000:]
+        await asyncio.sleep(0.2)
     attempts = fake.webhook_attempts
     postgres_server.go_down()
     try:
@@ -469,5 +389,8 @@ async def test_postgresql_restarting_loses_no_message_and_answers_each_once(
         for telegram_id, _, _, replies in await conversation(deployment.database)
         if telegram_id == user
     ]
-    await eventually(lambda: fake.sent_to(user) == stored, "each reply shown once")
+    try:
+        await eventually(lambda: fake.sent_to(user) == stored, "each reply shown once")
+    except AssertionError:
+        assert fake.sent_to(user) == stored, deployment.logs()[-6000:]
     assert texts.ERROR not in fake.sent_to(user)
