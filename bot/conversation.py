@@ -507,6 +507,7 @@ class Conversations:
             drafts=self.drafts,
             draft_id=message_id,
             outage_s=self.settings.telegram_outage_s,
+            noted_message=functools.partial(dialogue.reply_draft, message_id),
         )
         on_text = stream.update if self.settings.stream_replies else None
         try:

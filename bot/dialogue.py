@@ -35,7 +35,7 @@ from bot.facts import Fact, extract_facts, facts_exchange
 from bot.memory import build_prompt_turns, segments_add_up
 from bot.morphology import content_lemmas
 from bot.recall import MAX_RECALLED, ranked
-from bot.replicas import current_lease
+from bot.replicas import LeaseLost, current_lease
 from dataset_tools.dialogue_format import sanitize_utterance
 
 logger = logging.getLogger(__name__)
@@ -727,9 +727,22 @@ class DialogueService:
     async def remember_draft(self, message_id: int, telegram_message_id: int) -> None:
         """The Telegram message the reply to ``message_id`` is being streamed into, kept with
         the message so that whoever answers it after a crash writes into it."""
-        async with self.sessions.begin() as session:
-            await fenced(session)
-            await repository.set_reply_draft(session, message_id, telegram_message_id)
+        try:
+            async with self.sessions.begin() as session:
+                await fenced(session)
+                await repository.set_reply_draft(session, message_id, telegram_message_id)
+        except LeaseLost:
+            # The lease changed hands while the message was on its way, and it is in the
+            # user's chat now: noted where nobody has noted one (the holder then writes its
+            # reply into it, instead of leaving it beside its own), never over the holder's.
+            async with self.sessions.begin() as session:
+                await repository.keep_sent_draft(session, message_id, telegram_message_id)
+            raise
+
+    async def reply_draft(self, message_id: int) -> int | None:
+        """The bot's message noted for the reply to ``message_id`` (see :meth:`remember_draft`)."""
+        async with self.sessions() as session:
+            return await repository.reply_draft(session, message_id)
 
     # -- fencing tokens of replicas' leases (bot.replicas.LeaseFence) --------------------------
 

@@ -155,6 +155,9 @@ class ReplyStream:
     ``drafts`` and ``draft_id`` (non-zero, the same for every try at this reply): stream the
     progress as a draft where :class:`Drafts` allows (a private chat, nothing to resume).
     ``outage_s``: how long :meth:`finish` keeps trying the final text while Telegram fails.
+    ``noted_message``: asked once, before the reply's first message is sent, for a message
+    noted for this reply meanwhile (a replica that lost the lease while its message was on the
+    way): the reply then goes into it rather than beside it.
     """
 
     def __init__(
@@ -172,6 +175,7 @@ class ReplyStream:
         drafts: Drafts | None = None,
         draft_id: int = 0,
         outage_s: float = 0.0,
+        noted_message: Callable[[], Awaitable[int | None]] | None = None,
     ) -> None:
         self.bot = bot
         self.chat_id = chat_id  # the reply goes to this chat (and forum topic, if any)
@@ -192,6 +196,7 @@ class ReplyStream:
         self._draft_id = draft_id
         self.outage_s = outage_s
         self._more_sent = 0  # pieces after the first that reached the user (a long final text)
+        self._noted_message = noted_message
         self._latest = ""
         self._shown = ""
         self._last_send = clock()  # the user's message counts as the chat's last exchange
@@ -255,6 +260,12 @@ class ReplyStream:
                 return
             except (TelegramNotFound, TelegramBadRequest) as error:
                 drafts.refused(error)  # and this reply streams by edits, from this text on
+        if self.sent is None and self._noted_message is not None:
+            ask, self._noted_message = self._noted_message, None
+            try:
+                self.sent = await ask()
+            except Exception as error:  # a new message, as without the question
+                logger.debug("could not ask for a noted message: %s", type(error).__name__)
         if self.sent is not None:
             self.pace.note(self.chat_id)
             try:

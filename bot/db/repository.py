@@ -266,6 +266,28 @@ async def set_reply_draft(session: AsyncSession, message_id: int, telegram_messa
     )
 
 
+async def keep_sent_draft(session: AsyncSession, message_id: int, telegram_message_id: int) -> None:
+    """Note ``telegram_message_id`` as the reply's message only while the message is still
+    unanswered and no other is noted: what a replica that lost its lease may still record of
+    a message it sent (it exists in the user's chat; the holder writes its reply into it)."""
+    reply = aliased(Message)
+    await session.execute(
+        update(Message)
+        .where(
+            Message.id == message_id,
+            Message.reply_draft_id.is_(None),
+            Message.settled_at.is_(None),
+            ~exists().where(reply.reply_to_id == Message.id),
+        )
+        .values(reply_draft_id=telegram_message_id)
+    )
+
+
+async def reply_draft(session: AsyncSession, message_id: int) -> int | None:
+    """The Telegram message noted for the reply to ``message_id``, if any."""
+    return await session.scalar(select(Message.reply_draft_id).where(Message.id == message_id))
+
+
 async def recent_turns(
     session: AsyncSession,
     user: UserKey,

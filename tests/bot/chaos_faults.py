@@ -145,7 +145,21 @@ async def test_a_fault_mid_conversation(
             with Path(report).open("a") as out:
                 out.write(json.dumps(result) + "\n")
         bad = {k: v for k, v in counts.items() if v}
-        assert not bad, (bad, deployment.logs()[-4000:])
+        if bad:
+            rows = await conversation(database)
+            chats = {
+                user: (
+                    [r[3] for r in rows if r[0] == user],
+                    [(i, text) for i, _, text in visible_messages(fake, user)],
+                )
+                for user in USERS
+            }
+            detail = tmp_path / "what-users-see.json"
+            detail.write_text(json.dumps(chats, ensure_ascii=False, indent=1))
+            for replica in deployment.replicas:  # the logs beside it, for reading later
+                if replica.log.exists():
+                    (tmp_path / f"kept-{replica.log.name}").write_bytes(replica.log.read_bytes())
+            assert not bad, (bad, f"stored replies and what each chat shows: {detail}")
     finally:
         for replica in deployment.replicas:
             if replica.process is not None and replica.process.returncode is None:

@@ -46,8 +46,6 @@ async def test_a_replica_whose_lease_redis_forgot_neither_sends_nor_stores(
             with pytest.raises(LeaseLost, match="fencing token"):
                 await bot.send_message(user.telegram_id, "Первые слова и ещё")
             with pytest.raises(LeaseLost):
-                await dialogue.remember_draft(message_id, 555)
-            with pytest.raises(LeaseLost):
                 await dialogue.store_reply(user, "Ответ", message_id)
         assert session.texts_to(user.telegram_id) == ["Первые слова"]
         [owed] = await dialogue.unanswered(600)  # still owed, to the new holder
@@ -57,6 +55,41 @@ async def test_a_replica_whose_lease_redis_forgot_neither_sends_nor_stores(
             await bot.send_message(user.telegram_id, "Ответ")
             assert await dialogue.store_reply(user, "Ответ", message_id)
         assert await dialogue.unanswered(600) == []
+    finally:
+        await first.aclose()
+        await second.aclose()
+        dialogue.backend.close()
+        await db.dispose()
+
+
+async def test_a_message_sent_as_the_lease_changed_hands_is_continued_not_doubled(
+    database_url, tiny_model_dir, redis_url
+):
+    """A replica's message reached the chat while its lease went to another: the id is still
+    noted where none is (the holder then writes its reply into that message instead of
+    leaving it beside its own, an orphan), but never over a message the holder noted."""
+    dp, _bot, _session, db = await in_process_bot(database_url, tiny_model_dir)
+    dialogue = dp["dialogue"]
+    first, second = [
+        await ReplicaCoordinator.connect(redis_url, lease_s=30, wait_s=5, fence=dialogue)
+        for _ in range(2)
+    ]
+    user = UserRef(7003, "Аня")
+    try:
+        early = await dialogue.remember_user_message(user, "Привет!", 101)
+        late = await dialogue.remember_user_message(user, "Как дела?", 102)
+        async with first.lease(user.telegram_id) as held:
+            assert held is not None
+            await first.redis.flushall()
+            async with second.lease(user.telegram_id, wait=False) as taken:
+                assert taken is not None
+                await dialogue.remember_draft(late, 777)  # the holder's own message
+            with pytest.raises(LeaseLost):
+                await dialogue.remember_draft(early, 555)
+            with pytest.raises(LeaseLost):
+                await dialogue.remember_draft(late, 556)
+        drafts = {m.message_id: m.draft_id for m in await dialogue.unanswered(600)}
+        assert drafts == {early: 555, late: 777}
     finally:
         await first.aclose()
         await second.aclose()

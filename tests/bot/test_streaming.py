@@ -407,3 +407,27 @@ async def test_a_final_text_is_given_up_after_the_outage_allowance(recording_bot
     with pytest.raises(TelegramServerError):
         await stream.finish("Ответ.")
     assert 0.2 <= time.monotonic() - started < 5
+
+
+async def test_a_message_noted_for_the_reply_meanwhile_is_written_into(recording_bot):
+    """Another replica's message for this reply was noted after this attempt began (it lost
+    the lease while sending it): the reply goes into it, not into a second message."""
+    from aiogram.methods import SendMessageDraft
+
+    from bot.streaming import Drafts
+
+    bot, session = recording_bot
+    session.drafts_offered = True
+    asked: list[int] = []
+
+    async def noted() -> int | None:
+        asked.append(1)
+        return 88
+
+    stream = ReplyStream(bot, CHAT, 0.0, drafts=Drafts(), draft_id=4, noted_message=noted)
+    stream.update("Ответ")
+    await asyncio.sleep(0.02)
+    await stream.finish("Ответ целиком.")
+    assert [type(m) for m in session.requests] == [SendMessageDraft, EditMessageText]
+    assert session.requests[-1].message_id == 88 and session.requests[-1].text == "Ответ целиком."
+    assert asked == [1]
