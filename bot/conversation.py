@@ -418,18 +418,10 @@ class Conversations:
                 from_id=from_id,
                 pages_younger_than_s=self.replicas.wait_s + self.replicas.lease_s,
             )
-            message = next(
-                (
-                    m
-                    for m in owed
-                    if m.message_id not in tried
-                    and not (before_id is not None and m.is_from_page and m.message_id < before_id)
-                ),
-                None,
-            )
-            if message is None or (before_id is not None and message.message_id >= before_id):
-                return
-            if message.is_from_page:  # its page's request answers it, and starts the rest
+            if before_id is not None:  # a page's request: only what is owed in Telegram before it
+                owed = [m for m in owed if m.message_id < before_id and not m.is_from_page]
+            message = next((m for m in owed if m.message_id not in tried), None)
+            if message is None or message.is_from_page:  # its page's request answers it
                 return
             tried.add(message.message_id)
             turn = self.dialogue.take_turn(user)  # in line with this replica's own answers
