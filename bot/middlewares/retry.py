@@ -4,8 +4,10 @@
   as Telegram asks, then send again.
 * Network errors and 5xx answers: retry with exponential backoff and jitter.
 
-Polling (getUpdates) is left to aiogram's own loop, which already backs off and keeps polling;
-the "typing…" indicator is not worth a retry.
+Polling (getUpdates) is left to aiogram's own loop, which already backs off and keeps polling.
+Neither the "typing…" indicator nor a reply's draft (``sendMessageDraft``, a preview the next
+update replaces) is worth a retry: retried, a draft held the reply's stream up to 7.5 s of
+backoff while Telegram failed, a preview of text long since grown.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from typing import Any
 from aiogram import Bot
 from aiogram.client.session.middlewares.base import BaseRequestMiddleware, NextRequestMiddlewareType
 from aiogram.exceptions import TelegramNetworkError, TelegramRetryAfter, TelegramServerError
-from aiogram.methods import GetUpdates, SendChatAction, TelegramMethod
+from aiogram.methods import GetUpdates, SendChatAction, SendMessageDraft, TelegramMethod
 from aiogram.methods.base import Response
 
 logger = logging.getLogger(__name__)
@@ -45,10 +47,8 @@ class RetryMiddleware(BaseRequestMiddleware):
         bot: Bot,
         method: TelegramMethod[Any],
     ) -> Response[Any]:
-        if isinstance(
-            method, GetUpdates | SendChatAction
-        ):  # polling retries itself; typing is optional
-            return await make_request(bot, method)
+        if isinstance(method, GetUpdates | SendChatAction | SendMessageDraft):
+            return await make_request(bot, method)  # polling retries itself; the rest is optional
         for attempt in range(1, self.attempts + 1):
             try:
                 return await make_request(bot, method)
