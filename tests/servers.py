@@ -19,6 +19,7 @@ import tempfile
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import Self
 
 import pytest
 
@@ -226,31 +227,28 @@ async def silenced_connections(database: str) -> AsyncIterator[list[int]]:
             os.kill(pid, signal.SIGCONT)
 
 
-class CommitReplyLoss:
-    """A TCP relay in front of a PostgreSQL server that can lose the server's reply to one
-    ``COMMIT``: the transaction is committed, and its client never hears so (the connection
-    goes silent after it), as when a network fails at that moment. The client's only evidence
-    is its own timeout: whether the write happened is for it to find out."""
+class TcpRelay:
+    """A TCP relay on 127.0.0.1 in front of a server: what a network between the bot and its
+    database or Redis does to the bytes, made to order by a subclass (:meth:`passes`, the
+    delay). Each direction's bytes keep their order; a delay holds each chunk from the moment
+    it arrived, so it adds latency without limiting throughput, as a long network path does."""
 
     def __init__(self, server_port: int) -> None:
         self.server_port = server_port
         self.port = 0
-        self.lost = asyncio.Event()  # set when a commit's reply has been dropped
-        self._armed = False
+        self.delay_s = 0.0  # added to every chunk, both ways, while set
+        self.delayed = 0  # chunks held back so far: evidence that the delay was met
         self._server: asyncio.Server | None = None
         self._tasks: set[asyncio.Task[None]] = set()
 
-    async def start(self) -> CommitReplyLoss:
+    async def start(self) -> Self:
         self._server = await asyncio.start_server(self._relay, "127.0.0.1", 0)
         self.port = self._server.sockets[0].getsockname()[1]
         return self
 
-    def url(self, database_url: str) -> str:
-        """``database_url`` (a server on 127.0.0.1) through this relay."""
-        return database_url.replace(f":{self.server_port}/", f":{self.port}/")
-
-    def lose_next_commit_reply(self) -> None:
-        self._armed = True
+    def url(self, server_url: str) -> str:
+        """``server_url`` (a server on 127.0.0.1) through this relay."""
+        return server_url.replace(f":{self.server_port}/", f":{self.port}/")
 
     async def stop(self) -> None:
         assert self._server is not None
@@ -259,6 +257,42 @@ class CommitReplyLoss:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
 
+    def passes(self, data: bytes, to_server: bool, connection: dict[str, bool]) -> bool:
+        """Whether ``data`` goes on (``connection``: this connection's own state)."""
+        return True
+
+    async def _pump(
+        self,
+        source: asyncio.StreamReader,
+        sink: asyncio.StreamWriter,
+        to_server: bool,
+        connection: dict[str, bool],
+    ) -> None:
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[tuple[float, bytes]] = asyncio.Queue()
+
+        async def send() -> None:
+            while True:
+                due, data = await queue.get()
+                if due > loop.time():
+                    await asyncio.sleep(due - loop.time())
+                sink.write(data)
+                await sink.drain()
+
+        sender = asyncio.create_task(send())
+        try:
+            while data := await source.read(65536):
+                if self.passes(data, to_server, connection):
+                    self.delayed += self.delay_s > 0
+                    queue.put_nowait((loop.time() + self.delay_s, data))
+                if sender.done():
+                    return
+            while not queue.empty() and not sender.done():  # what is on its way still arrives
+                await asyncio.sleep(0.01)
+        finally:
+            sender.cancel()
+            await asyncio.gather(sender, return_exceptions=True)
+
     async def _relay(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
         assert task is not None
@@ -266,24 +300,11 @@ class CommitReplyLoss:
         upstream_reader, upstream_writer = await asyncio.open_connection(
             "127.0.0.1", self.server_port
         )
-        silent = asyncio.Event()  # this connection's replies are dropped from now on
-
-        async def to_server() -> None:
-            while data := await reader.read(65536):
-                if self._armed and b"COMMIT" in data:
-                    self._armed = False
-                    silent.set()
-                    self.lost.set()
-                upstream_writer.write(data)
-                await upstream_writer.drain()
-
-        async def to_client() -> None:
-            while data := await upstream_reader.read(65536):
-                if not silent.is_set():
-                    writer.write(data)
-                    await writer.drain()
-
-        directions = [asyncio.create_task(to_server()), asyncio.create_task(to_client())]
+        connection: dict[str, bool] = {}
+        directions = [
+            asyncio.create_task(self._pump(reader, upstream_writer, True, connection)),
+            asyncio.create_task(self._pump(upstream_reader, writer, False, connection)),
+        ]
         try:  # either side closing closes the other (a client waits for the server's close)
             await asyncio.wait(directions, return_when=asyncio.FIRST_COMPLETED)
         finally:
@@ -293,3 +314,25 @@ class CommitReplyLoss:
             for stream in (writer, upstream_writer):
                 stream.close()
             self._tasks.discard(task)
+
+
+class CommitReplyLoss(TcpRelay):
+    """A relay in front of a PostgreSQL server that can lose the server's reply to one
+    ``COMMIT``: the transaction is committed, and its client never hears so (the connection
+    goes silent after it), as when a network fails at that moment. The client's only evidence
+    is its own timeout: whether the write happened is for it to find out."""
+
+    def __init__(self, server_port: int) -> None:
+        super().__init__(server_port)
+        self.lost = asyncio.Event()  # set when a commit's reply has been dropped
+        self._armed = False
+
+    def lose_next_commit_reply(self) -> None:
+        self._armed = True
+
+    def passes(self, data: bytes, to_server: bool, connection: dict[str, bool]) -> bool:
+        if to_server and self._armed and b"COMMIT" in data:
+            self._armed = False
+            connection["silent"] = True  # this connection's replies are dropped from now on
+            self.lost.set()
+        return to_server or not connection.get("silent", False)

@@ -3,10 +3,11 @@ conversation, then a check of what each user sees.
 
 Two real replicas in webhook mode behind a round-robin proxy (or, for ``single_killed``, one
 process polling), real PostgreSQL and Redis, the fake Telegram delivering by webhook and
-retrying, drafts offered as Telegram offers them. Four users write eight messages each; once a
-third of them are answered the fault comes; then every message must be answered once, in
-order, and each user's chat must hold exactly the stored replies: nothing lost, nothing shown
-twice, no orphan (the first words of a reply left as a message of their own).
+retrying, drafts offered as Telegram offers them; the replicas reach Redis through a relay that
+can slow it down. Four users write eight messages each; once a third of them are answered the
+fault comes; then every message must be answered once, in order, and each user's chat must hold
+exactly the stored replies: nothing lost, nothing shown twice, no orphan (the first words of a
+reply left as a message of their own).
 
 Not collected by ``make test`` (the file name does not start with ``test_``): each run starts
 fresh processes and waits out a fault, about a minute each. ``CHAOS_RUNS`` runs per fault;
@@ -35,11 +36,12 @@ from tests.bot.deployment import (
 )
 from tests.bot.fake_telegram import FakeTelegram
 from tests.bot.harness import BotProcess
-from tests.servers import restart_redis
+from tests.servers import TcpRelay, restart_redis
 
 FAULTS = (
     "stall_past_lease",
     "redis_restart",
+    "redis_latency_300ms",
     "postgres_restart",
     "telegram_5xx_20s",
     "replica_killed",
@@ -49,6 +51,7 @@ RUNS = int(os.environ.get("CHAOS_RUNS", "5"))
 USERS = (3001, 3002, 3003, 3004)
 MESSAGES = 8
 LEASE_S = 2.0
+REDIS_LATENCY_S = 0.3  # each way: every Redis call of a replica takes 600 ms more
 
 
 async def answered_count(database: str) -> int:
@@ -78,7 +81,13 @@ def count_what_users_see(
     return dict(counts)
 
 
-async def inject(fault: str, deployment: Deployment, redis_url: str, postgres_server: Any) -> None:
+async def inject(
+    fault: str,
+    deployment: Deployment,
+    redis_url: str,
+    postgres_server: Any,
+    redis_relay: TcpRelay,
+) -> None:
     replica = deployment.replicas[0]
     assert replica.process is not None
     if fault == "stall_past_lease":
@@ -87,6 +96,8 @@ async def inject(fault: str, deployment: Deployment, redis_url: str, postgres_se
         replica.process.send_signal(signal.SIGCONT)
     elif fault == "redis_restart":
         await asyncio.to_thread(restart_redis, redis_url, 1.0)
+    elif fault == "redis_latency_300ms":  # held to the end of the run
+        redis_relay.delay_s = REDIS_LATENCY_S
     elif fault == "postgres_restart":
         await asyncio.to_thread(postgres_server.go_down)
         await asyncio.sleep(2)
@@ -113,7 +124,9 @@ async def test_a_fault_mid_conversation(
     database_url = postgres_server.new_database()
     database = database_url.replace("+asyncpg", "")
     fake.drafts_offered = True
-    env = {**replica_env(bot_env, database_url, redis_url), "REPLY_TOKENS": "24"}
+    port = int(redis_url.rsplit(":", 1)[1].split("/")[0])
+    redis_relay = await TcpRelay(port).start()  # the replicas' network path to Redis
+    env = {**replica_env(bot_env, database_url, redis_relay.url(redis_url)), "REPLY_TOKENS": "24"}
     deployment = Deployment(fake, env, tmp_path)
     started = time.monotonic()
     try:
@@ -132,12 +145,14 @@ async def test_a_fault_mid_conversation(
         while await answered_count(database) < total // 3:
             assert time.monotonic() < deadline, deployment.logs()[-3000:]
             await asyncio.sleep(0.2)
-        await inject(fault, deployment, redis_url, postgres_server)
+        await inject(fault, deployment, redis_url, postgres_server, redis_relay)
         deadline = time.monotonic() + 240
         while await answered_count(database) < total and time.monotonic() < deadline:
             await asyncio.sleep(0.5)
         await asyncio.sleep(2 * LEASE_S)  # what a woken or late replica would still send
         counts = count_what_users_see(fake, await conversation(database))
+        if fault == "redis_latency_300ms":  # the replicas did go through the slow path
+            assert redis_relay.delayed > 0
         result = {"fault": fault, "run": run, "messages": total, **counts}
         result["seconds"] = round(time.monotonic() - started, 1)
         report = os.environ.get("CHAOS_RESULTS")
@@ -167,3 +182,4 @@ async def test_a_fault_mid_conversation(
             replica.kill()
         if deployment.proxy is not None:
             await deployment.proxy.stop()
+        await redis_relay.stop()
