@@ -587,3 +587,25 @@ async def test_with_replicas_telegram_messages_after_a_waiting_page_message_wait
         await replicas.aclose()
         dialogue.backend.close()
         await db.dispose()
+
+
+async def test_a_message_reads_its_users_row_once(wired):
+    """The user's row is read when the message is stored and travels with it from there
+    (bot.conversation): storing, the prompt, the reply and its store ask no more of it."""
+    from sqlalchemy import event
+
+    dp, bot, session, db = wired
+    await dp.feed_raw_update(bot, text_update(1, 7, "Привет"))  # the row exists from here on
+    statements: list[str] = []
+
+    def note(connection, cursor, statement, parameters, context, executemany) -> None:
+        statements.append(" ".join(statement.split()))
+
+    event.listen(db.sync_engine, "before_cursor_execute", note)
+    try:
+        await dp.feed_raw_update(bot, text_update(2, 7, "Как дела?"))
+    finally:
+        event.remove(db.sync_engine, "before_cursor_execute", note)
+    assert len(session.texts_to(7)) == 2  # answered
+    user_reads = [s for s in statements if s.startswith("SELECT") and " FROM users " in s + " "]
+    assert len(user_reads) == 1, user_reads
