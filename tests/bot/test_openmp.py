@@ -108,7 +108,10 @@ def test_a_parallel_operation_in_the_event_loop_is_noticed_and_its_pool_freed(wi
     the line for 4 layers), from a process state this test does not control; alone, 15 to 21."""
     # The stall shows as sleeping threads, which only a core free for the team can show: with
     # the other test worker's load on the second core the product once left 6.7 switches a
-    # step (8 is the line), so the scenario gets three tries to be seen on a free core.
+    # step (8 is the line), and beside two busy processes (make test-stress) the cured steps
+    # once still slept 10 a step, the machine's doing, not the pool's. So the scenario gets
+    # three tries to be seen, noticed and cured, on a core free for it.
+    tries = []
     for _ in range(3):
         done = subprocess.run(
             [sys.executable, "-m", "tests.bot.test_openmp", str(wide_model_dir)],
@@ -119,12 +122,13 @@ def test_a_parallel_operation_in_the_event_loop_is_noticed_and_its_pool_freed(wi
         )
         assert done.returncode == 0, done.stderr[-3000:]
         result = json.loads(done.stdout.strip().splitlines()[-1])
-        if result["noticed"]:
+        tries.append(result)
+        if result["noticed"] and not result["still_stalled"]:
             break
     # A busy machine may add an episode of its own; the one the product caused comes first.
-    assert result["noticed"] >= 1, result
+    assert result["noticed"] >= 1, tries
     assert "sleeping OpenMP threads" in done.stderr and "run_in_own_thread" in done.stderr
-    assert not result["still_stalled"], result  # cured: the steps stopped sleeping
+    assert not result["still_stalled"], tries  # cured: the steps stopped sleeping
 
 
 async def _scenario(model_dir: str) -> dict[str, object]:
