@@ -40,11 +40,13 @@ test-stress: install
 	$(PY) -m tests.load.stress -- $(ARGS)
 
 # Faults mid-conversation (a replica stalled past its lease or killed, Redis or PostgreSQL
-# restarting, Telegram failing for 20 s, the single process killed), each RUNS times, then one
-# summary line. Real servers and processes; about a minute a run. Extra pytest options in ARGS.
+# restarting, Redis 300 ms slower each way, Telegram failing for 20 s, the single process
+# killed), each RUNS times, then one summary line. Real servers and processes; 10-30 s a run.
+# JSON=benchmarks/results/chaos-....json keeps the counts (make bench-report renders them).
+# Extra pytest options in ARGS.
 RUNS ?= 5
 test-chaos: install
-	$(PY) -m tests.load.chaos --runs $(RUNS) -- $(ARGS)
+	$(PY) -m tests.load.chaos --runs $(RUNS) $(if $(JSON),--json $(JSON)) -- $(ARGS)
 
 lint: install
 	$(PY) -m ruff check .

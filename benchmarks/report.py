@@ -45,6 +45,7 @@ make bench SHAPE=medium ARGS="--designs naive,engine,engine:bfloat16,engine:int8
 make bench-train TRAIN_SHAPE=small \\
     ARGS="--json benchmarks/results/training-small-$(date +%Y%m%d).json"
 make bench-memory MEMORY=on ARGS="--json benchmarks/results/memory-on-$(date +%Y%m%d).json"
+make test-chaos JSON=benchmarks/results/chaos-$(date +%Y%m%d).json
 make bench-report
 ```
 
@@ -207,6 +208,25 @@ def memory_logprob_table(run: dict[str, Any]) -> list[str]:
     return lines
 
 
+def chaos_table(run: dict[str, Any]) -> list[str]:
+    """Per fault: its runs, and what the users' chats showed against what was stored."""
+    rows = [
+        [
+            f"`{fault}`",
+            str(f["runs"]),
+            str(f["messages"]),
+            str(f["lost"]),
+            str(f["shown_twice"]),
+            str(f["out_of_order"]),
+            str(f["orphans"]),
+            f"{f['runs_with_orphans']} of {f['runs']}",
+        ]
+        for fault, f in run["faults"].items()
+    ]
+    header = ["fault", "runs", "messages", "lost", "shown twice", "out of order", "orphans"]
+    return _table([*header, "runs with an orphan"], rows)
+
+
 def _run_heading(run: dict[str, Any]) -> str:
     m = run["machine"]
     when = m["date"][:10]
@@ -219,6 +239,12 @@ def _run_heading(run: dict[str, Any]) -> str:
     elif run["benchmark"] == "memory_logprob":
         s, f = run["settings"], run["figures"]
         what = f"Memory and the model: {f['answers']} answers, model `{s['model']}`"
+    elif run["benchmark"] == "chaos":
+        s = run["settings"]
+        what = (
+            f"Faults mid-conversation (`make test-chaos`): {s['runs']} runs a fault, "
+            f"{s['users']} users × {s['messages']} messages"
+        )
     elif run["benchmark"] == "memory_latency":
         s, f = run["settings"], run["figures"]
         what = (
@@ -233,6 +259,7 @@ def _run_heading(run: dict[str, Any]) -> str:
 
 
 TABLES = {
+    "chaos": chaos_table,
     "serving": serving_table,
     "memory": memory_table,
     "memory_latency": memory_latency_table,

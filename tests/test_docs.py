@@ -104,3 +104,27 @@ def test_a_stored_run_shows_up_in_the_tables(tmp_path):
     assert "Test CPU 9000, 2 cores (AVX2)" in doc and "Test CPU 9000" in headline
     assert "| `engine` | 55.50 | 5.55× |" in doc and "5.55×" in headline
     assert "31.1 (8 rows)" in doc
+
+
+def test_fault_runs_are_counted_per_fault_into_their_table():
+    """make test-chaos --json: each fault's runs summed, the runs that left an orphan
+    counted apart, rendered as one row a fault."""
+    from tests.load.chaos import by_fault
+
+    results = [
+        {"fault": "single_killed", "run": run, "messages": 32, "lost": 0, "shown_twice": 0}
+        | {"out_of_order": 0, "orphans": orphans, "answered_twice": 0}
+        for run, orphans in enumerate((0, 2, 0, 1, 0))
+    ]
+    faults = by_fault(results)
+    assert faults["single_killed"] == {
+        "runs": 5,
+        "messages": 160,
+        "lost": 0,
+        "shown_twice": 0,
+        "out_of_order": 0,
+        "orphans": 3,
+        "runs_with_orphans": 2,
+    }
+    table = report.chaos_table({"faults": faults})
+    assert table[-1] == "| `single_killed` | 5 | 160 | 0 | 0 | 0 | 3 | 2 of 5 |"

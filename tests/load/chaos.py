@@ -5,6 +5,8 @@
 
 Prints each run's counts, then ``chaos: R runs, M messages, F faults, lost L, shown twice T,
 out of order O, orphans X`` and exits with pytest's status (non-zero when any count is not 0).
+``--json FILE`` also writes the counts per fault with the machine they came from, a run for
+``benchmarks/results/`` (``make bench-report`` renders it into docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -31,9 +33,42 @@ def summary(results: list[dict]) -> str:
     )
 
 
+def by_fault(results: list[dict]) -> dict[str, dict[str, int]]:
+    """Each fault's counts over its runs, in the order the faults ran."""
+    faults: dict[str, dict[str, int]] = {}
+    for r in results:
+        f = faults.setdefault(
+            r["fault"],
+            dict.fromkeys(("runs", "messages", "lost", "shown_twice", "out_of_order", "orphans"), 0)
+            | {"runs_with_orphans": 0},
+        )
+        f["runs"] += 1
+        f["messages"] += r["messages"]
+        f["lost"] += r["lost"]
+        f["shown_twice"] += r["shown_twice"] + r.get("answered_twice", 0)
+        f["out_of_order"] += r["out_of_order"]
+        f["orphans"] += r["orphans"]
+        f["runs_with_orphans"] += int(r["orphans"] > 0)
+    return faults
+
+
+def write_json(path: Path, runs: int, results: list[dict]) -> None:
+    from benchmarks.machine import describe_machine
+    from tests.bot.chaos_faults import MESSAGES, USERS
+
+    document = {
+        "benchmark": "chaos",
+        "machine": describe_machine(),
+        "settings": {"runs": runs, "users": len(USERS), "messages": MESSAGES},
+        "faults": by_fault(results),
+    }
+    path.write_text(json.dumps(document, indent=2) + "\n", encoding="utf-8")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m tests.load.chaos", description=__doc__)
     parser.add_argument("--runs", type=int, default=5, help="runs of each fault")
+    parser.add_argument("--json", type=Path, help="also write the counts for benchmarks/results/")
     parser.add_argument("pytest_args", nargs="*", help="passed to pytest (after --)")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory() as folder:
@@ -50,6 +85,8 @@ def main(argv: list[str] | None = None) -> int:
             f"orphans {r['orphans']} ({r['seconds']} s)"
         )
     print(summary(results))
+    if args.json and results:
+        write_json(args.json, args.runs, results)
     return code
 
 
