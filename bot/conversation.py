@@ -499,7 +499,11 @@ class Conversations:
             drafts=self.drafts,
             draft_id=message_id,
             outage_s=self.settings.telegram_outage_s,
-            noted_message=functools.partial(dialogue.reply_draft, message_id),
+            # Only another replica can note a message for this reply meanwhile (one that lost
+            # the lease while its message was on the way); alone, the question is a wasted read.
+            noted_message=(
+                functools.partial(dialogue.reply_draft, message_id) if self.replicas else None
+            ),
         )
         on_text = stream.update if self.settings.stream_replies else None
         try:

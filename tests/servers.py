@@ -20,6 +20,7 @@ import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Self
+from urllib.parse import urlsplit
 
 import pytest
 
@@ -70,7 +71,7 @@ def restart_redis(url: str, down_s: float = 1.0) -> None:
         REDIS_COMMANDS[url], stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT
     )
     REDIS_PROCESSES[url] = process
-    port = int(url.rsplit(":", 1)[1].split("/")[0])
+    port = urlsplit(url).port
     _wait_for_port(port, process, Path(REDIS_COMMANDS[url][-1]))
 
 

@@ -24,6 +24,7 @@ import time
 from collections import Counter
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
 
@@ -124,8 +125,8 @@ async def test_a_fault_mid_conversation(
     database_url = postgres_server.new_database()
     database = database_url.replace("+asyncpg", "")
     fake.drafts_offered = True
-    port = int(redis_url.rsplit(":", 1)[1].split("/")[0])
-    redis_relay = await TcpRelay(port).start()  # the replicas' network path to Redis
+    # The replicas' network path to Redis, which the latency fault slows down.
+    redis_relay = await TcpRelay(urlsplit(redis_url).port).start()
     env = {**replica_env(bot_env, database_url, redis_relay.url(redis_url)), "REPLY_TOKENS": "24"}
     deployment = Deployment(fake, env, tmp_path)
     started = time.monotonic()

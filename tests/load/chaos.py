@@ -22,34 +22,35 @@ from pathlib import Path
 FAULT_TESTS = "tests/bot/chaos_faults.py"
 
 
-def summary(results: list[dict]) -> str:
-    total = {k: sum(r[k] for r in results) for k in ("messages", "lost", "shown_twice")}
-    total |= {k: sum(r[k] for r in results) for k in ("out_of_order", "orphans")}
-    twice = total["shown_twice"] + sum(r.get("answered_twice", 0) for r in results)
-    return (
-        f"chaos: {len(results)} runs, {total['messages']} messages, {len(results)} faults, "
-        f"lost {total['lost']}, shown twice {twice}, out of order {total['out_of_order']}, "
-        f"orphans {total['orphans']}"
-    )
+COUNTS = ("runs", "messages", "lost", "shown_twice", "out_of_order", "orphans")
+
+
+def _shown_twice(run: dict) -> int:
+    """Replies on screen twice, and messages answered twice in the database."""
+    return run["shown_twice"] + run.get("answered_twice", 0)
 
 
 def by_fault(results: list[dict]) -> dict[str, dict[str, int]]:
     """Each fault's counts over its runs, in the order the faults ran."""
     faults: dict[str, dict[str, int]] = {}
     for r in results:
-        f = faults.setdefault(
-            r["fault"],
-            dict.fromkeys(("runs", "messages", "lost", "shown_twice", "out_of_order", "orphans"), 0)
-            | {"runs_with_orphans": 0},
-        )
+        f = faults.setdefault(r["fault"], dict.fromkeys((*COUNTS, "runs_with_orphans"), 0))
         f["runs"] += 1
-        f["messages"] += r["messages"]
-        f["lost"] += r["lost"]
-        f["shown_twice"] += r["shown_twice"] + r.get("answered_twice", 0)
-        f["out_of_order"] += r["out_of_order"]
-        f["orphans"] += r["orphans"]
+        f["shown_twice"] += _shown_twice(r)
+        for count in ("messages", "lost", "out_of_order", "orphans"):
+            f[count] += r[count]
         f["runs_with_orphans"] += int(r["orphans"] > 0)
     return faults
+
+
+def summary(results: list[dict]) -> str:
+    faults = by_fault(results).values()
+    total = {count: sum(f[count] for f in faults) for count in COUNTS}
+    return (
+        f"chaos: {total['runs']} runs, {total['messages']} messages, {total['runs']} faults, "
+        f"lost {total['lost']}, shown twice {total['shown_twice']}, out of order "
+        f"{total['out_of_order']}, orphans {total['orphans']}"
+    )
 
 
 def write_json(path: Path, runs: int, results: list[dict]) -> None:
@@ -81,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     for r in results:
         print(
             f"  {r['fault']:<18} run {r['run']}: lost {r['lost']}, shown twice "
-            f"{r['shown_twice'] + r['answered_twice']}, out of order {r['out_of_order']}, "
+            f"{_shown_twice(r)}, out of order {r['out_of_order']}, "
             f"orphans {r['orphans']} ({r['seconds']} s)"
         )
     print(summary(results))
