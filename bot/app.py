@@ -30,7 +30,12 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from bot import texts
-from bot.config import DEFAULT_DATABASE_TIMEOUT_S, ConfigError, Settings
+from bot.config import (
+    DEFAULT_DATABASE_TIMEOUT_S,
+    DEFAULT_SQLITE_SYNCHRONOUS,
+    ConfigError,
+    Settings,
+)
 from bot.conversation import Conversations
 from bot.db.engine import (
     create_engine,
@@ -62,13 +67,17 @@ logger = logging.getLogger(__name__)
 RETENTION_INTERVAL_S = 3600.0
 
 
-async def open_database(url: str, timeout_s: float = DEFAULT_DATABASE_TIMEOUT_S) -> AsyncEngine:
+async def open_database(
+    url: str,
+    timeout_s: float = DEFAULT_DATABASE_TIMEOUT_S,
+    sqlite_synchronous: str = DEFAULT_SQLITE_SYNCHRONOUS,
+) -> AsyncEngine:
     """The database, migrated to the newest schema; one line (ConfigError, the password hidden)
     when it cannot be opened: a server not running, refused credentials, a missing database, a
     SQLite folder that cannot be made. It used to be a traceback."""
     engine: AsyncEngine | None = None
     try:
-        engine = create_engine(url, timeout_s)  # makes a SQLite file's folder
+        engine = create_engine(url, timeout_s, sqlite_synchronous)  # makes a SQLite folder
         await upgrade_to_head(url)
         return engine
     except (OSError, DBAPIError) as error:
@@ -93,7 +102,9 @@ async def open_database(url: str, timeout_s: float = DEFAULT_DATABASE_TIMEOUT_S)
 
 async def open_services(settings: Settings) -> tuple[AsyncEngine, DialogueService]:
     """Migrate the database, open the model backend: what both front-ends need."""
-    db_engine = await open_database(settings.database_url, settings.database_timeout_s)
+    db_engine = await open_database(
+        settings.database_url, settings.database_timeout_s, settings.sqlite_synchronous
+    )
     try:
         backend = await open_backend(settings)
     except BaseException:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -24,6 +25,8 @@ WEBHOOK_SECRET_PATTERN = re.compile(r"[A-Za-z0-9_-]{1,256}")
 
 #: DATABASE_TIMEOUT_S's default: the longest one database statement may wait (bot.db.engine).
 DEFAULT_DATABASE_TIMEOUT_S = 10.0
+#: SQLITE_SYNCHRONOUS's default (bot.db.engine.create_engine says why).
+DEFAULT_SQLITE_SYNCHRONOUS = "NORMAL"
 #: The async driver the bot uses for each database it supports (DATABASE_URL's scheme).
 ASYNC_DRIVERS = {"sqlite": "aiosqlite", "postgresql": "asyncpg"}
 DATABASE_URL_EXAMPLES = (
@@ -83,6 +86,11 @@ class Settings(BaseSettings):
         DEFAULT_DATABASE_TIMEOUT_S,
         gt=0,
         description="longest wait of one database statement (a lock, a server not answering)",
+    )
+    sqlite_synchronous: Literal["FULL", "NORMAL"] = Field(
+        DEFAULT_SQLITE_SYNCHRONOUS,
+        description="SQLite's commit durability: NORMAL survives a crash of the bot, FULL also "
+        "an operating system crash or power loss, at an fsync per commit (bot.db.engine)",
     )
     model_path: str = "checkpoints/latest"
     model_device: str = "auto"  # auto | cpu | cuda | cuda:1 ...
@@ -176,6 +184,11 @@ class Settings(BaseSettings):
     webapp_port: int = Field(0, ge=0, le=65535, description="polling mode; 0: no page")
     webapp_auth_max_age_s: float = Field(86400, gt=0, description="launch data accepted this long")
     webapp_max_body_bytes: int = Field(16384, ge=1024)
+
+    @field_validator("sqlite_synchronous", mode="before")
+    @classmethod
+    def _upper_case(cls, value: object) -> object:
+        return value.strip().upper() if isinstance(value, str) else value
 
     @field_validator("webapp_url")
     @classmethod

@@ -75,7 +75,7 @@ async def evaluate(args: argparse.Namespace) -> int:
             reply_tokens=settings.reply_tokens,
         )
         await upgrade_to_head(url)
-        db = create_engine(url)
+        db = create_engine(url, settings.database_timeout_s, settings.sqlite_synchronous)
         dialogue = DialogueService(create_sessionmaker(db), backend, settings)
         written = 0
         try:

@@ -34,7 +34,10 @@ from sqlalchemy.ext.asyncio import (
     create_async_engine,
 )
 
-from bot.config import DEFAULT_DATABASE_TIMEOUT_S
+from bot.config import DEFAULT_DATABASE_TIMEOUT_S, DEFAULT_SQLITE_SYNCHRONOUS
+
+#: What SQLITE_SYNCHRONOUS may be: never OFF (a crash of the machine could corrupt the file).
+SQLITE_SYNCHRONOUS_MODES = ("FULL", "NORMAL")
 
 logger = logging.getLogger(__name__)
 
@@ -71,9 +74,23 @@ def _sqlite_file(url: str) -> Path | None:
     return Path(parsed.database)
 
 
-def create_engine(url: str, timeout_s: float = DEFAULT_DATABASE_TIMEOUT_S) -> AsyncEngine:
+def create_engine(
+    url: str,
+    timeout_s: float = DEFAULT_DATABASE_TIMEOUT_S,
+    sqlite_synchronous: str = DEFAULT_SQLITE_SYNCHRONOUS,
+) -> AsyncEngine:
     """An async engine whose statements wait at most ``timeout_s``; for SQLite, the folder is
-    created and WAL + busy timeout are set."""
+    created and WAL, the busy timeout and ``sqlite_synchronous`` are set.
+
+    ``synchronous``: in WAL mode, FULL (SQLite's default) syncs the log to disk at every commit,
+    NORMAL only at checkpoints. Both survive the bot's process crashing or being killed at any
+    moment (what a commit wrote is in the log file, which the operating system keeps); with
+    NORMAL, an operating system crash or power loss can roll back the last commits, never
+    corrupt the database (sqlite.org/pragma.html#pragma_synchronous). The sync was the largest
+    part of storing a message here: NORMAL is the default, as Rails' SQLite defaults chose; an
+    operator who wants each message on disk before it is answered sets FULL."""
+    if sqlite_synchronous not in SQLITE_SYNCHRONOUS_MODES:
+        raise ValueError(f"sqlite_synchronous must be one of {SQLITE_SYNCHRONOUS_MODES}")
     sqlite_path = _sqlite_file(url)
     if sqlite_path is not None:
         sqlite_path.parent.mkdir(parents=True, exist_ok=True)
@@ -90,6 +107,7 @@ def create_engine(url: str, timeout_s: float = DEFAULT_DATABASE_TIMEOUT_S) -> As
         def _pragmas(dbapi_connection, _record):  # type: ignore[no-untyped-def]
             cursor = dbapi_connection.cursor()
             cursor.execute("PRAGMA journal_mode=WAL")
+            cursor.execute(f"PRAGMA synchronous={sqlite_synchronous}")
             cursor.execute(f"PRAGMA busy_timeout={busy_timeout_ms}")
             cursor.execute("PRAGMA foreign_keys=ON")
             cursor.close()

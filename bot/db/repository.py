@@ -2,12 +2,34 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Protocol
 
-from sqlalchemy import Select, and_, delete, exists, func, insert, or_, select, update
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    DateTime,
+    Executable,
+    Float,
+    Select,
+    String,
+    and_,
+    cast,
+    delete,
+    exists,
+    func,
+    insert,
+    literal,
+    literal_column,
+    or_,
+    select,
+    true,
+    update,
+)
 from sqlalchemy import text as sql_text
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
@@ -128,6 +150,92 @@ async def add_message(
     session.add(message)
     await session.flush()
     return message
+
+
+@dataclass(frozen=True)
+class AddedMessage:
+    """A message just stored, with what answering it needs of its author's row."""
+
+    id: int
+    user_id: int
+    temperature: float | None
+    memory_enabled: bool
+    name: str | None
+
+
+# The author's settings, read in the statement that stores the message (RETURNING may hold a
+# subquery on both databases; SQLAlchemy renders a correlated one there without the outer table).
+_AUTHOR_COLUMNS = (
+    literal_column(
+        "(SELECT temperature FROM users WHERE users.id = messages.user_id)", Float
+    ).label("temperature"),
+    literal_column(
+        "(SELECT memory_enabled FROM users WHERE users.id = messages.user_id)", Boolean
+    ).label("memory_enabled"),
+    literal_column("(SELECT name FROM users WHERE users.id = messages.user_id)", String).label(
+        "name"
+    ),
+)
+
+
+async def add_message_from(
+    session: AsyncSession,
+    telegram_id: int,
+    role: str,
+    text: str,
+    *,
+    telegram_message_id: int | None = None,
+    telegram_thread_id: int | None = None,
+    terms: Collection[str] = (),
+) -> AddedMessage | None:
+    """Add a turn of the user (or chat) with this Telegram id in **one** statement that also
+    returns their settings: ``None`` when no row exists for them yet (their first message:
+    :func:`get_or_create_user`, then again). ``terms``: its index words (:func:`index_terms`),
+    kept if the author's memory is on; on PostgreSQL in the same statement (a data-modifying
+    ``WITH``), on SQLite, which has none, in a second one.
+
+    Why: storing every incoming message reads the user row anyway; reading it apart, adding the
+    message through the ORM, then its words, cost two or three more trips to the database per
+    message (measured against that way: ``benchmarks.memory_latency``). A second user turn
+    with the same ``telegram_message_id`` raises ``IntegrityError`` as :func:`add_message`."""
+    author = select(
+        User.id,
+        literal(role, String),
+        literal(text, String),
+        literal(telegram_message_id, BigInteger),
+        literal(telegram_thread_id, BigInteger),
+        literal(datetime.now(UTC), DateTime(timezone=True)),
+    ).where(User.telegram_id == telegram_id)
+    columns = ["user_id", "role", "text", "telegram_message_id", "telegram_thread_id", "created_at"]
+    statement: Executable = (
+        insert(Message)
+        .from_select(columns, author)
+        .returning(Message.id, Message.user_id, *_AUTHOR_COLUMNS)
+    )
+    words = _index_words(terms)
+    together = bool(words) and session.get_bind().dialect.name == "postgresql"
+    if together:
+        added = statement.cte("added")
+        word = func.json_array_elements_text(cast(literal(words), JSON)).table_valued("value")
+        index = insert(MessageTerm).from_select(
+            ["user_id", "message_id", "term"],
+            select(added.c.user_id, added.c.id, word.c.value)
+            .select_from(added.join(word, true()))  # one message, each of its words
+            .where(added.c.memory_enabled),
+        )
+        statement = select(added).add_cte(index.cte("indexed"))
+    row = (await session.execute(statement)).one_or_none()
+    if row is None:
+        return None
+    message = AddedMessage(row.id, row.user_id, row.temperature, bool(row.memory_enabled), row.name)
+    if words and not together and message.memory_enabled:
+        await _insert_index_words(session, message.user_id, message.id, words)
+    return message
+
+
+async def rename_user(session: AsyncSession, user: UserKey, name: str) -> None:
+    """The name Telegram now gives this user (they changed it)."""
+    await session.execute(update(User).where(User.id == user.id).values(name=name))
 
 
 async def has_reply(session: AsyncSession, message_id: int) -> bool:
@@ -560,10 +668,36 @@ async def index_terms(
     session: AsyncSession, user: UserKey, message_id: int, terms: Iterable[str]
 ) -> None:
     """Index message ``message_id`` under its content words (``bot.recall`` finds it by them).
-    One plain multi-row insert: the ORM's unit of work per row cost more than the insert."""
-    rows = [{"user_id": user.id, "message_id": message_id, "term": term[:48]} for term in terms]
-    if rows:
-        await session.execute(insert(MessageTerm), rows)
+    One statement that inserts every word from a JSON array (SQLite's ``json_each``,
+    PostgreSQL's ``json_array_elements_text``: both name the element ``value``), executed once:
+    the ORM's unit of work per row, and then an ``executemany`` of one row per word, each cost
+    more than the insert itself (measured: ``benchmarks.memory_latency``)."""
+    words = _index_words(terms)
+    if words:
+        await _insert_index_words(session, user.id, message_id, words)
+
+
+def _index_words(terms: Iterable[str]) -> str | None:
+    """Index words as the JSON array both databases expand into rows (cut to the column)."""
+    words = [term[:48] for term in terms]
+    return json.dumps(words, ensure_ascii=False) if words else None
+
+
+async def _insert_index_words(
+    session: AsyncSession, user_id: int, message_id: int, words: str
+) -> None:
+    source = (
+        "json_array_elements_text(CAST(:terms AS json))"
+        if session.get_bind().dialect.name == "postgresql"
+        else "json_each(:terms)"
+    )
+    await session.execute(
+        sql_text(
+            "INSERT INTO message_terms (user_id, message_id, term) "
+            f"SELECT :user_id, :message_id, value FROM {source}"
+        ),
+        {"user_id": user_id, "message_id": message_id, "terms": words},
+    )
 
 
 async def forget_message_memory(session: AsyncSession, user: UserKey, message_id: int) -> None:

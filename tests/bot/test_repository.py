@@ -657,3 +657,89 @@ async def test_a_new_user_created_by_two_requests_at_once_is_one_row(sessions):
     async with sessions() as session:
         count = await session.scalar(text("SELECT count(*) FROM users WHERE telegram_id = 777"))
     assert count == 1
+
+
+async def test_a_message_is_stored_with_its_authors_settings_in_one_statement(sessions):
+    """The store a message's life starts with: no row for a first-time user (they are created,
+    then it is stored), and for a known one the message with their /temp and /memory, as the
+    database holds them at that moment."""
+    async with sessions.begin() as session:
+        assert await repository.add_message_from(session, 41, "user", "привет") is None
+        user = await repository.get_or_create_user(session, 41, "Аня")
+        await repository.set_temperature(session, user, 0.4)
+        await repository.set_memory_enabled(session, user, False)
+        added = await repository.add_message_from(
+            session, 41, "user", "как дела?", telegram_message_id=9, telegram_thread_id=3
+        )
+    assert added is not None
+    assert (added.user_id, added.temperature, added.memory_enabled, added.name) == (
+        user.id,
+        0.4,
+        False,
+        "Аня",
+    )
+    async with sessions() as session:
+        turns = await repository.recent_turns(session, user, 10, thread_id=3)
+        assert [t.text for t in turns] == ["как дела?"]
+        assert await repository.stored_message_id(session, user, 9) == added.id
+    async with sessions.begin() as session:  # memory off: nothing indexed
+        quiet = await repository.add_message_from(session, 41, "user", "кот", terms=["кот"])
+        row = await repository.get_or_create_user(session, 41, "Аня")
+        await repository.set_memory_enabled(session, row, True)
+        told = await repository.add_message_from(
+            session, 41, "user", "моя кошка Мурка", terms=["кошка", "мурка"]
+        )
+    async with sessions() as session:
+        hits = await repository.term_hits(session, user, ["кот", "кошка", "мурка"], 10**9)
+    assert quiet is not None and told is not None and told.memory_enabled
+    assert hits.hits == {told.id: {"кошка", "мурка"}}
+    with pytest.raises(IntegrityError):  # the same Telegram message again
+        async with sessions.begin() as session:
+            await repository.add_message_from(
+                session, 41, "user", "как дела?", telegram_message_id=9
+            )
+
+
+async def test_a_message_is_found_by_each_of_its_index_words(sessions):
+    """Index words go in as one statement from a JSON array on either database: each word,
+    Cyrillic included, is found again for its user only."""
+    async with sessions.begin() as session:
+        anya = await repository.get_or_create_user(session, 1, "Аня")
+        other = await repository.get_or_create_user(session, 2, "Боря")
+        mine = await repository.add_message(session, anya, "user", "моя кошка Мурка")
+        theirs = await repository.add_message(session, other, "user", "кошка")
+        await repository.index_terms(session, anya, mine.id, ["кошка", "мурка", "ё" * 60])
+        await repository.index_terms(session, other, theirs.id, ["кошка"])
+        await repository.index_terms(session, anya, mine.id, [])  # nothing to index
+    async with sessions() as session:
+        hits = await repository.term_hits(session, anya, ["кошка", "мурка", "ё" * 48], 10**9)
+    assert hits.hits == {mine.id: {"кошка", "мурка", "ё" * 48}}
+    assert hits.df == {"кошка": 1, "мурка": 1, "ё" * 48: 1}
+
+
+async def test_sqlite_syncs_each_commit_to_disk_only_when_told(tmp_path, monkeypatch):
+    """SQLITE_SYNCHRONOUS reaches every connection the bot opens (NORMAL by default, FULL when
+    the operator wants each message on disk before it is answered); anything else is refused
+    with the setting's name, not applied."""
+    from pydantic import ValidationError
+
+    from bot.app import open_database
+    from bot.config import Settings
+
+    modes = {}
+    for value in (None, "full", "NORMAL"):
+        if value is None:
+            monkeypatch.delenv("SQLITE_SYNCHRONOUS", raising=False)
+        else:
+            monkeypatch.setenv("SQLITE_SYNCHRONOUS", value)
+        settings = Settings(_env_file=None, database_url=f"sqlite+aiosqlite:///{tmp_path}/b.db")
+        engine = await open_database(
+            settings.database_url, settings.database_timeout_s, settings.sqlite_synchronous
+        )
+        async with engine.connect() as connection:
+            modes[value] = (await connection.execute(text("PRAGMA synchronous"))).scalar()
+        await engine.dispose()
+    assert modes == {None: 1, "full": 2, "NORMAL": 1}  # SQLite's numbers: NORMAL 1, FULL 2
+    monkeypatch.setenv("SQLITE_SYNCHRONOUS", "OFF")
+    with pytest.raises(ValidationError, match="sqlite_synchronous"):
+        Settings(_env_file=None)
