@@ -207,6 +207,7 @@ async def measure(args: argparse.Namespace) -> dict[str, Any]:
             await db.dispose()
     added = [a - b for a, b in zip(with_memory, without, strict=True)]
     return {
+        "sqlite_synchronous": settings.sqlite_synchronous,
         "messages_per_user": args.messages,
         "messages_in_database": total,
         "users": len(ids),
@@ -255,7 +256,15 @@ def main(argv: list[str] | None = None) -> int:
         document = {
             "benchmark": "memory_latency",
             "machine": describe_machine(),
-            "settings": {"database": database, "model": args.model.name},
+            "settings": {
+                "database": database,
+                "model": args.model.name,
+                **(
+                    {"sqlite_synchronous": figures["sqlite_synchronous"]}
+                    if database == "sqlite"
+                    else {}
+                ),
+            },
             "figures": figures,
         }
         args.json.write_text(json.dumps(document, indent=2) + "\n", encoding="utf-8")

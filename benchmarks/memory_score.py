@@ -3,7 +3,8 @@ in the prompt (before the question itself)?
 
 Per category and distance: ``hit`` (an answer is there), ``wrong_only`` (for ``update`` and
 ``other``: the superseded value, or the other person's, is there and the answer is not);
-``never``: the memory tokens a question about something never said got. Also the prompt
+``never``: the memory tokens a question about something never said got; ``ordinary``: how
+often an ordinary next message recalled something, and the memory tokens it got. Also the prompt
 building and storing times (p50, p95). ``--json`` writes a result for ``benchmarks/results/``
 with the machine it ran on (``make bench-report`` renders it).
 """
@@ -27,17 +28,26 @@ def _quantile(values: list[float], q: float) -> float:
     return round(ordered[min(len(ordered) - 1, int(q * len(ordered)))], 2) if ordered else 0.0
 
 
+def _unasked(tokens: list[int]) -> dict[str, Any]:
+    """What memory added to messages that ask nothing it should bring back."""
+    return {
+        "n": len(tokens),
+        "with_memory": sum(1 for count in tokens if count > 0),
+        "memory_tokens_mean": round(statistics.fmean(tokens), 1) if tokens else 0,
+    }
+
+
 def score(items: list[dict[str, Any]], results: list[dict[str, Any]]) -> dict[str, Any]:
     by_id = {r["id"]: r for r in results}
     cells: dict[str, dict[str, Any]] = {}
-    never_tokens: list[int] = []
+    unasked: dict[str, list[int]] = {}  # memory tokens of the probes that ask nothing back
     for item in items:
         result = by_id.get(item["id"])
         if result is None:
             raise SystemExit(f"no result for {item['id']}: run memory_eval on this very set")
         before = result["prompt"].rsplit(item["probe"], 1)[0].lower()
-        if item["category"] == "never":
-            never_tokens.append(result["memory_tokens"])
+        if item["category"] in ("never", "ordinary"):
+            unasked.setdefault(item["category"], []).append(result["memory_tokens"])
             continue
         hit = any(answer.lower() in before for answer in item["answers"])
         wrong = any(value.lower() in before for value in item["wrong"])
@@ -53,10 +63,7 @@ def score(items: list[dict[str, Any]], results: list[dict[str, Any]]) -> dict[st
     store = [r["store_ms"] for r in results if "store_ms" in r]
     return {
         "cells": sorted(cells.values(), key=lambda c: (c["category"], c["distance"])),
-        "never": {
-            "n": len(never_tokens),
-            "memory_tokens_mean": round(statistics.fmean(never_tokens), 1) if never_tokens else 0,
-        },
+        **{category: _unasked(unasked.get(category, [])) for category in ("never", "ordinary")},
         "prompt_ms_p50": _quantile(latency, 0.5),
         "prompt_ms_p95": _quantile(latency, 0.95),
         "store_ms_p95": _quantile(store, 0.95),
@@ -83,6 +90,12 @@ def main(argv: list[str] | None = None) -> int:
         print(line)
     never = figures["never"]
     print(f"never said: {never['n']} questions, {never['memory_tokens_mean']} memory tokens mean")
+    ordinary = figures["ordinary"]
+    if ordinary["n"]:
+        print(
+            f"ordinary messages: {ordinary['with_memory']}/{ordinary['n']} recalled something, "
+            f"{ordinary['memory_tokens_mean']} memory tokens mean"
+        )
     print(
         f"prompt building p50 {figures['prompt_ms_p50']} ms, p95 {figures['prompt_ms_p95']} ms; "
         f"storing a message p95 {figures['store_ms_p95']} ms"

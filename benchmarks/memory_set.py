@@ -11,7 +11,10 @@ says about themselves planted 20, 60, 200 or 1,000 turns before a question about
   the old one alone is a failure (``wrong``);
 - ``other``: the user's name with someone else's right next to it ("а мою подругу зовут Лена"):
   the other person's name alone is a failure;
-- ``never``: a question about something never said: whatever memory adds is noise.
+- ``never``: a question about something never said: whatever memory adds is noise;
+- ``ordinary``: no question at all, the next real message of the dialogue after 1,000 turns of
+  it: how often the bot recalls an old exchange on an ordinary turn, and how many tokens that
+  adds (what memory costs the engine in a conversation, ``make bench``'s ``--recall-every``).
 
 Each line: ``{"id", "turns", "probe", "category", "distance", "answers", "wrong"}`` (the tool
 reads the first three; the scorer, ``benchmarks.memory_score``, the rest). Filler exchanges in
@@ -229,6 +232,9 @@ def build(pairs: list[tuple[str, str]], seed: int, per_distance: int) -> Iterato
     for index in range(per_distance):
         turns = _dialogue(filler, [], 200)
         yield item("never", 200, turns, NEVER[index % len(NEVER)], [])
+    for _ in range(per_distance):
+        turns = _dialogue(filler, [], 1000)
+        yield item("ordinary", 1000, turns, filler.take(1)[0], [])
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -177,6 +177,11 @@ def memory_latency_table(run: dict[str, Any]) -> list[str]:
     rows = [
         ["storing a message with its index", _num(f["store_ms_p50"]), _num(f["store_ms_p95"])],
         [
+            "the same, stored the straightforward way",
+            _num(f.get("store_naive_ms_p50")),
+            _num(f.get("store_naive_ms_p95")),
+        ],
+        [
             "storing a message, memory off",
             _num(f.get("store_without_memory_ms_p50")),
             _num(f.get("store_without_memory_ms_p95")),
@@ -249,8 +254,9 @@ def _run_heading(run: dict[str, Any]) -> str:
         s, f = run["settings"], run["figures"]
         what = (
             f"Memory latency: {f['messages_per_user']:,} messages for the user, "
-            f"{f['messages_in_database']:,} in the database, {s['database']}, "
-            f"{f['probes']} messages timed"
+            f"{f['messages_in_database']:,} in the database, {s['database']}"
+            + (f" (synchronous {s['sqlite_synchronous']})" if "sqlite_synchronous" in s else "")
+            + f", {f['probes']} messages timed"
         )
     else:
         s = run["settings"]
