@@ -88,6 +88,10 @@ def _serving_settings(run: dict[str, Any]) -> str:
     )
     if s.get("background_load"):
         text += f", {s['background_load']} busy process(es) beside it"
+    if s.get("recall_every"):
+        text += f", memory recalls an exchange every {s['recall_every']} turns"
+    if s.get("repeat"):
+        text += f", each design run {s['repeat']} times in turn (the median run shown)"
     return text
 
 

@@ -170,9 +170,13 @@ async def converse(
     params: Any,
     tally: Tally,
     memory: str | None = None,
+    recall_every: int = 1,
 ) -> float:
     """Every user's conversation at once through a ReplyBackend (the bot's own call), with
-    ``memory`` placed in each prompt (:func:`with_memory`); the wall time it took."""
+    ``memory`` placed in each prompt (:func:`with_memory`), an old exchange recalled on every
+    ``recall_every``-th turn (1: on each, the worst case; the bot recalls only when the
+    message is about one: ``benchmarks.memory_set``'s ordinary messages measure how often);
+    the wall time it took."""
     from bot.engine import RequestStats
 
     async def user(index: int) -> None:
@@ -183,7 +187,8 @@ async def converse(
             stats = RequestStats()
             started = time.perf_counter()
             other = messages[(index + turn + 1) % len(messages)][turn]
-            recalled = [other, "Да, ты мне это рассказывал."]
+            recalls = (turn + 1) % recall_every == 0
+            recalled = [other, "Да, ты мне это рассказывал."] if recalls else []
             prompt = with_memory(turns, recalled, memory, kept)
             text = await backend.generate(prompt, params, key=index, stats=stats)
             first = (stats.first_token_at or started) - started
@@ -476,7 +481,7 @@ async def run_design(args: argparse.Namespace) -> dict[str, Any]:
         )
         engine.start(warm_up=True)
         await engine.ready()
-        wall = await converse(engine, messages, params, tally, args.memory)
+        wall = await converse(engine, messages, params, tally, args.memory, args.recall_every)
         if args.join_tokens:
             joining = await measure_join(engine, args.join_tokens, args.users - 1, 400)
     else:
@@ -564,6 +569,21 @@ def main(argv: list[str] | None = None) -> int:
         "engine:memory=end|start|facts",
     )
     parser.add_argument(
+        "--recall-every",
+        type=int,
+        default=1,
+        metavar="N",
+        help="memory designs recall an old exchange on every N-th turn (default 1: each turn)",
+    )
+    parser.add_argument(
+        "--repeat",
+        type=int,
+        default=1,
+        metavar="N",
+        help="run the designs N times in turn (A B A B ...); each design's figures are those of "
+        "its run with the median tokens/s",
+    )
+    parser.add_argument(
         "--join-tokens",
         type=int,
         default=0,
@@ -590,6 +610,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     args.max_batch = args.max_batch or args.users
     cores = os.cpu_count() or 1
+    if args.recall_every < 1 or args.repeat < 1:
+        parser.error("--recall-every and --repeat must be at least 1")
     if not 0 <= args.background_load <= 2 * cores:
         parser.error(f"--background-load must be 0..{2 * cores} (twice the cores)")
     try:
@@ -608,9 +630,13 @@ def main(argv: list[str] | None = None) -> int:
         results: dict[str, dict[str, Any]] = {}
         if args.background_load:
             print(f"{args.background_load} busy process(es) compete for {cores} cores", flush=True)
+        runs: dict[str, list[dict[str, Any]]] = {}
         with BackgroundLoad(args.background_load):
-            for spec, name, options in designs:
-                print(f"{spec}: {args.users} users x {args.turns} turns ...", flush=True)
+            # In turn rather than each design's runs together: a machine that slows down for a
+            # while then slows every design alike, not the one that happened to run then.
+            for round_, (spec, name, options) in itertools.product(range(args.repeat), designs):
+                count = f" (run {round_ + 1} of {args.repeat})" if args.repeat > 1 else ""
+                print(f"{spec}: {args.users} users x {args.turns} turns{count} ...", flush=True)
                 child = [sys.executable, "-m", "bot.engine.bench", *(argv or sys.argv[1:])]
                 child += ["--model", str(model_dir), "--only", name, "--background-load", "0"]
                 env = os.environ.copy()
@@ -626,7 +652,12 @@ def main(argv: list[str] | None = None) -> int:
                 if done.returncode != 0:
                     sys.stderr.write(done.stderr)
                     return done.returncode
-                results[spec] = json.loads(done.stdout.strip().splitlines()[-1])
+                runs.setdefault(spec, []).append(json.loads(done.stdout.strip().splitlines()[-1]))
+        for spec, tried in runs.items():
+            by_speed = sorted(tried, key=lambda run: run["tokens_per_s"])
+            results[spec] = by_speed[(len(by_speed) - 1) // 2]
+            if len(tried) > 1:
+                results[spec]["tokens_per_s_runs"] = [run["tokens_per_s"] for run in tried]
     print_table(args, results)
     if args.json:
         from benchmarks.machine import describe_machine
@@ -642,6 +673,8 @@ def main(argv: list[str] | None = None) -> int:
                 "dtype": args.dtype,
                 "quantize": args.quantize,
                 "background_load": args.background_load,
+                **({"recall_every": args.recall_every} if args.recall_every != 1 else {}),
+                **({"repeat": args.repeat} if args.repeat != 1 else {}),
             },
             "designs": results,
         }
@@ -685,6 +718,8 @@ def print_table(args: argparse.Namespace, results: dict[str, dict[str, Any]]) ->
         )
         print(f"{label:24}{values}{against}")
     for name in names:
+        if "tokens_per_s_runs" in results[name]:
+            print(f"new tokens / s of each run, {name}: {results[name]['tokens_per_s_runs']}")
         print(f"mean latency per turn, {name}: {results[name]['turn_latency_s']}")
         if "prompt_tokens_reused" in results[name]:
             share = results[name]["prompt_tokens_reused"]

@@ -1,6 +1,8 @@
 """``make bench``'s command line (design variants, the background load it competes with) and
 what it reports."""
 
+import re
+
 import pytest
 
 from bot.engine.bench import BackgroundLoad, main, split_design, step_figures
@@ -78,3 +80,41 @@ def test_memory_placements_keep_or_move_the_prompts_start():
     later = with_memory([*turns, "d", "e"], ["older", "reply2"], "end", kept)
     assert later[: len(FACTS_EXCHANGE) + 5] == with_memory(turns, recalled, "end")
     assert later[-3:] == ["older", "reply2", "e"]
+
+
+async def test_memory_recalls_on_every_nth_turn_only_when_told():
+    """``--recall-every N``: the recalled exchange goes into every N-th turn's prompt (and stays
+    before its message in the later ones); the other turns carry the facts alone."""
+    from bot.engine.bench import FACTS_EXCHANGE, Tally, converse
+
+    class Recording:
+        def __init__(self) -> None:
+            self.prompts: list[list[str]] = []
+
+        async def generate(self, turns, params, key=None, stats=None):
+            self.prompts.append(list(turns))
+            return f"reply {len(self.prompts)}"
+
+    messages = [[f"u{user} m{turn}" for turn in range(4)] for user in range(2)]
+    backend = Recording()
+    await converse(backend, messages, None, Tally(4), "end", recall_every=2)
+    recalled = [
+        [t for t in prompt[len(FACTS_EXCHANGE) :] if t == "Да, ты мне это рассказывал."]
+        for prompt in backend.prompts
+    ]
+    assert sorted(len(r) for r in recalled) == [0, 0, 1, 1, 1, 1, 2, 2]
+
+
+def test_repeated_designs_run_in_turn_and_keep_their_median_run(capsys, tmp_path):
+    report = tmp_path / "bench.json"
+    argv = ["--shape", "tiny", "--users", "1", "--turns", "1", "--designs", "engine,engine:chunk=0"]
+    assert main([*argv, "--repeat", "2", "--json", str(report)]) == 0
+    out = capsys.readouterr().out
+    order = re.findall(r"^(\S+): 1 users x 1 turns", out, re.MULTILINE)
+    assert order == ["engine", "engine:chunk=0"] * 2
+    import json
+
+    designs = json.loads(report.read_text())["designs"]
+    for figures in designs.values():
+        speeds = figures["tokens_per_s_runs"]
+        assert len(speeds) == 2 and figures["tokens_per_s"] == min(speeds)  # the lower median
