@@ -171,6 +171,13 @@ def memory_table(run: dict[str, Any]) -> list[str]:
         f"{f['prompt_ms_p50']} ms, p95 {f['prompt_ms_p95']} ms; storing a message with its "
         f"index: p95 {f['store_ms_p95']} ms.",
     ]
+    ordinary = f.get("ordinary") or {}
+    if ordinary.get("n"):
+        lines[-1] += (
+            f" Ordinary next messages after 1,000 turns: {ordinary['with_memory']} of "
+            f"{ordinary['n']} recalled something, {ordinary['memory_tokens_mean']} memory tokens "
+            "on average."
+        )
     return lines
 
 
