@@ -20,7 +20,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Hashable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import TypeVar
+from typing import NamedTuple, TypeVar
 
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -98,6 +98,14 @@ class StoredUser:
         if isinstance(row, repository.AddedMessage):
             return cls(row.user_id, row.temperature, row.memory_enabled)
         return cls(row.id, row.temperature, row.memory_enabled)
+
+
+class Lesson(NamedTuple):
+    """What a user's message teaches memory: the (kind, value) facts it states, and the
+    words it is indexed under for recall."""
+
+    facts: list[tuple[str, str]]
+    terms: set[str]
 
 
 async def fenced(session: AsyncSession) -> None:
@@ -346,7 +354,7 @@ class DialogueService:
                 text,
                 telegram_message_id=telegram_message_id,
                 telegram_thread_id=telegram_thread_id,
-                terms=lesson[1] if lesson else (),
+                terms=lesson.terms if lesson else (),
             )
 
         async def store(session: AsyncSession) -> tuple[int, StoredUser]:
@@ -360,8 +368,8 @@ class DialogueService:
             author = StoredUser.of(added)
             if user.name and added.name != user.name:
                 await repository.rename_user(session, author, user.name)
-            if lesson is not None and lesson[0] and author.memory_enabled:
-                await repository.remember_facts(session, author, lesson[0], added.id)
+            if lesson is not None and lesson.facts and author.memory_enabled:
+                await repository.remember_facts(session, author, lesson.facts, added.id)
             return added.id, author
 
         try:
@@ -381,13 +389,13 @@ class DialogueService:
             return None
 
     @staticmethod
-    def _lesson(user: UserRef, text: str) -> tuple[list[tuple[str, str]], set[str]] | None:
+    def _lesson(user: UserRef, text: str) -> Lesson | None:
         """What a user's message teaches memory: the facts it states and its index words.
         Only from a person's own chat (group chat ids are negative: in a group the memory is
         the group's, and "меня зовут Аня" is one member's); ``None`` for a group."""
         if user.telegram_id < 0:
             return None
-        return [(f.kind, f.value) for f in extract_facts(text)], content_lemmas(text)
+        return Lesson([(f.kind, f.value) for f in extract_facts(text)], content_lemmas(text))
 
     async def _learn_from(
         self, session: AsyncSession, user: UserRef, row: User, message_id: int, text: str
