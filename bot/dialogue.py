@@ -93,10 +93,7 @@ class StoredUser:
     memory_enabled: bool = True
 
     @classmethod
-    def of(cls, row: User | repository.AddedMessage) -> StoredUser:
-        """The snapshot of a user row, or of the settings stored with a new message."""
-        if isinstance(row, repository.AddedMessage):
-            return cls(row.user_id, row.temperature, row.memory_enabled)
+    def of(cls, row: User) -> StoredUser:
         return cls(row.id, row.temperature, row.memory_enabled)
 
 
@@ -365,7 +362,7 @@ class DialogueService:
                 await repository.get_or_create_user(session, user.telegram_id, user.name)
                 added = await add(session)
                 assert added is not None
-            author = StoredUser.of(added)
+            author = StoredUser(added.user_id, added.temperature, added.memory_enabled)
             if user.name and added.name != user.name:
                 await repository.rename_user(session, author, user.name)
             if lesson is not None and lesson.facts and author.memory_enabled:

@@ -35,6 +35,8 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import aliased
+from sqlalchemy.sql.dml import Insert
+from sqlalchemy.sql.selectable import TableValuedAlias
 
 from bot.db.models import MARKER_ROWS, Message, MessageTerm, User, UserFact
 
@@ -216,12 +218,11 @@ async def add_message_from(
     together = bool(words) and session.get_bind().dialect.name == "postgresql"
     if together:
         added = statement.cte("added")
-        word = func.json_array_elements_text(cast(literal(words), JSON)).table_valued("value")
-        index = insert(MessageTerm).from_select(
-            ["user_id", "message_id", "term"],
+        word = _words_as_rows(session, words)
+        index = _index_rows(
             select(added.c.user_id, added.c.id, word.c.value)
             .select_from(added.join(word, true()))  # one message, each of its words
-            .where(added.c.memory_enabled),
+            .where(added.c.memory_enabled)
         )
         statement = select(added).add_cte(index.cte("indexed"))
     row = (await session.execute(statement)).one_or_none()
@@ -683,21 +684,24 @@ def _index_words(terms: Iterable[str]) -> str | None:
     return json.dumps(words, ensure_ascii=False) if words else None
 
 
+def _words_as_rows(session: AsyncSession, words: str) -> TableValuedAlias:
+    """The JSON array ``words`` as rows of one column, ``value``: SQLite's ``json_each`` and
+    PostgreSQL's ``json_array_elements_text`` both name it so."""
+    if session.get_bind().dialect.name == "postgresql":
+        return func.json_array_elements_text(cast(literal(words), JSON)).table_valued("value")
+    return func.json_each(literal(words)).table_valued("value")
+
+
+def _index_rows(rows: Select) -> Insert:
+    """Insert (user id, message id, word) ``rows`` into the index."""
+    return insert(MessageTerm).from_select(["user_id", "message_id", "term"], rows)
+
+
 async def _insert_index_words(
     session: AsyncSession, user_id: int, message_id: int, words: str
 ) -> None:
-    source = (
-        "json_array_elements_text(CAST(:terms AS json))"
-        if session.get_bind().dialect.name == "postgresql"
-        else "json_each(:terms)"
-    )
-    await session.execute(
-        sql_text(
-            "INSERT INTO message_terms (user_id, message_id, term) "
-            f"SELECT :user_id, :message_id, value FROM {source}"
-        ),
-        {"user_id": user_id, "message_id": message_id, "terms": words},
-    )
+    word = _words_as_rows(session, words)
+    await session.execute(_index_rows(select(literal(user_id), literal(message_id), word.c.value)))
 
 
 async def forget_message_memory(session: AsyncSession, user: UserKey, message_id: int) -> None:
