@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass
@@ -15,15 +16,16 @@ from sqlalchemy import (
     DateTime,
     Executable,
     Float,
+    Integer,
     Select,
     String,
     and_,
+    bindparam,
     cast,
     delete,
     exists,
     func,
     insert,
-    literal,
     literal_column,
     or_,
     select,
@@ -180,6 +182,39 @@ _AUTHOR_COLUMNS = (
 )
 
 
+@functools.cache
+def _add_message_statement(dialect: str, indexed: bool) -> Executable:
+    """The statement :func:`add_message_from` runs, built once per database kind: its values are
+    named parameters, so each message only binds them (building the statement anew, with its
+    values in it, and computing its cache key cost more than a third of a store's time here).
+    ``indexed``: with the message's index words in the same statement (PostgreSQL only)."""
+    messages = Message.__table__  # the Core table: an ORM-enabled insert adds its own checks
+    author = select(
+        User.id,
+        bindparam("role", type_=String),
+        bindparam("text", type_=String),
+        bindparam("telegram_message_id", type_=BigInteger),
+        bindparam("telegram_thread_id", type_=BigInteger),
+        bindparam("created_at", type_=DateTime(timezone=True)),
+    ).where(User.telegram_id == bindparam("telegram_id"))
+    columns = ["user_id", "role", "text", "telegram_message_id", "telegram_thread_id", "created_at"]
+    statement: Executable = (
+        insert(messages)
+        .from_select(columns, author)
+        .returning(messages.c.id, messages.c.user_id, *_AUTHOR_COLUMNS)
+    )
+    if indexed:
+        added = statement.cte("added")
+        word = _words_as_rows(dialect)
+        index = _index_rows(
+            select(added.c.user_id, added.c.id, word.c.value)
+            .select_from(added.join(word, true()))  # one message, each of its words
+            .where(added.c.memory_enabled)
+        )
+        statement = select(added).add_cte(index.cte("indexed"))
+    return statement
+
+
 async def add_message_from(
     session: AsyncSession,
     telegram_id: int,
@@ -200,32 +235,21 @@ async def add_message_from(
     message through the ORM, then its words, cost two or three more trips to the database per
     message (measured against that way: ``benchmarks.memory_latency``). A second user turn
     with the same ``telegram_message_id`` raises ``IntegrityError`` as :func:`add_message`."""
-    author = select(
-        User.id,
-        literal(role, String),
-        literal(text, String),
-        literal(telegram_message_id, BigInteger),
-        literal(telegram_thread_id, BigInteger),
-        literal(datetime.now(UTC), DateTime(timezone=True)),
-    ).where(User.telegram_id == telegram_id)
-    columns = ["user_id", "role", "text", "telegram_message_id", "telegram_thread_id", "created_at"]
-    statement: Executable = (
-        insert(Message)
-        .from_select(columns, author)
-        .returning(Message.id, Message.user_id, *_AUTHOR_COLUMNS)
-    )
     words = _index_words(terms)
-    together = bool(words) and session.get_bind().dialect.name == "postgresql"
+    dialect = session.get_bind().dialect.name
+    together = bool(words) and dialect == "postgresql"
+    values = {
+        "telegram_id": telegram_id,
+        "role": role,
+        "text": text,
+        "telegram_message_id": telegram_message_id,
+        "telegram_thread_id": telegram_thread_id,
+        "created_at": datetime.now(UTC),
+    }
     if together:
-        added = statement.cte("added")
-        word = _words_as_rows(session, words)
-        index = _index_rows(
-            select(added.c.user_id, added.c.id, word.c.value)
-            .select_from(added.join(word, true()))  # one message, each of its words
-            .where(added.c.memory_enabled)
-        )
-        statement = select(added).add_cte(index.cte("indexed"))
-    row = (await session.execute(statement)).one_or_none()
+        values["words"] = words
+    statement = _add_message_statement(dialect, together)
+    row = (await session.execute(statement, values)).one_or_none()
     if row is None:
         return None
     message = AddedMessage(row.id, row.user_id, row.temperature, bool(row.memory_enabled), row.name)
@@ -684,24 +708,34 @@ def _index_words(terms: Iterable[str]) -> str | None:
     return json.dumps(words, ensure_ascii=False) if words else None
 
 
-def _words_as_rows(session: AsyncSession, words: str) -> TableValuedAlias:
-    """The JSON array ``words`` as rows of one column, ``value``: SQLite's ``json_each`` and
-    PostgreSQL's ``json_array_elements_text`` both name it so."""
-    if session.get_bind().dialect.name == "postgresql":
-        return func.json_array_elements_text(cast(literal(words), JSON)).table_valued("value")
-    return func.json_each(literal(words)).table_valued("value")
+def _words_as_rows(dialect: str) -> TableValuedAlias:
+    """The JSON array of the parameter ``words`` as rows of one column, ``value``: SQLite's
+    ``json_each`` and PostgreSQL's ``json_array_elements_text`` both name it so."""
+    words = bindparam("words", type_=String)
+    if dialect == "postgresql":
+        return func.json_array_elements_text(cast(words, JSON)).table_valued("value")
+    return func.json_each(words).table_valued("value")
 
 
 def _index_rows(rows: Select) -> Insert:
     """Insert (user id, message id, word) ``rows`` into the index."""
-    return insert(MessageTerm).from_select(["user_id", "message_id", "term"], rows)
+    return insert(MessageTerm.__table__).from_select(["user_id", "message_id", "term"], rows)
+
+
+@functools.cache
+def _index_words_statement(dialect: str) -> Insert:
+    """One message's index words (the parameters ``user_id``, ``message_id``, ``words``),
+    built once per database kind as :func:`_add_message_statement` is."""
+    word = _words_as_rows(dialect)
+    ids = bindparam("user_id", type_=Integer), bindparam("message_id", type_=Integer)
+    return _index_rows(select(*ids, word.c.value))
 
 
 async def _insert_index_words(
     session: AsyncSession, user_id: int, message_id: int, words: str
 ) -> None:
-    word = _words_as_rows(session, words)
-    await session.execute(_index_rows(select(literal(user_id), literal(message_id), word.c.value)))
+    statement = _index_words_statement(session.get_bind().dialect.name)
+    await session.execute(statement, {"user_id": user_id, "message_id": message_id, "words": words})
 
 
 async def forget_message_memory(session: AsyncSession, user: UserKey, message_id: int) -> None:

@@ -511,19 +511,23 @@ def step_figures(log: Any) -> dict[str, Any]:
     """The engine's decoding-only steps at the largest batch they reached (the "batch-N step" of
     the benchmark tables: N rows' next tokens, weights read once), and apart from them the steps
     that also encoded a prompt chunk, which take several times as long and would otherwise pass
-    for slow decoding in the mean."""
-    decoding = [(rows, took) for rows, prompt, took in log if rows and not prompt]
-    mixed = [took for rows, prompt, took in log if rows and prompt]
+    for slow decoding in the mean. ``decode_positions_mean``: the positions those decoding steps'
+    rows attended over, summed over the rows: two designs' steps compare only at similar
+    contexts (memory makes every prompt longer)."""
+    decoding = [(rows, at, took) for rows, prompt, at, took in log if rows and not prompt]
+    mixed = [took for rows, prompt, _, took in log if rows and prompt]
     figures: dict[str, Any] = {"mixed_steps": len(mixed)}
     if mixed:
         figures["mixed_step_mean_ms"] = round(1000 * statistics.mean(mixed), 1)
     if decoding:
-        full = max(rows for rows, _ in decoding)
-        times = sorted(took for rows, took in decoding if rows == full)
+        full = max(rows for rows, _, _ in decoding)
+        steps = [(positions, took) for rows, positions, took in decoding if rows == full]
+        times = sorted(took for _, took in steps)
         figures["decode_rows"] = full
         figures["decode_steps"] = len(times)
         figures["decode_step_p50_ms"] = round(1000 * statistics.median(times), 1)
         figures["decode_step_p90_ms"] = round(1000 * times[round(0.9 * (len(times) - 1))], 1)
+        figures["decode_positions_mean"] = round(statistics.mean(p for p, _ in steps))
     return figures
 
 
@@ -749,7 +753,8 @@ def print_table(args: argparse.Namespace, results: dict[str, dict[str, Any]]) ->
             print(
                 f"{name} steps decoding {result['decode_rows']} rows and nothing else: "
                 f"{result['decode_steps']}, median {result['decode_step_p50_ms']} ms (p90 "
-                f"{result['decode_step_p90_ms']}); steps that also encoded a prompt chunk: "
+                f"{result['decode_step_p90_ms']}) over {result['decode_positions_mean']} "
+                "positions on average; steps that also encoded a prompt chunk: "
                 + (f"{mixed}, mean {result['mixed_step_mean_ms']} ms" if mixed else "none")
             )
     if "remote" in results:

@@ -155,10 +155,12 @@ class GenerationEngine:
         # Where the worker's time goes (seconds), for the bench and /stats-style diagnostics.
         self.busy_s = {"admit": 0.0, "step": 0.0, "finish": 0.0}
         self.steps = 0
-        # The latest steps as (decoding rows, prompt tokens encoded in the step, seconds): a step
-        # that also encodes a prompt chunk can take several times a decoding-only one, so the
-        # mean of ``busy_s["step"]`` says little about either (the bench reports them apart).
-        self.step_log: deque[tuple[int, int, float]] = deque(maxlen=STEP_LOG_SIZE)
+        # The latest steps as (decoding rows, prompt tokens encoded in the step, positions the
+        # decoding rows attend over, seconds): a step that also encodes a prompt chunk can take
+        # several times a decoding-only one, so the mean of ``busy_s["step"]`` says little about
+        # either (the bench reports them apart); the positions say how much of a decoding step's
+        # time is its rows' context (attention reads every cached key and value once).
+        self.step_log: deque[tuple[int, int, int, float]] = deque(maxlen=STEP_LOG_SIZE)
         self._warmed = threading.Event()
         self._warm_up_error: Exception | None = None
 
@@ -532,6 +534,7 @@ class GenerationEngine:
         self.steps += 1
         rows = self._rows
         device = self.decoder.device
+        positions = sum(row.computed for row in rows)
         try:
             chunks = self._chunks()
             if not rows and not chunks:  # every joining request was cancelled
@@ -570,7 +573,7 @@ class GenerationEngine:
             joined = [row for row, _ in chunks if row.computed == row.prompt_len]
             took = time.perf_counter() - started
             self.busy_s["step" if rows else "admit"] += took
-            self.step_log.append((len(rows), sum(take for _, take in chunks), took))
+            self.step_log.append((len(rows), sum(take for _, take in chunks), positions, took))
         except Exception as error:
             logger.exception("generation failed")
             for row in [*rows, *self._joining]:

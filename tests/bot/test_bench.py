@@ -40,19 +40,20 @@ def test_background_load_runs_busy_processes_and_leaves_none_behind():
 
 
 def test_steps_that_encode_a_prompt_are_reported_apart_from_decoding_ones():
-    log = [  # (decoding rows, prompt tokens in the step, seconds), as the engine records them
-        (0, 60, 0.2),  # a prompt encoded whole while nothing decodes
-        (8, 0, 0.036),
-        (8, 0, 0.034),
-        (8, 20, 0.15),  # a joining prompt's chunk rides along
-        (7, 0, 0.030),
-        (8, 0, 0.040),
+    log = [  # (decoding rows, prompt tokens, positions attended, seconds), as the engine has them
+        (0, 60, 0, 0.2),  # a prompt encoded whole while nothing decodes
+        (8, 0, 800, 0.036),
+        (8, 0, 808, 0.034),
+        (8, 20, 816, 0.15),  # a joining prompt's chunk rides along
+        (7, 0, 700, 0.030),
+        (8, 0, 1000, 0.040),
     ]
     assert step_figures(log) == {
         "decode_rows": 8,
         "decode_steps": 3,
         "decode_step_p50_ms": 36.0,
         "decode_step_p90_ms": 40.0,
+        "decode_positions_mean": 869,
         "mixed_steps": 1,
         "mixed_step_mean_ms": 150.0,
     }
