@@ -369,8 +369,15 @@ class DialogueService:
                 await repository.remember_facts(session, author, lesson.facts, added.id)
             return added.id, author
 
+        # Without facts, each statement of the store stands alone: the message with its index
+        # words is one (on PostgreSQL), and creating or renaming the author needs no more than
+        # to have happened before or after it. Facts are kept with the message, all or nothing;
+        # and a message with no Telegram id (from the page) in a transaction, as a retry after a
+        # stored message's rename failed would store it again (a Telegram id's would not pass
+        # the unique constraint: answered above as stored).
+        alone = (lesson is None or not lesson.facts) and telegram_message_id is not None
         try:
-            return await self._write(store)
+            return await self._write(store, single_statements=alone)
         except IntegrityError:
             if telegram_message_id is None:
                 raise
@@ -408,19 +415,25 @@ class DialogueService:
         await repository.index_terms(session, row, message_id, terms)
 
     async def _write(
-        self, work: Callable[[AsyncSession], Awaitable[T]], patience_s: float = 0.0
+        self,
+        work: Callable[[AsyncSession], Awaitable[T]],
+        patience_s: float = 0.0,
+        single_statements: bool = False,
     ) -> T:
         """``work`` in one committed transaction, tried again while the database is locked,
         unreachable or silent (each try waits at most DATABASE_TIMEOUT_S: SQLite's busy
         timeout, PostgreSQL's command timeout, then a fresh connection): what a user sent, and
         the reply they were sent, are not lost to a database that comes back within seconds.
-        ``patience_s``: go on trying (every 5 s at most) until that long has passed."""
+        ``patience_s``: go on trying (every 5 s at most) until that long has passed.
+        ``single_statements``: each of ``work``'s statements stands alone and may commit by
+        itself (:meth:`Sessions.single_statements`)."""
         gives_up_at = time.monotonic() + patience_s
         attempt = 0
         while True:
             attempt += 1
+            opened = self.sessions.single_statements() if single_statements else None
             try:
-                async with self.sessions.begin() as session:
+                async with opened or self.sessions.begin() as session:
                     return await work(session)
             except Exception as error:
                 if not database_unreachable(error) or (

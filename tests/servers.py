@@ -319,21 +319,23 @@ class TcpRelay:
 
 class CommitReplyLoss(TcpRelay):
     """A relay in front of a PostgreSQL server that can lose the server's reply to one
-    ``COMMIT``: the transaction is committed, and its client never hears so (the connection
-    goes silent after it), as when a network fails at that moment. The client's only evidence
-    is its own timeout: whether the write happened is for it to find out."""
+    ``COMMIT``, or to a statement that commits by itself: the write is committed, and its
+    client never hears so (the connection goes silent after it), as when a network fails at
+    that moment. The client's only evidence is its own timeout: whether the write happened is
+    for it to find out."""
 
     def __init__(self, server_port: int) -> None:
         super().__init__(server_port)
         self.lost = asyncio.Event()  # set when a commit's reply has been dropped
-        self._armed = False
+        self._armed: bytes | None = None
 
-    def lose_next_commit_reply(self) -> None:
-        self._armed = True
+    def lose_next_commit_reply(self, statement: bytes = b"COMMIT") -> None:
+        """Drop the replies from the next message to the server that holds ``statement``."""
+        self._armed = statement
 
     def passes(self, data: bytes, to_server: bool, connection: dict[str, bool]) -> bool:
-        if to_server and self._armed and b"COMMIT" in data:
-            self._armed = False
+        if to_server and self._armed and self._armed in data:
+            self._armed = None
             connection["silent"] = True  # this connection's replies are dropped from now on
             self.lost.set()
         return to_server or not connection.get("silent", False)

@@ -549,7 +549,16 @@ async def test_a_database_connection_that_stops_answering_delays_a_message_but_l
     )
 
 
-async def test_a_message_whose_commit_reply_was_lost_is_answered_once(fake, running, postgres_url):
+@pytest.mark.parametrize(
+    ("text", "committing"),
+    [
+        ("Второе сообщение", b"INSERT INTO messages"),  # one statement, committed by itself
+        ("Меня зовут Аня", b"COMMIT"),  # with a fact: in a transaction
+    ],
+)
+async def test_a_message_whose_commit_reply_was_lost_is_answered_once(
+    fake, running, postgres_url, text, committing
+):
     """PostgreSQL commits the user's message, and its reply to the bot is lost (the network
     fails at that moment): after its timeout the bot cannot know the write happened, stores
     again and finds the message there. Before: taken for Telegram delivering the update a
@@ -563,10 +572,10 @@ async def test_a_message_whose_commit_reply_was_lost_is_answered_once(fake, runn
         fake.send_text(ALICE, "/start")
         fake.send_text(ALICE, "Первое сообщение")
         await _until_stored(database, [("Первое сообщение", 1)])  # nothing left to commit
-        relay.lose_next_commit_reply()
-        fake.send_text(ALICE, "Второе сообщение")
+        relay.lose_next_commit_reply(committing)
+        fake.send_text(ALICE, text)
         await asyncio.wait_for(relay.lost.wait(), 30)
         await fake.wait_replies(ALICE, 3, timeout=60)
-        await _until_stored(database, [("Первое сообщение", 1), ("Второе сообщение", 1)])
+        await _until_stored(database, [("Первое сообщение", 1), (text, 1)])
     finally:
         await relay.stop()
