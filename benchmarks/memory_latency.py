@@ -169,6 +169,11 @@ async def measure(args: argparse.Namespace) -> dict[str, Any]:
                     await autocommit.execute(sql("VACUUM ANALYZE"))
             async with db.connect() as connection:
                 total = (await connection.execute(sql("SELECT count(*) FROM messages"))).scalar()
+                durability = {}
+                if db.dialect.name == "postgresql":  # what a commit waits for on this server
+                    for setting in ("fsync", "synchronous_commit"):
+                        shown = await connection.execute(sql(f"SHOW {setting}"))
+                        durability[f"postgresql_{setting}"] = shown.scalar()
             print(f"{total:,} messages in the database ({filled_s:.0f} s to fill)", flush=True)
             dialogue = DialogueService(create_sessionmaker(db), backend, settings)
             user = UserRef(20_000_000, "load 0")
@@ -208,6 +213,7 @@ async def measure(args: argparse.Namespace) -> dict[str, Any]:
     added = [a - b for a, b in zip(with_memory, without, strict=True)]
     return {
         "sqlite_synchronous": settings.sqlite_synchronous,
+        **durability,
         "messages_per_user": args.messages,
         "messages_in_database": total,
         "users": len(ids),
@@ -262,7 +268,7 @@ def main(argv: list[str] | None = None) -> int:
                 **(
                     {"sqlite_synchronous": figures["sqlite_synchronous"]}
                     if database == "sqlite"
-                    else {}
+                    else {k: v for k, v in figures.items() if k.startswith("postgresql_")}
                 ),
             },
             "figures": figures,

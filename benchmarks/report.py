@@ -267,6 +267,12 @@ def _run_heading(run: dict[str, Any]) -> str:
             f"Memory latency: {f['messages_per_user']:,} messages for the user, "
             f"{f['messages_in_database']:,} in the database, {s['database']}"
             + (f" (synchronous {s['sqlite_synchronous']})" if "sqlite_synchronous" in s else "")
+            + (
+                f" (fsync {s['postgresql_fsync']}, synchronous_commit "
+                f"{s['postgresql_synchronous_commit']}: a test server)"
+                if s.get("postgresql_fsync") == "off"
+                else ""
+            )
             + f", {f['probes']} messages timed"
         )
     else:
