@@ -82,10 +82,10 @@ def _num(value: Any, digits: int = 2) -> str:
 
 def _serving_settings(run: dict[str, Any]) -> str:
     s = run["settings"]
-    text = (
-        f"{s['shape']} shape, {s['users']} users × {s['turns']} turns, "
-        f"{s['reply_tokens']}-token replies"
-    )
+    text = f"{s['shape']} shape, {s['users']} users × {s['turns']} turns"
+    if s.get("history"):
+        text += f" after {s['history']} earlier exchanges (cached when the clock starts)"
+    text += f", {s['reply_tokens']}-token replies"
     if s.get("background_load"):
         text += f", {s['background_load']} busy process(es) beside it"
     if s.get("recall_every"):

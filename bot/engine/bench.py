@@ -61,6 +61,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -77,6 +78,15 @@ MESSAGE_TOKENS = 20
 
 def conversations(tokenizer: Any, users: int, turns: int) -> tuple[str, list[list[str]]]:
     """The persona and each user's messages, cut from the sample dialogues to the target sizes."""
+    persona, messages, _ = conversations_with_history(tokenizer, users, turns, 0, 0)
+    return persona, messages
+
+
+def conversations_with_history(
+    tokenizer: Any, users: int, turns: int, history: int, reply_tokens: int
+) -> tuple[str, list[list[str]], list[list[str]]]:
+    """:func:`conversations`, and each user's ``history`` earlier exchanges (user message,
+    ``reply_tokens``-token reply, ...; empty lists for 0), cut from the same words elsewhere."""
     from dataset_tools.sample_data import generate_dialogues
 
     def sized(words: list[str], tokens: int) -> str:
@@ -91,14 +101,20 @@ def conversations(tokenizer: Any, users: int, turns: int) -> tuple[str, list[lis
     dialogues = [d for d in generate_dialogues() if len(d) >= 2]
     pool = [w for d in dialogues for t in d for w in t.split()]
     persona = sized(pool[: PERSONA_TOKENS * 2], PERSONA_TOKENS)
-    messages = []
+    messages, histories = [], []
     for user in range(users):
         own = []
         for turn in range(turns):
             start = (user * turns + turn) * 37 % max(len(pool) - 80, 1)
             own.append(sized(pool[start : start + 80], MESSAGE_TOKENS))
         messages.append(own)
-    return persona, messages
+        earlier = []
+        for turn in range(history):
+            start = ((users + user) * history + turn) * 53 % max(len(pool) - 160, 1)
+            earlier.append(sized(pool[start : start + 80], MESSAGE_TOKENS))
+            earlier.append(sized(pool[start + 80 : start + 160], reply_tokens))
+        histories.append(earlier)
+    return persona, messages, histories
 
 
 def summarise(
@@ -171,17 +187,41 @@ async def converse(
     tally: Tally,
     memory: str | None = None,
     recall_every: int = 1,
+    histories: list[list[str]] | None = None,
+    on_clock: Callable[[], None] | None = None,
 ) -> float:
     """Every user's conversation at once through a ReplyBackend (the bot's own call), with
     ``memory`` placed in each prompt (:func:`with_memory`), an old exchange recalled on every
     ``recall_every``-th turn (1: on each, the worst case; the bot recalls only when the
     message is about one: ``benchmarks.memory_set``'s ordinary messages measure how often);
-    the wall time it took."""
+    the wall time it took.
+
+    ``histories``: each user's earlier exchanges, the conversation the timed turns continue
+    (a bot's users are mostly in the middle of one). Before the clock starts, each user's last
+    earlier message is answered through the backend, so the dialogue's cache holds the
+    conversation so far, as it does for a user who keeps talking; ``on_clock`` is called as
+    the clock starts (the engine's counters then leave that out)."""
     from bot.engine import RequestStats
 
+    earlier = histories or [[] for _ in messages]
+    warmed, everyone_warm, started = 0, asyncio.Event(), time.perf_counter()
+
     async def user(index: int) -> None:
-        turns: list[str] = []
-        kept: list[str] = []  # the turns with each message's recalled exchange before it
+        nonlocal warmed, started
+        turns: list[str] = list(earlier[index][:-1])
+        kept: list[str] = list(earlier[index][:-2])
+        if turns:  # the conversation so far, its last reply written now (not timed)
+            prompt = with_memory(turns, [], memory, kept)
+            text = await backend.generate(prompt, params, key=index, stats=RequestStats())
+            kept = [*turns, text or "…"]
+            turns.append(text or "…")
+        warmed += 1
+        if warmed == len(messages):  # the clock starts when the last one is ready
+            if on_clock is not None and histories:
+                on_clock()
+            started = time.perf_counter()
+            everyone_warm.set()
+        await everyone_warm.wait()
         for turn, message in enumerate(messages[index]):
             turns.append(message)
             stats = RequestStats()
@@ -196,7 +236,6 @@ async def converse(
             turns.append(text or "…")
             kept += [*recalled, message, text or "…"]
 
-    started = time.perf_counter()
     await asyncio.gather(*(user(i) for i in range(len(messages))))
     return time.perf_counter() - started
 
@@ -256,8 +295,10 @@ async def run_remote(args: argparse.Namespace) -> dict[str, Any]:
     from bot.engine.remote import RemoteBackend
 
     tokenizer = AutoTokenizer.from_pretrained(args.model)
-    persona, messages = conversations(tokenizer, args.users, args.turns)
     reply = args.reply_tokens
+    persona, messages, histories = conversations_with_history(
+        tokenizer, args.users, args.turns, args.history, reply
+    )
     port = free_port()
     env = os.environ | {
         "MODEL_PATH": str(args.model),
@@ -300,7 +341,7 @@ async def run_remote(args: argparse.Namespace) -> dict[str, Any]:
         )
         params = SamplingParams(max_new_tokens=reply, min_new_tokens=reply)
         tally = Tally(args.turns)
-        wall = await converse(backend, messages, params, tally)
+        wall = await converse(backend, messages, params, tally, histories=histories)
         await backend.aclose()
         server_peak_mb = process_peak_rss_mb(server.pid)
     finally:
@@ -406,8 +447,10 @@ async def run_design(args: argparse.Namespace) -> dict[str, Any]:
         model, tokenizer = await run_in_own_thread(load_model, *load)
     else:  # the naive design loads where it runs its event loop, as it always did
         model, tokenizer = load_model(*load)
-    persona, messages = conversations(tokenizer, args.users, args.turns)
     reply = args.reply_tokens
+    persona, messages, histories = conversations_with_history(
+        tokenizer, args.users, args.turns, args.history, reply
+    )
     params = SamplingParams(max_new_tokens=reply, min_new_tokens=reply)
     torch.manual_seed(1)
     tally = Tally(args.turns)
@@ -453,7 +496,7 @@ async def run_design(args: argparse.Namespace) -> dict[str, Any]:
         from dataset_tools.dialogue_format import parse_reply
 
         loop = asyncio.get_running_loop()
-        turns: list[str] = []
+        turns: list[str] = list(histories[index])  # re-encoded every turn anyway: nothing to warm
         for turn, message in enumerate(messages[index]):
             turns.append(message)
             streamer = FirstToken()
@@ -481,7 +524,16 @@ async def run_design(args: argparse.Namespace) -> dict[str, Any]:
         )
         engine.start(warm_up=True)
         await engine.ready()
-        wall = await converse(engine, messages, params, tally, args.memory, args.recall_every)
+
+        def clock_starts() -> None:  # what the engine did for the earlier exchanges is left out
+            assert engine is not None
+            engine.step_log.clear()
+            engine.busy_s = dict.fromkeys(engine.busy_s, 0.0)
+            engine.steps = engine.prefilled_tokens = engine.reused_tokens = 0
+
+        wall = await converse(
+            engine, messages, params, tally, args.memory, args.recall_every, histories, clock_starts
+        )
         if args.join_tokens:
             joining = await measure_join(engine, args.join_tokens, args.users - 1, 400)
     else:
@@ -538,6 +590,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--shape", choices=sorted(SHAPES), default="tiny")
     parser.add_argument("--users", type=int, default=8)
     parser.add_argument("--turns", type=int, default=4)
+    parser.add_argument(
+        "--history",
+        type=int,
+        default=0,
+        help="earlier exchanges each user's conversation already holds when the timed turns "
+        "begin (default 0: every conversation starts with the first turn)",
+    )
     parser.add_argument("--reply-tokens", type=int, default=40)
     parser.add_argument("--max-batch", type=int, default=None, help="default: --users")
     parser.add_argument("--cache-mb", type=float, default=4096)
@@ -616,6 +675,8 @@ def main(argv: list[str] | None = None) -> int:
     cores = os.cpu_count() or 1
     if args.recall_every < 1 or args.repeat < 1:
         parser.error("--recall-every and --repeat must be at least 1")
+    if args.history < 0:
+        parser.error("--history must be 0 or more")
     if not 0 <= args.background_load <= 2 * cores:
         parser.error(f"--background-load must be 0..{2 * cores} (twice the cores)")
     try:
@@ -678,6 +739,7 @@ def main(argv: list[str] | None = None) -> int:
                 "quantize": args.quantize,
                 "background_load": args.background_load,
                 **({"recall_every": args.recall_every} if args.recall_every != 1 else {}),
+                **({"history": args.history} if args.history else {}),
                 **({"repeat": args.repeat} if args.repeat != 1 else {}),
             },
             "designs": results,
@@ -691,8 +753,9 @@ def print_table(args: argparse.Namespace, results: dict[str, dict[str, Any]]) ->
     names = list(results)
     base = names[0]
     print(
-        f"\n{args.shape} shape, {args.users} users x {args.turns} turns, "
-        f"{args.reply_tokens}-token replies, {args.dtype}, quantize={args.quantize}"
+        f"\n{args.shape} shape, {args.users} users x {args.turns} turns"
+        + (f" after {args.history} earlier exchanges" if args.history else "")
+        + f", {args.reply_tokens}-token replies, {args.dtype}, quantize={args.quantize}"
         + (f", {args.background_load} busy process(es) beside it" if args.background_load else "")
     )
     rows = [
