@@ -119,3 +119,42 @@ def test_repeated_designs_run_in_turn_and_keep_their_median_run(capsys, tmp_path
     for figures in designs.values():
         speeds = figures["tokens_per_s_runs"]
         assert len(speeds) == 2 and figures["tokens_per_s"] == min(speeds)  # the lower median
+
+
+async def test_timed_turns_continue_a_conversation_already_held_when_told():
+    """``--history N``: each user's conversation holds N earlier exchanges when the clock
+    starts; their last message is answered first (the dialogue's cache then holds it all),
+    untimed, and every timed prompt continues that conversation, memory after the facts."""
+    from bot.engine.bench import FACTS_EXCHANGE, Tally, converse
+
+    class Recording:
+        def __init__(self) -> None:
+            self.prompts: list[list[str]] = []
+
+        async def generate(self, turns, params, key=None, stats=None):
+            self.prompts.append(list(turns))
+            return f"reply {key} {len(self.prompts)}"
+
+    messages = [[f"u{user} m{turn}" for turn in range(2)] for user in range(2)]
+    histories = [[f"u{user} old", f"u{user} old reply"] * 2 for user in range(2)]
+    backend, tally = Recording(), Tally(2)
+    at_clock: list[int] = []
+    await converse(
+        backend,
+        messages,
+        None,
+        tally,
+        "end",
+        1,
+        histories,
+        lambda: at_clock.append(len(backend.prompts)),
+    )
+    assert at_clock == [2]  # once, when both users' conversations were warm
+    assert len(tally.latencies) == 4  # the warm-up answers are not timed
+    warm = backend.prompts[:2]
+    assert sorted(p[len(FACTS_EXCHANGE) :] for p in warm) == [histories[0][:-1], histories[1][:-1]]
+    for prompt in backend.prompts[2:]:
+        user = prompt[-1].split()[0]
+        earlier = prompt[len(FACTS_EXCHANGE) : len(FACTS_EXCHANGE) + 4]
+        assert earlier[:3] == [f"{user} old", f"{user} old reply", f"{user} old"]
+        assert earlier[3].startswith(f"reply {int(user[1:])} ")  # the reply written warm
