@@ -204,10 +204,10 @@ async def converse(
     from bot.engine import RequestStats
 
     earlier = histories or [[] for _ in messages]
-    warmed, everyone_warm, started = 0, asyncio.Event(), time.perf_counter()
+    warmed, everyone_warm, clock = 0, asyncio.Event(), [time.perf_counter()]
 
     async def user(index: int) -> None:
-        nonlocal warmed, started
+        nonlocal warmed
         turns: list[str] = list(earlier[index][:-1])
         kept: list[str] = list(earlier[index][:-2])
         if turns:  # the conversation so far, its last reply written now (not timed)
@@ -219,7 +219,7 @@ async def converse(
         if warmed == len(messages):  # the clock starts when the last one is ready
             if on_clock is not None and histories:
                 on_clock()
-            started = time.perf_counter()
+            clock[0] = time.perf_counter()
             everyone_warm.set()
         await everyone_warm.wait()
         for turn, message in enumerate(messages[index]):
@@ -237,7 +237,7 @@ async def converse(
             kept += [*recalled, message, text or "…"]
 
     await asyncio.gather(*(user(i) for i in range(len(messages))))
-    return time.perf_counter() - started
+    return time.perf_counter() - clock[0]
 
 
 async def measure_join(engine: Any, tokens: int, rows: int, reply: int) -> dict[str, Any]:
@@ -723,6 +723,10 @@ def main(argv: list[str] | None = None) -> int:
             results[spec] = by_speed[(len(by_speed) - 1) // 2]
             if len(tried) > 1:
                 results[spec]["tokens_per_s_runs"] = [run["tokens_per_s"] for run in tried]
+                if all("decode_step_p50_ms" in run for run in tried):
+                    results[spec]["decode_step_p50_ms_runs"] = [
+                        run["decode_step_p50_ms"] for run in tried
+                    ]
     print_table(args, results)
     if args.json:
         from benchmarks.machine import describe_machine

@@ -1,6 +1,7 @@
 """``make bench``'s command line (design variants, the background load it competes with) and
 what it reports."""
 
+import asyncio
 import re
 
 import pytest
@@ -133,13 +134,14 @@ async def test_timed_turns_continue_a_conversation_already_held_when_told():
 
         async def generate(self, turns, params, key=None, stats=None):
             self.prompts.append(list(turns))
+            await asyncio.sleep(0.3 if len(self.prompts) <= 2 else 0.02)  # warm-ups are slow
             return f"reply {key} {len(self.prompts)}"
 
     messages = [[f"u{user} m{turn}" for turn in range(2)] for user in range(2)]
     histories = [[f"u{user} old", f"u{user} old reply"] * 2 for user in range(2)]
     backend, tally = Recording(), Tally(2)
     at_clock: list[int] = []
-    await converse(
+    wall = await converse(
         backend,
         messages,
         None,
@@ -151,6 +153,8 @@ async def test_timed_turns_continue_a_conversation_already_held_when_told():
     )
     assert at_clock == [2]  # once, when both users' conversations were warm
     assert len(tally.latencies) == 4  # the warm-up answers are not timed
+    assert all(0.02 <= took < 0.3 for took in tally.latencies), tally.latencies
+    assert 0.04 <= wall < 0.3  # two timed turns each, the warm-up left out
     warm = backend.prompts[:2]
     assert sorted(p[len(FACTS_EXCHANGE) :] for p in warm) == [histories[0][:-1], histories[1][:-1]]
     for prompt in backend.prompts[2:]:
