@@ -124,7 +124,20 @@ def serving_table(run: dict[str, Any]) -> list[str]:
         "peak RSS, MB",
         "decoding step p50, ms",
     ]
-    return _table(header, rows)
+    table = _table(header, rows)
+    runs = [
+        f"`{name}` {', '.join(_num(x) for x in d['tokens_per_s_runs'])}"
+        + (
+            f" (decoding step p50 {', '.join(_num(x, 1) for x in d['decode_step_p50_ms_runs'])} ms)"
+            if "decode_step_p50_ms_runs" in d
+            else ""
+        )
+        for name, d in designs.items()
+        if "tokens_per_s_runs" in d
+    ]
+    if runs:  # how far apart a design's own runs were: the noise a ratio stands against
+        table += ["", f"New tokens/s of each run, in the order run: {'; '.join(runs)}."]
+    return table
 
 
 def training_table(run: dict[str, Any]) -> list[str]:

@@ -95,6 +95,8 @@ def test_a_stored_run_shows_up_in_the_tables(tmp_path):
                 "peak_rss_mb": 2500.0,
                 "decode_step_p50_ms": 31.1,
                 "decode_rows": 8,
+                "tokens_per_s_runs": [55.5, 60.25, 50.0],
+                "decode_step_p50_ms_runs": [31.1, 29.0, 35.0],
             },
         },
     }
@@ -104,6 +106,7 @@ def test_a_stored_run_shows_up_in_the_tables(tmp_path):
     assert "Test CPU 9000, 2 cores (AVX2)" in doc and "Test CPU 9000" in headline
     assert "| `engine` | 55.50 | 5.55× |" in doc and "5.55×" in headline
     assert "31.1 (8 rows)" in doc
+    assert "`engine` 55.50, 60.25, 50.00 (decoding step p50 31.1, 29.0, 35.0 ms)" in doc
 
 
 def test_fault_runs_are_counted_per_fault_into_their_table():
