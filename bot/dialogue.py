@@ -431,9 +431,9 @@ class DialogueService:
         attempt = 0
         while True:
             attempt += 1
-            opened = self.sessions.single_statements() if single_statements else None
+            opened = self.sessions.single_statements if single_statements else self.sessions.begin
             try:
-                async with opened or self.sessions.begin() as session:
+                async with opened() as session:
                     return await work(session)
             except Exception as error:
                 if not database_unreachable(error) or (

@@ -76,17 +76,12 @@ PERSONA_TOKENS = 60
 MESSAGE_TOKENS = 20
 
 
-def conversations(tokenizer: Any, users: int, turns: int) -> tuple[str, list[list[str]]]:
-    """The persona and each user's messages, cut from the sample dialogues to the target sizes."""
-    persona, messages, _ = conversations_with_history(tokenizer, users, turns, 0, 0)
-    return persona, messages
-
-
-def conversations_with_history(
-    tokenizer: Any, users: int, turns: int, history: int, reply_tokens: int
+def conversations(
+    tokenizer: Any, users: int, turns: int, history: int = 0, reply_tokens: int = 0
 ) -> tuple[str, list[list[str]], list[list[str]]]:
-    """:func:`conversations`, and each user's ``history`` earlier exchanges (user message,
-    ``reply_tokens``-token reply, ...; empty lists for 0), cut from the same words elsewhere."""
+    """The persona, each user's messages, and each user's ``history`` earlier exchanges (user
+    message, ``reply_tokens``-token reply, ...; empty lists for 0), cut from the sample
+    dialogues to the target sizes."""
     from dataset_tools.sample_data import generate_dialogues
 
     def sized(words: list[str], tokens: int) -> str:
@@ -217,7 +212,7 @@ async def converse(
             turns.append(text or "…")
         warmed += 1
         if warmed == len(messages):  # the clock starts when the last one is ready
-            if on_clock is not None and histories:
+            if on_clock is not None:
                 on_clock()
             clock[0] = time.perf_counter()
             everyone_warm.set()
@@ -296,7 +291,7 @@ async def run_remote(args: argparse.Namespace) -> dict[str, Any]:
 
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     reply = args.reply_tokens
-    persona, messages, histories = conversations_with_history(
+    persona, messages, histories = conversations(
         tokenizer, args.users, args.turns, args.history, reply
     )
     port = free_port()
@@ -448,7 +443,7 @@ async def run_design(args: argparse.Namespace) -> dict[str, Any]:
     else:  # the naive design loads where it runs its event loop, as it always did
         model, tokenizer = load_model(*load)
     reply = args.reply_tokens
-    persona, messages, histories = conversations_with_history(
+    persona, messages, histories = conversations(
         tokenizer, args.users, args.turns, args.history, reply
     )
     params = SamplingParams(max_new_tokens=reply, min_new_tokens=reply)
@@ -524,15 +519,15 @@ async def run_design(args: argparse.Namespace) -> dict[str, Any]:
         )
         engine.start(warm_up=True)
         await engine.ready()
-
-        def clock_starts() -> None:  # what the engine did for the earlier exchanges is left out
-            assert engine is not None
-            engine.step_log.clear()
-            engine.busy_s = dict.fromkeys(engine.busy_s, 0.0)
-            engine.steps = engine.prefilled_tokens = engine.reused_tokens = 0
-
-        wall = await converse(
-            engine, messages, params, tally, args.memory, args.recall_every, histories, clock_starts
+        wall = await converse(  # what the engine did for the earlier exchanges is left out
+            engine,
+            messages,
+            params,
+            tally,
+            args.memory,
+            args.recall_every,
+            histories,
+            engine.reset_counters,
         )
         if args.join_tokens:
             joining = await measure_join(engine, args.join_tokens, args.users - 1, 400)

@@ -245,8 +245,14 @@ class GenerationEngine:
             self._step()
         if request.error is not None:  # a model that cannot serve fails the start, not users
             raise request.error
+        self.reset_counters()
+
+    def reset_counters(self) -> None:
+        """Start the counters (replies, tokens, steps, busy time, the step log) from zero: what
+        was served before (the warm-up; a benchmark's untimed part) is left out of them."""
         self.replies = self.tokens = self.prefilled_tokens = self.reused_tokens = self.steps = 0
         self.busy_s = dict.fromkeys(self.busy_s, 0.0)
+        self.step_log.clear()
 
     def forget(self, key: Hashable) -> None:
         """Drop a dialogue's cached keys/values (its history was reset or deleted)."""
